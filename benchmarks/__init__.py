@@ -1,0 +1,1 @@
+"""Measurements: federation overhead against centralised and all-reduce training."""

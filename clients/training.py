@@ -1,0 +1,187 @@
+"""Local training at one national compute centre (pure torch, no Flower).
+
+`CentreTrainer` is what a centre runs each round: load the global weights it was
+sent, evaluate them on its own held-out split, run H inner AdamW steps on its own
+training split, and return the new weights with measured figures. It is called
+from the long-lived centre worker (clients/worker.py) or, without a worker,
+directly inside a ClientApp.
+
+Determinism: the batch at inner step s depends only on (seed, centre, s) and the
+learning rate only on s, with s = (round - 1) * H + i. The inner optimiser state
+is saved per round on the centre's own disk, so a round can be re-run (after a
+coordinator restart) from exactly the state it started with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clients.data import TokenSampler, load_split
+from models.config import RunConfig
+from models.gpt import GPT, build_model
+
+KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the last one or two)
+
+
+@dataclass
+class RoundResult:
+    state: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on GPU by default; fp32 on CPU (CPU bf16 matmuls are slow here)."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class CentreTrainer:
+    """One centre's model, data and inner optimiser, kept warm across rounds."""
+
+    def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig):
+        self.centre, self.cfg = centre, cfg
+        self.state_dir = Path(state_dir) / cfg.run_name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.model: GPT = build_model(cfg.model, seed=cfg.seed).to(self.device)
+        self.seq_len = cfg.seq_len or self.model.config.block_size
+        # A stable per-centre seed so centres see different windows of their own data.
+        centre_seed = zlib.crc32(centre.encode()) ^ cfg.seed
+        self.train = TokenSampler(load_split(Path(data_dir), "train", centre), self.seq_len,
+                                  cfg.batch_size, centre_seed)
+        self.valid = TokenSampler(load_split(Path(data_dir), "validation", centre), self.seq_len,
+                                  cfg.batch_size, centre_seed)
+        self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
+        self.flops_per_token = self.model.flops_per_token()
+        self._optim_round = 0  # round whose inner-optimiser state self.optim holds
+
+    # ------------------------------------------------------------------ public
+    def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean held-out loss of the currently loaded weights on this centre's validation split."""
+        self.model.eval()
+        t0, losses, tokens = time.perf_counter(), [], 0
+        for x, y in self.valid.eval_batches(self.cfg.eval_batches):
+            _, loss = self._forward(x, y)
+            losses.append(float(loss))
+            tokens += x.size
+        self._sync()
+        return {"eval-loss": float(np.mean(losses)), "eval-tokens": float(tokens),
+                "eval-seconds": time.perf_counter() - t0}
+
+    def train_round(self, server_round: int) -> RoundResult:
+        """H inner AdamW steps from the loaded weights; returns new weights and figures."""
+        self._load_optim(server_round - 1)
+        self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        H, losses, step_seconds = self.cfg.inner_steps, [], []
+        t0 = time.perf_counter()
+        for i in range(H):
+            step = (server_round - 1) * H + i
+            for group in self.optim.param_groups:
+                group["lr"] = self.lr_at(step)
+            ts = time.perf_counter()
+            x, y = self.train.batch(step)
+            _, loss = self._forward(x, y)
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optim.step()
+            losses.append(loss.detach())
+            self._sync()
+            step_seconds.append(time.perf_counter() - ts)
+        compute = time.perf_counter() - t0
+        train_loss = float(torch.stack(losses).float().mean())  # one sync, after the loop
+        self._save_optim(server_round)
+        tokens = H * self.cfg.batch_size * self.seq_len
+        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        return RoundResult(state, {
+            "train-loss": train_loss,
+            "tokens": float(tokens),
+            "num-examples": float(H * self.cfg.batch_size),
+            "compute-seconds": compute,
+            "tokens-per-second": tokens / compute,
+            "step-seconds-max": max(step_seconds),
+            "step-seconds-mean": float(np.mean(step_seconds)),
+            "flops-per-token": float(self.flops_per_token),
+            "peak-memory-bytes": float(self._peak_memory()),
+        })
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine from inner-lr down to 10 % over the whole run."""
+        cfg = self.cfg
+        total = cfg.rounds * cfg.inner_steps
+        if step < cfg.inner_warmup_steps:
+            return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
+        progress = min(1.0, (step - cfg.inner_warmup_steps) / max(1, total - cfg.inner_warmup_steps))
+        return cfg.inner_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    # ----------------------------------------------------------------- private
+    def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
+        yt = torch.from_numpy(y).to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits, loss = self.model(xt, yt)
+        return logits, loss
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # honest step timings on GPU
+
+    def _peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        import resource  # CPU: the process's peak RSS (KiB on Linux)
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _optim_path(self, server_round: int) -> Path:
+        return self.state_dir / f"inner-optim-round-{server_round:04d}.pt"
+
+    def _load_optim(self, after_round: int) -> None:
+        """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).
+
+        Skipped when this process already holds it (the warm worker's usual case).
+        """
+        if self._optim_round == after_round:
+            return
+        path = self._optim_path(after_round)
+        if after_round >= 1 and path.exists():
+            self.optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        else:  # round 1, or a centre joining mid-run: fresh moments
+            self.optim.state.clear()
+        self._optim_round = after_round
+
+    def _save_optim(self, server_round: int) -> None:
+        path = self._optim_path(server_round)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.optim.state_dict(), tmp)
+        tmp.replace(path)
+        self._optim_round = server_round
+        (self.state_dir / "position.json").write_text(json.dumps(
+            {"round": server_round, "next-step": server_round * self.cfg.inner_steps}))
+        for old in sorted(self.state_dir.glob("inner-optim-round-*.pt"))[:-KEEP_OPTIM_ROUNDS]:
+            old.unlink()

@@ -1,0 +1,107 @@
+"""The centre worker: one long-lived process per national compute centre.
+
+Flower starts a fresh ClientApp process for every message, so anything it holds
+is lost each round (and importing torch alone costs seconds). The worker keeps
+the model, the memory-mapped data and the inner optimiser warm across rounds;
+the ClientApp only relays arrays to it over a local Unix socket.
+
+The worker is the centre operator's installed code, started by the operator
+(or `bridgepool demo`), with its identity and data directory on its own command
+line: a submitted app cannot point it at another directory.
+
+    bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients import wire
+from clients.data import load_split
+from clients.training import CentreTrainer
+from models.config import RunConfig
+
+log = logging.getLogger("bridgepool.centre")
+
+
+class CentreWorker:
+    """Turns relayed requests into CentreTrainer calls; usable in-process too."""
+
+    def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0):
+        self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
+        self.threads = threads
+        self._trainer: CentreTrainer | None = None
+        self._config: dict[str, Any] | None = None
+        # Fail at start-up, naming the centre, rather than in round 1.
+        for split in ("train", "validation"):
+            load_split(self.data_dir, split, centre)
+
+    def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
+        op = header.get("op")
+        if op == "ping":
+            return {"status": "ok", "centre": self.centre}, {}
+        if op not in ("train", "evaluate"):
+            raise ValueError(f"unknown op {op!r}")
+        trainer = self._trainer_for(header["run-config"])
+        trainer.load_global({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
+        out: wire.Arrays = {}
+        if op == "train":
+            result = trainer.train_round(int(header["round"]))
+            metrics.update(result.metrics)
+            out = {k: v.numpy() for k, v in result.state.items()}
+        return {"status": "ok", "centre": self.centre, "metrics": metrics}, out
+
+    def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
+        if self._trainer is None or run_config != self._config:
+            cfg = RunConfig.from_mapping(run_config)
+            torch.set_num_threads(self.threads or cfg.threads or
+                                  max(1, (os.cpu_count() or 1) // cfg.expected_centres))
+            self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
+            self._config = dict(run_config)
+            log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
+                     self._trainer.model.num_params(), cfg.run_name)
+        return self._trainer
+
+
+def serve(worker: CentreWorker, socket_path: Path) -> None:
+    """Answer requests one at a time until SIGTERM/SIGINT."""
+    socket_path = Path(socket_path)
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    if socket_path.exists():
+        socket_path.unlink()  # stale socket of a previous worker
+    stop = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stop
+        stop = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    with Listener(str(socket_path), family="AF_UNIX") as listener:
+        os.chmod(socket_path, 0o600)  # only the centre's own user may relay
+        log.info("[%s] worker ready on %s", worker.centre, socket_path)
+        try:
+            while not stop:
+                with listener.accept() as conn:
+                    t0 = time.perf_counter()
+                    header, arrays = wire.recv(conn)
+                    try:
+                        reply, out = worker.handle(header, arrays)
+                    except Exception as err:  # reported to the ClientApp, worker stays up
+                        log.exception("[%s] request failed", worker.centre)
+                        reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
+                    wire.send(conn, reply, out)
+                    log.info("[%s] %s round %s in %.2fs", worker.centre, header.get("op"),
+                             header.get("round"), time.perf_counter() - t0)
+        except KeyboardInterrupt:
+            log.info("[%s] worker stopping", worker.centre)

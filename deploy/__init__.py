@@ -1,0 +1,1 @@
+"""Standing bridgepool up: the CLI, the local launcher, compose and network-namespace deployments."""

@@ -1,0 +1,118 @@
+"""Starting and stopping the federation's OS processes, and checking ports.
+
+Each process gets its own session (process group), so stopping it also stops
+what it spawned (SuperLink -> SuperExec -> ServerApp; SuperNode -> SuperExec ->
+ClientApp). Every started process is stopped on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class LaunchError(RuntimeError):
+    """A process could not be started or died; the message names it and its log."""
+
+
+def venv_bin(name: str) -> str:
+    """A console script of the running interpreter's environment (no PATH needed)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise LaunchError(
+                f"port {port} ({what}) on {host} is already in use; stop what holds it "
+                f"(`ss -ltnp 'sport = :{port}'`) or choose other ports with --base-port"
+            ) from err
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+class ProcessGroup:
+    """Owns every process the launcher started."""
+
+    def __init__(self) -> None:
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], log: Path, env: dict[str, str],
+              cwd: Path | None = None) -> Proc:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as fh:
+            popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                     cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self) -> None:
+        for proc in self.procs:
+            if not proc.alive():
+                raise LaunchError(f"{proc.name} exited with code {proc.popen.returncode}; "
+                                  f"last lines of {proc.log}:\n{proc.tail()}")
+
+    def stop_all(self, grace: float = 8.0) -> None:
+        """SIGTERM every process group, then SIGKILL what is left after `grace` seconds."""
+        for proc in reversed(self.procs):
+            _signal_group(proc.popen, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.procs:
+            try:
+                proc.popen.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            _signal_group(proc.popen, signal.SIGKILL)  # children that ignored SIGTERM
+            try:
+                proc.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+
+def _signal_group(popen: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(popen.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def wait_for(predicate, timeout: float, what: str, group: ProcessGroup, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        group.check_alive()
+        if time.monotonic() > deadline:
+            raise LaunchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0

@@ -1,0 +1,1 @@
+"""bridgepool models: byte-level tokenizer and nanoGPT-style decoder."""

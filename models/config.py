@@ -1,0 +1,156 @@
+"""Typed run configuration, parsed once from `[tool.flwr.app.config]`.
+
+The defaults live in one place only: the `[tool.flwr.app.config]` table of
+pyproject.toml. Flower hands the merged table to the apps as `context.run_config`;
+the CLI reads the same table with `load_defaults()`. Both go through
+`RunConfig.from_mapping`, which rejects unknown keys and bad values with a
+message naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+# The repository root doubles as the Flower app directory (`flwr run ROOT`).
+APP_DIR = Path(__file__).resolve().parent.parent
+MODEL_NAMES = ("tiny", "small", "base")
+STRATEGIES = ("diloco", "fedavg")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A run-config key is unknown or its value is invalid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    rounds: int
+    inner_steps: int
+    batch_size: int
+    seq_len: int  # 0 = the model's block size
+    inner_lr: float
+    inner_warmup_steps: int
+    inner_weight_decay: float
+    strategy: str
+    outer_lr: float
+    outer_momentum: float
+    eval_batches: int
+    device: str
+    precision: str
+    threads: int
+    seed: int
+    min_centres: int
+    expected_centres: int
+    connect_timeout: float
+    round_timeout: float
+    run_dir: str
+    run_name: str
+    resume: bool
+
+    def __post_init__(self) -> None:
+        _choice("model", self.model, MODEL_NAMES)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
+        for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres"):
+            _at_least(key, getattr(self, _snake(key)), 1)
+        for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed"):
+            _at_least(key, getattr(self, _snake(key)), 0)
+        for key in ("inner-lr", "outer-lr", "connect-timeout", "round-timeout"):
+            if not getattr(self, _snake(key)) > 0:
+                raise ConfigError(
+                    f"config key '{key}' must be > 0, got {getattr(self, _snake(key))}"
+                )
+        if not 0.0 <= self.outer_momentum < 1.0:
+            raise ConfigError(
+                f"config key 'outer-momentum' must be in [0, 1), got {self.outer_momentum}"
+            )
+        if self.inner_weight_decay < 0:
+            raise ConfigError("config key 'inner-weight-decay' must be >= 0")
+        if self.min_centres > self.expected_centres:
+            raise ConfigError(
+                f"config key 'min-centres' ({self.min_centres}) exceeds 'expected-centres' "
+                f"({self.expected_centres}); lower the quorum or start more centres"
+            )
+
+    @property
+    def quorum(self) -> int:
+        """Replies needed to close a round (0 in the config means every centre)."""
+        return self.min_centres or self.expected_centres
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Build from kebab-case keys (as in pyproject / `context.run_config`)."""
+        known = {_kebab(f.name): f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
+        missing = sorted(set(known) - set(values))
+        if missing:
+            raise ConfigError(f"missing config key(s) {', '.join(missing)} (see pyproject.toml)")
+        kwargs = {f.name: _coerce(key, values[key], f.type) for key, f in known.items()}
+        return cls(**kwargs)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """Kebab-case dict, the inverse of `from_mapping` (stored in checkpoints)."""
+        return {_kebab(k): v for k, v in dataclasses.asdict(self).items()}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def load_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table of the app's pyproject.toml."""
+    path = app_dir / "pyproject.toml"
+    with path.open("rb") as fh:
+        return dict(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings (TOML values, as `flwr run --run-config` takes them)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw.strip()  # a bare word is a string
+    return out
+
+
+def _coerce(key: str, value: Any, type_name: str) -> Any:
+    want = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {want.__name__}, got {value!r}")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _snake(key: str) -> str:
+    return key.replace("-", "_")

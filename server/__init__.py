@@ -1,0 +1,1 @@
+"""Coordination server: aggregation, checkpoints, the Flower ServerApp. Holds no data."""

@@ -1,0 +1,127 @@
+"""Round-boundary checkpoints on disk: weights, outer-optimiser state, round, config.
+
+Layout: RUN_DIR/checkpoints/round-0003/{model.safetensors, outer.safetensors, meta.json}.
+A checkpoint is written into a temporary directory and renamed into place, so a
+crash never leaves a half-written round; meta.json records each file's SHA-256,
+so a corrupted or truncated file is detected on load and the previous good round
+is used instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+FILES = ("model.safetensors", "outer.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, corrupted or does not match its manifest."""
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    model: dict[str, torch.Tensor]
+    outer: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    path: Path
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(
+    run_dir: Path,
+    round_: int,
+    model: dict[str, torch.Tensor],
+    outer: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    root = checkpoint_dir(run_dir)
+    final = root / f"round-{round_:04d}"
+    tmp = root / f".round-{round_:04d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # safetensors refuses tensors that share memory (tied embeddings): store copies.
+    save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, tmp / FILES[0])
+    save_file({k: v.detach().contiguous().clone() for k, v in outer.items()}, tmp / FILES[1])
+    meta = {
+        "round": round_,
+        "config": config,
+        "sha256": {name: _sha256(tmp / name) for name in FILES},
+        **(extra or {}),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load one round's checkpoint, verifying every file against meta.json."""
+    path = Path(path)
+    meta_path = path / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {path} has no meta.json") from err
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint file {meta_path} is corrupted: {err}") from err
+    for name in FILES:
+        file = path / name
+        if not file.exists():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        digest = _sha256(file)
+        if digest != meta.get("sha256", {}).get(name):
+            raise CheckpointError(
+                f"checkpoint file {file} is corrupted or truncated (SHA-256 {digest[:12]}... "
+                f"does not match meta.json); delete {path} to resume from the previous round"
+            )
+    try:
+        model, outer = load_file(path / FILES[0]), load_file(path / FILES[1])
+    except (SafetensorsError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
+    return Checkpoint(int(meta["round"]), model, outer, meta.get("config", {}), path)
+
+
+def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupted ones are reported and skipped."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob("round-*"), reverse=True):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as err:
+            log.error("refusing checkpoint: %s; trying the previous round", err)
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    for file in path.iterdir():
+        with file.open("rb") as fh:
+            os.fsync(fh.fileno())
