@@ -10,6 +10,7 @@ import gzip
 import re
 import unicodedata
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ _ESC = re.compile(r"""\\(?:
 """, re.VERBOSE)
 _ONE_CHAR = {"-": "-", " ": " ", "~": " ", "0": " ", "e": "\\", "E": "\\", "\\": "\\",
              ".": ".", "'": "'", "`": "`", "t": "\t", "_": "_"}
-# Drop-in man(7) and mdoc(7) macros whose arguments are prose worth keeping.
+# man(7) and mdoc(7) macros whose arguments are prose worth keeping (others are dropped).
 _JOINED = {"BR", "RB", "IR", "RI", "BI", "IB"}  # alternating fonts: args are glued together
 _SPACED = {"SH", "SS", "B", "I", "SM", "SB", "IP", "TQ", "Sh", "Ss", "Nd", "Nm", "It", "Dl",
            "D1", "Em", "Sy", "Ar", "Cm", "Pa", "Op", "Dq", "Sq", "Ql", "Pq", "Va", "Ev", "Li",
@@ -218,6 +219,20 @@ def roff_to_text(roff: str) -> str:
 
 
 # --------------------------------------------------------------------------- readers
+@contextmanager
+def quiet_datasets() -> Iterator[Any]:
+    """Import ``datasets`` lazily (~1.5 s) with its per-call progress bars off, then restore."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield datasets
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def _manpage_paths(lang: str) -> list[Path]:
     root = MAN_ROOT if lang == "en" else MAN_ROOT / lang
     pattern = "man7/*.gz" if lang == "en" else "man*/*.gz"
@@ -242,9 +257,8 @@ def _manpages(lang: str) -> Iterator[str]:
 
 
 def _text_column(path: Path, builder: str) -> Iterator[str]:
-    import datasets  # lazy: importing datasets costs ~1.5 s and most callers never need it
-
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    with quiet_datasets() as datasets:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     if "text" not in ds.column_names:
         raise DataSourceError(f"{path}: no 'text' column (columns: {ds.column_names})")
     yield from _strings(ds, str(path))
@@ -277,10 +291,9 @@ def _local(path: Path) -> Iterator[str]:
 
 
 def _hub(spec: str) -> Iterator[str]:
-    import datasets
-
     name, _, config = spec.partition(":")
-    ds = datasets.load_dataset(name, config or None, split="train")
+    with quiet_datasets() as datasets:
+        ds = datasets.load_dataset(name, config or None, split="train")
     if "text" not in ds.column_names:
         raise DataSourceError(f"source 'hf:{spec}': no 'text' column (columns: {ds.column_names})")
     yield from _strings(ds, f"hf:{spec}")

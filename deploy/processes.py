@@ -78,22 +78,71 @@ class ProcessGroup:
                                   f"last lines of {proc.log}:\n{proc.tail()}")
 
     def stop_all(self, grace: float = 8.0) -> None:
-        """SIGTERM every process group, then SIGKILL what is left after `grace` seconds."""
+        """SIGTERM every process and everything it spawned, SIGKILL what is left after `grace` s.
+
+        Flower's SuperExec starts the ServerApp/ClientApp in sessions of their own, so
+        signalling our process groups is not enough: the whole tree is snapshotted
+        first (before any parent dies and its children are re-parented to init).
+        """
+        tree = descendants([p.popen.pid for p in self.procs])
         for proc in reversed(self.procs):
             _signal_group(proc.popen, signal.SIGTERM)
+        _signal_pids(tree, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for proc in self.procs:
             try:
                 proc.popen.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
+        while _alive(tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for proc in self.procs:
             _signal_group(proc.popen, signal.SIGKILL)  # children that ignored SIGTERM
+        _signal_pids(_alive(tree), signal.SIGKILL)
+        for proc in self.procs:
             try:
                 proc.popen.wait(5)
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+
+
+def descendants(roots: list[int]) -> set[int]:
+    """All live descendants of `roots` (from /proc), roots excluded."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out: set[int] = set()
+    todo = list(roots)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.add(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def _signal_pids(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _signal_group(popen: subprocess.Popen, sig: int) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             )
     try:
         model, outer = load_file(path / FILES[0]), load_file(path / FILES[1])
-    except (SafetensorsError, OSError) as err:
+    except (SafetensorError, OSError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
     return Checkpoint(int(meta["round"]), model, outer, meta.get("config", {}), path)
 

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 log = logging.getLogger("bridgepool.server")
-POLL_SECONDS = 0.1
+POLL_SECONDS = 0.5  # each pull is an HTTP request the SuperLink must serve
 
 
 @dataclass

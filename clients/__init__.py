@@ -1,0 +1,1 @@
+"""Centre-side (Flower client) code: data preparation, sampling and local training."""

@@ -1,0 +1,21 @@
+#!/bin/sh
+# Debian packages bridgepool uses: man pages in several languages are the default
+# centre corpora (real human prose, no download at run time); Prometheus and
+# tcpdump serve the metrics and egress tests. Installs only what is missing.
+set -eu
+PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump iproute2"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bridgepool needs these Debian packages:$missing" >&2
+  echo "install them with: sudo apt-get install -y$missing" >&2
+  exit 1
+fi
+echo "installing Debian packages:$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -1,0 +1,61 @@
+"""Aggregation maths: pseudo-gradient sign, token weighting, the DiLoCo outer step."""
+
+import pytest
+import torch
+
+from server.aggregation import OuterOptimizer, aggregate, pseudo_gradient, weighted_average
+
+
+def test_pseudo_gradient_is_old_minus_new():
+    old = {"w": torch.tensor([1.0, 2.0])}
+    new = {"w": torch.tensor([0.5, 3.0])}
+    # A centre that moved w[0] down must produce a positive pseudo-gradient there,
+    # so that an SGD step (p -= lr * g) moves the global model the same way.
+    assert torch.equal(pseudo_gradient(old, new)["w"], torch.tensor([0.5, -1.0]))
+
+
+def test_weighted_average_uses_token_weights():
+    a, b = {"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}
+    out = weighted_average([a, b], [3.0, 1.0])
+    assert out["w"].item() == pytest.approx(1.0)  # (3*0 + 1*4) / 4
+
+
+def test_weighted_average_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        weighted_average([{"w": torch.zeros(1)}], [0.0])
+    with pytest.raises(ValueError):
+        weighted_average([], [])
+
+
+def test_outer_step_matches_hand_computed_nesterov():
+    lr, mu = 0.7, 0.9
+    p0 = torch.tensor([1.0, -2.0])
+    g1, g2 = torch.tensor([0.1, -0.3]), torch.tensor([0.2, 0.05])
+    outer = OuterOptimizer({"w": p0}, "diloco", lr, mu)
+    # Nesterov SGD (PyTorch convention): buf = mu*buf + g; p -= lr*(g + mu*buf)
+    buf1 = g1
+    p1 = p0 - lr * (g1 + mu * buf1)
+    assert torch.allclose(outer.step({"w": g1})["w"], p1)
+    buf2 = mu * buf1 + g2
+    p2 = p1 - lr * (g2 + mu * buf2)
+    assert torch.allclose(outer.step({"w": g2})["w"], p2)
+    assert torch.allclose(outer.optimizer_state()["w"], buf2)
+
+
+def test_fedavg_is_weighted_mean_of_models():
+    glob = {"w": torch.tensor([1.0, 1.0])}
+    outer = OuterOptimizer(glob, "fedavg", lr=0.7, momentum=0.9)  # lr/momentum ignored by fedavg
+    locals_ = [{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([0.0, 5.0])}]
+    new = aggregate(outer, locals_, tokens=[1.0, 3.0])
+    assert torch.allclose(new["w"], torch.tensor([0.75, 4.0]))
+
+
+def test_outer_state_round_trip_restores_momentum():
+    a = OuterOptimizer({"w": torch.zeros(3)}, "diloco", 0.7, 0.9)
+    a.step({"w": torch.ones(3)})
+    b = OuterOptimizer(a.state(), "diloco", 0.7, 0.9)
+    b.load_optimizer_state(a.optimizer_state())
+    g = {"w": torch.tensor([0.5, -0.5, 1.0])}
+    assert torch.allclose(a.step(g)["w"], b.step(g)["w"])
+    with pytest.raises(ValueError, match="unknown parameters"):
+        b.load_optimizer_state({"nope": torch.zeros(1)})

@@ -1,0 +1,45 @@
+"""Checkpoints: round trip, corrupted or truncated files refused, previous round used."""
+
+import logging
+
+import pytest
+import torch
+
+from server.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _state(v: float) -> dict[str, torch.Tensor]:
+    return {"a": torch.full((2, 3), v), "b": torch.arange(4, dtype=torch.float32) * v}
+
+
+def test_round_trip(tmp_path):
+    path = save_checkpoint(tmp_path, 3, _state(1.5), {"a": torch.ones(2, 3)}, {"rounds": 5})
+    ck = load_checkpoint(path)
+    assert ck.round == 3 and ck.config == {"rounds": 5}
+    assert all(torch.equal(ck.model[k], v) for k, v in _state(1.5).items())
+    assert torch.equal(ck.outer["a"], torch.ones(2, 3))
+
+
+def test_tied_tensors_are_saved(tmp_path):
+    shared = torch.ones(2, 2)
+    ck = load_checkpoint(save_checkpoint(tmp_path, 1, {"x": shared, "y": shared}, {}, {}))
+    assert torch.equal(ck.model["x"], ck.model["y"])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_checkpoint_is_refused_and_previous_used(tmp_path, caplog, damage):
+    save_checkpoint(tmp_path, 1, _state(1.0), {}, {})
+    bad = save_checkpoint(tmp_path, 2, _state(2.0), {}, {})
+    model = bad / "model.safetensors"
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + b"\x00")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(bad)
+    with caplog.at_level(logging.ERROR):
+        ck = latest_checkpoint(tmp_path)
+    assert ck is not None and ck.round == 1
+    assert "model.safetensors" in caplog.text
+
+
+def test_no_checkpoint(tmp_path):
+    assert latest_checkpoint(tmp_path) is None

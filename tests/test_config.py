@@ -1,0 +1,36 @@
+"""Typed run config: one source of defaults, errors that name the key."""
+
+import pytest
+
+from models.config import ConfigError, RunConfig, load_defaults, parse_overrides
+
+
+def test_defaults_parse():
+    cfg = RunConfig.from_mapping(load_defaults())
+    assert cfg.strategy == "diloco" and cfg.rounds >= 1
+    assert RunConfig.from_mapping(cfg.to_mapping()) == cfg
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model", "huge", "'model' must be one of tiny, small, base"),
+    ("rounds", 0, "'rounds' must be >= 1"),
+    ("inner-lr", -1.0, "'inner-lr' must be > 0"),
+    ("strategy", "fedprox", "'strategy'"),
+    ("rounds", "3", "'rounds' must be int"),
+])
+def test_invalid_values_name_the_key(key, value, needle):
+    values = {**load_defaults(), key: value}
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_mapping(values)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown config key.*inner-stpes"):
+        RunConfig.from_mapping({**load_defaults(), "inner-stpes": 3})
+
+
+def test_overrides_are_toml_values():
+    assert parse_overrides(["rounds=3", "inner-lr=1e-3", "model=tiny", 'device="cpu"']) == {
+        "rounds": 3, "inner-lr": 1e-3, "model": "tiny", "device": "cpu"}
+    with pytest.raises(ConfigError):
+        parse_overrides(["rounds"])
