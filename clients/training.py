@@ -35,6 +35,7 @@ KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the l
 class RoundResult:
     state: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # every inner step, for the metrics histogram
 
 
 def resolve_device(name: str) -> torch.device:
@@ -127,7 +128,7 @@ class CentreTrainer:
             "step-seconds-mean": float(np.mean(step_seconds)),
             "flops-per-token": float(self.flops_per_token),
             "peak-memory-bytes": float(self._peak_memory()),
-        })
+        }, step_seconds)
 
     def lr_at(self, step: int) -> float:
         """Linear warmup, then cosine from inner-lr down to 10 % over the whole run."""

@@ -33,9 +33,15 @@ def send(conn: Connection, header: dict[str, Any], arrays: Arrays | None = None)
 
 
 def recv(conn: Connection) -> tuple[dict[str, Any], Arrays]:
-    head = json.loads(conn.recv_bytes().decode())
+    header, arrays, _ = recv_counted(conn)
+    return header, arrays
+
+
+def recv_counted(conn: Connection) -> tuple[dict[str, Any], Arrays, int]:
+    """`recv`, plus the bytes read (the counterpart of `send`'s return value)."""
+    head = conn.recv_bytes()
     body = conn.recv_bytes()
-    return head, (st_load(body) if body else {})
+    return json.loads(head.decode()), (st_load(body) if body else {}), len(head) + len(body)
 
 
 def call(socket_path: str | Path, header: dict[str, Any], arrays: Arrays | None = None,

@@ -22,13 +22,14 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from clients import wire
 from clients.data import load_split
-from clients.training import CentreTrainer
+from clients.metrics import CentreMetrics, Peak, device_peak
+from clients.training import CentreTrainer, autocast_dtype
 from models.config import RunConfig
+from models.packing import PARAMS_KEY, pack, unpack
 
 log = logging.getLogger("bridgepool.centre")
 
@@ -36,9 +37,16 @@ log = logging.getLogger("bridgepool.centre")
 class CentreWorker:
     """Turns relayed requests into CentreTrainer calls; usable in-process too."""
 
-    def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0):
+    def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
+                 metrics: CentreMetrics | None = None):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         self.threads = threads
+        self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
+        self._peak = Peak(0.0, "unknown")  # set when a run's model is built
+        if nice:
+            # When centres share a machine with the federation's own processes (the demo),
+            # training yields the CPU to message handling, which otherwise waits behind it.
+            os.nice(nice)
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
         # Fail at start-up, naming the centre, rather than in round 1.
@@ -52,13 +60,17 @@ class CentreWorker:
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
         trainer = self._trainer_for(header["run-config"])
-        trainer.load_global({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()})
+        if set(arrays) != {PARAMS_KEY}:
+            raise ValueError(f"expected one '{PARAMS_KEY}' array, got {sorted(arrays)[:5]}")
+        trainer.load_global(unpack(arrays[PARAMS_KEY], trainer.model.state_dict()))
         metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
+        self.metrics.record_eval(trainer.cfg.run_name, metrics)
         out: wire.Arrays = {}
         if op == "train":
             result = trainer.train_round(int(header["round"]))
+            self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
-            out = {k: v.numpy() for k, v in result.state.items()}
+            out = {PARAMS_KEY: pack(result.state)}
         return {"status": "ok", "centre": self.centre, "metrics": metrics}, out
 
     def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
@@ -68,6 +80,10 @@ class CentreWorker:
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
             self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
             self._config = dict(run_config)
+            device = self._trainer.device
+            self._peak = device_peak(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+                                     autocast_dtype(cfg.precision, device) is not None, torch.get_num_threads())
+            self.metrics.start_run(cfg.run_name)
             log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
                      self._trainer.model.num_params(), cfg.run_name)
         return self._trainer
@@ -94,13 +110,16 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
             while not stop:
                 with listener.accept() as conn:
                     t0 = time.perf_counter()
-                    header, arrays = wire.recv(conn)
+                    header, arrays, received = wire.recv_counted(conn)
                     try:
                         reply, out = worker.handle(header, arrays)
                     except Exception as err:  # reported to the ClientApp, worker stays up
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
-                    wire.send(conn, reply, out)
+                    sent = wire.send(conn, reply, out)
+                    if "run-config" in header:  # a run's request, not a health check
+                        run = str(header["run-config"].get("run-name", ""))
+                        worker.metrics.record_exchange(run, t0, time.perf_counter(), received, sent)
                     log.info("[%s] %s round %s in %.2fs", worker.centre, header.get("op"),
                              header.get("round"), time.perf_counter() - t0)
         except KeyboardInterrupt:

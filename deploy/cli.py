@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, required=True)
     serve.add_argument("--socket", type=Path, required=True)
     serve.add_argument("--threads", type=int, default=0)
+    serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
+    serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
     serve.set_defaults(func=cmd_centre_serve)
 
     rep = sub.add_parser("report", help="PNG plots and a summary from RUN_DIR/run.json")
@@ -150,8 +153,9 @@ def _prepare_demo_data(console: Any, centres: list, sources: dict[str, str], max
 
 
 def _describe(manifest: dict) -> str:
-    keys = [k for k in manifest if "doc" in k or "bytes" in k]
-    return ", ".join(f"{k} {manifest[k]}" for k in keys[:4]) or "ok"
+    splits = manifest.get("splits", {})
+    return ", ".join(f"{name} {s['documents']} documents / {s['bytes'] / 1e6:.2f} MB"
+                     for name, s in splits.items())
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -171,7 +175,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_centre_serve(args: argparse.Namespace) -> int:
     from clients.worker import CentreWorker, serve
 
-    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads)
+    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice)
+    worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0
 

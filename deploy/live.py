@@ -18,21 +18,38 @@ class LiveView:
                                  TimeElapsedColumn(), TextColumn("{task.fields[status]}"),
                                  console=console)
         self.task = self.progress.add_task("rounds", total=total_rounds, status="waiting for centres")
-        self.live = Live(self._render({}), console=console, refresh_per_second=4, transient=False)
-        self.t0 = time.monotonic()
+        # On a terminal: a live panel. In a log or CI: one plain line per finished round.
+        self.live = Live(self._render({}), console=console, refresh_per_second=4, transient=False) \
+            if console.is_terminal else None
+        self.t0, self.printed = time.monotonic(), 0
 
     def __enter__(self) -> LiveView:
-        self.live.__enter__()
+        if self.live:
+            self.live.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.live.__exit__(*exc)
+        if self.live:
+            self.live.__exit__(*exc)
 
     def update(self, run: dict[str, Any]) -> None:
         rounds = run.get("rounds", [])
+        if self.live is None:
+            for rec in rounds[self.printed:]:
+                self.console.print(self._line(rec, run))
+                self.console.file.flush()  # a pipe or log file is block-buffered
+            self.printed = len(rounds)
+            return
         status = "waiting for centres" if not rounds else f"eval loss {rounds[-1]['eval-loss-mean']:.3f}"
         self.progress.update(self.task, completed=len(rounds) and rounds[-1]["round"], status=status)
         self.live.update(self._render(run))
+
+    def _line(self, rec: dict[str, Any], run: dict[str, Any]) -> str:
+        per = ", ".join(f"{n} loss {m.get('train-loss', 0):.3f} {m.get('tokens-per-second', 0):,.0f} tok/s"
+                        for n, m in rec["centres"].items())
+        total = run.get("config", {}).get("rounds", "?")
+        return (f"[{time.monotonic() - self.t0:6.1f}s] round {rec['round']}/{total}: held-out loss "
+                f"{rec['eval-loss-mean']:.3f} (model before the round); {per}; round {rec['wall-seconds']:.1f}s")
 
     def _render(self, run: dict[str, Any]) -> Group:
         table = Table(title="centres (last round)", expand=False)

@@ -137,7 +137,8 @@ class LocalFederation:
 
     def _worker_argv(self, c: Centre) -> list[str]:
         argv = [sys.executable, "-m", "deploy.cli", "centre", "serve", "--centre", c.name,
-                "--data-dir", str(c.data_dir), "--state-dir", str(c.state_dir), "--socket", str(c.socket)]
+                "--data-dir", str(c.data_dir), "--state-dir", str(c.state_dir), "--socket", str(c.socket),
+                "--nice", "5"]  # all centres share this machine with the control plane
         if self.threads:
             argv += ["--threads", str(self.threads)]
         return argv

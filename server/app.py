@@ -25,7 +25,7 @@ from server.aggregation import OuterOptimizer, aggregate
 from server.checkpoint import latest_checkpoint, save_checkpoint
 from server.messaging import Exchange, exchange, wait_for_centres
 from server.runlog import RunLog
-from server.validation import UpdateRejected, validate_update
+from server.validation import UpdateRejected, decode_update, validate_update
 
 log = logging.getLogger("bridgepool.server")
 app = ServerApp()
@@ -101,6 +101,7 @@ def _accept(ex: Exchange, reference: dict[str, torch.Tensor]) -> list:
     accepted = []
     for reply in ex.replies:
         try:
+            reply.state = decode_update(reply.arrays, reference)
             validate_update(reply.state, reference, reply.metrics)
         except UpdateRejected as err:
             log.warning("rejected update from %s: %s", reply.centre, err)

@@ -11,9 +11,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+
+from models.packing import PARAMS_KEY, pack
 
 log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.5  # each pull is an HTTP request the SuperLink must serve
@@ -23,9 +26,10 @@ POLL_SECONDS = 0.5  # each pull is an HTTP request the SuperLink must serve
 class Reply:
     node_id: int
     centre: str
-    state: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]  # as received: validated and unpacked by the caller
     metrics: dict[str, float]
     nbytes: int
+    state: dict[str, torch.Tensor] = field(default_factory=dict)  # set once validated
 
 
 @dataclass
@@ -59,7 +63,7 @@ def exchange(
     timeout: float,
 ) -> Exchange:
     """Send `state` to every node and gather replies until all answer or the deadline."""
-    arrays = ArrayRecord(torch_state_dict=state)
+    arrays = ArrayRecord({PARAMS_KEY: Array(pack(state))})
     payload = int(arrays.count_bytes())
     messages = [
         Message(
@@ -94,9 +98,9 @@ def _collect(msg: Message, nid: int, result: Exchange) -> None:
     content = msg.content
     centre = str(content["centre"]["name"]) if "centre" in content else f"node-{nid}"
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
-    state, nbytes = {}, 0
+    arrays, nbytes = {}, 0
     if "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())
-        state = {k: torch.from_numpy(a.numpy().copy()) for k, a in record.items()}
-    result.replies.append(Reply(nid, centre, state, metrics, nbytes))
+        arrays = {k: a.numpy() for k, a in record.items()}
+    result.replies.append(Reply(nid, centre, arrays, metrics, nbytes))

@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
+
+from models.packing import PARAMS_KEY, PackingError, unpack
 
 MAX_ABS_VALUE = 1e6  # weights of a sane model are O(1); 1e30 "updates" are attacks or bugs
 
 
 class UpdateRejected(ValueError):
     """An update failed validation; the message says which check and which tensor."""
+
+
+def decode_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reply's arrays as a state dict shaped like `reference`, or UpdateRejected."""
+    if set(arrays) != {PARAMS_KEY}:
+        raise UpdateRejected(f"reply carries arrays {sorted(arrays)[:5]}; expected only '{PARAMS_KEY}'")
+    try:
+        return unpack(np.asarray(arrays[PARAMS_KEY]), reference)
+    except PackingError as err:
+        raise UpdateRejected(str(err)) from err
 
 
 def validate_update(
