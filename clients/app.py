@@ -4,6 +4,11 @@ Node identity comes from `--node-config`:
   centre="fr-genci" worker-socket="/path/worker.sock"          (warm worker, default)
   centre="fr-genci" data-dir="/path/data" state-dir="/path/st"  (train in this process)
 With a worker, this process never imports torch: it relays numpy arrays.
+
+Before a reply is returned to Flower, the shell describes it (record names, array
+names/dtypes/shapes/SHA-256, metric names; no values) and the centre's egress guard
+in the worker checks and records it (clients/egress.py): a reply altered after the
+worker (an extra record, a string, a non-parameter array) is blocked here too.
 """
 
 from __future__ import annotations
@@ -14,19 +19,36 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import wire
+from clients import egress, wire
 
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _relay("train", msg, context)
+    return release("train", msg, context, _relay("train", msg, context))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _relay("evaluate", msg, context)
+    return release("evaluate", msg, context, _relay("evaluate", msg, context))
+
+
+def release(op: str, msg: Message, context: Context, reply: Message) -> Message:
+    """`reply`, once the centre's egress guard has checked and recorded it; raises if it blocks it
+    (Flower then sends only an error, whose text names no value)."""
+    header = {"op": "egress-check", "reply-to": op, "round": int(msg.content["config"]["server-round"]),
+              "run-config": dict(context.run_config), "message": describe_reply(reply.content)}
+    _ask(context, header, {})
+    return reply
+
+
+def describe_reply(content: RecordDict) -> egress.Described:
+    records: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, record in content.items():
+        items = {k: a.numpy() for k, a in record.items()} if isinstance(record, ArrayRecord) else dict(record)
+        records[name] = (type(record).__name__, items)
+    return egress.describe(records)
 
 
 def _relay(op: str, msg: Message, context: Context) -> Message:
@@ -38,10 +60,7 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
         "round": int(msg.content["config"]["server-round"]),
         "run-config": dict(context.run_config),
     }
-    if "worker-socket" in node:
-        reply, out = wire.call(str(node["worker-socket"]), header, arrays)
-    else:
-        reply, out = _in_process(centre, node, header, arrays)
+    reply, out = _ask(context, header, arrays)
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in reply["metrics"].items()}),
         "centre": ConfigRecord({"name": centre}),
@@ -51,7 +70,17 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _in_process(centre: str, node: Any, header: dict, arrays: wire.Arrays) -> tuple[dict, wire.Arrays]:
+def _ask(context: Context, header: dict, arrays: wire.Arrays) -> tuple[dict, wire.Arrays]:
+    node = context.node_config
+    if "worker-socket" in node:
+        return wire.call(str(node["worker-socket"]), header, arrays)
+    return _in_process(str(node.get("centre", f"node-{context.node_id}")), node).handle(header, arrays)
+
+
+_local_workers: dict[str, Any] = {}  # this process's in-process worker (one message's lifetime)
+
+
+def _in_process(centre: str, node: Any) -> Any:
     """No worker configured: train here (slower: torch import and set-up every round)."""
     from pathlib import Path
 
@@ -60,5 +89,6 @@ def _in_process(centre: str, node: Any, header: dict, arrays: wire.Arrays) -> tu
     for key in ("data-dir", "state-dir"):
         if key not in node:
             raise ValueError(f"centre {centre}: --node-config needs worker-socket=... or {key}=...")
-    worker = CentreWorker(centre, Path(str(node["data-dir"])), Path(str(node["state-dir"])))
-    return worker.handle(header, arrays)
+    if centre not in _local_workers:
+        _local_workers[centre] = CentreWorker(centre, Path(str(node["data-dir"])), Path(str(node["state-dir"])))
+    return _local_workers[centre]

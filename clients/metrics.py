@@ -139,6 +139,9 @@ class CentreMetrics:
                                  "Peak memory of the last round (GPU allocated, or CPU max RSS)", LABELS, registry=r)
         self.rounds = Counter("bridgepool_rounds_completed", "Training rounds the centre completed",
                               LABELS, registry=r)
+        self.egress_blocked = Counter("bridgepool_egress_blocked",
+                                      "Replies the egress guard stopped from leaving the centre (clients/egress.py)",
+                                      LABELS, registry=r)
         self._last_reply: tuple[str, float] | None = None  # (run, time) of the last reply sent
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
@@ -148,18 +151,21 @@ class CentreMetrics:
     def start_run(self, run: str) -> None:
         """Create the run's series at zero, so that rate() sees the first round's increase."""
         for metric in (self.tokens, self.eval_tokens, self.compute_seconds, self.wait_seconds,
-                       self.bytes_sent, self.bytes_received, self.rounds):
+                       self.bytes_sent, self.bytes_received, self.rounds, self.egress_blocked):
             metric.labels(self.centre, run)
 
     def record_exchange(self, run: str, arrived: float, replied: float, received: int, sent: int) -> None:
         """One request: arrival and reply times (one monotonic clock) and bytes on the socket."""
         c = (self.centre, run)
-        if self._last_reply is not None and self._last_reply[0] == run:
-            self.wait_seconds.labels(*c).inc(max(0.0, arrived - self._last_reply[1]))
+        waited = arrived - self._last_reply[1] if self._last_reply and self._last_reply[0] == run else 0.0
+        self.wait_seconds.labels(*c).inc(max(0.0, waited))  # a run's first request waited for nothing
         self.compute_seconds.labels(*c).inc(max(0.0, replied - arrived))
         self.bytes_received.labels(*c).inc(received)
         self.bytes_sent.labels(*c).inc(sent)
         self._last_reply = (run, replied)
+
+    def record_egress_blocked(self, run: str) -> None:
+        self.egress_blocked.labels(self.centre, run).inc()
 
     def record_eval(self, run: str, figures: Mapping[str, float]) -> None:
         c = (self.centre, run)

@@ -15,6 +15,7 @@ coordinator restart) from exactly the state it started with.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import zlib
@@ -28,6 +29,7 @@ from clients.data import TokenSampler, load_split
 from models.config import RunConfig
 from models.gpt import GPT, build_model
 
+log = logging.getLogger("bridgepool.centre")
 KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the last one or two)
 
 
@@ -51,6 +53,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def lr_schedule(step: int, cfg: RunConfig) -> float:
+    """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps."""
+    total = cfg.rounds * cfg.inner_steps
+    if step < cfg.inner_warmup_steps:
+        return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
+    progress = min(1.0, (step - cfg.inner_warmup_steps) / max(1, total - cfg.inner_warmup_steps))
+    return cfg.inner_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 class CentreTrainer:
@@ -131,13 +142,7 @@ class CentreTrainer:
         }, step_seconds)
 
     def lr_at(self, step: int) -> float:
-        """Linear warmup, then cosine from inner-lr down to 10 % over the whole run."""
-        cfg = self.cfg
-        total = cfg.rounds * cfg.inner_steps
-        if step < cfg.inner_warmup_steps:
-            return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
-        progress = min(1.0, (step - cfg.inner_warmup_steps) / max(1, total - cfg.inner_warmup_steps))
-        return cfg.inner_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return lr_schedule(step, self.cfg)
 
     # ----------------------------------------------------------------- private
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +178,9 @@ class CentreTrainer:
         if after_round >= 1 and path.exists():
             self.optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         else:  # round 1, or a centre joining mid-run: fresh moments
+            if after_round >= 1:
+                log.warning("[%s] no inner-optimiser state after round %d (%s): starting round %d with "
+                            "fresh AdamW moments", self.centre, after_round, path, after_round + 1)
             self.optim.state.clear()
         self._optim_round = after_round
 

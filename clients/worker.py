@@ -9,6 +9,10 @@ The worker is the centre operator's installed code, started by the operator
 (or `bridgepool demo`), with its identity and data directory on its own command
 line: a submitted app cannot point it at another directory.
 
+It is also where the egress guard runs (clients/egress.py): every reply is
+checked against the model's parameter manifest and the metric allow-list, and
+recorded in STATE_DIR/egress-ledger.jsonl, before it leaves this process.
+
     bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
 """
 
@@ -22,14 +26,17 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from clients import wire
 from clients.data import load_split
+from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.training import CentreTrainer, autocast_dtype
 from models.config import RunConfig
-from models.packing import PARAMS_KEY, pack, unpack
+from models.gpt import parameter_manifest
+from models.packing import INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY, pack, quantize_int8, unpack
 
 log = logging.getLogger("bridgepool.centre")
 
@@ -43,6 +50,8 @@ class CentreWorker:
         self.threads = threads
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
+        self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
+        self._manifest: Manifest = {}  # what may leave: the current run's parameters as they travel
         if nice:
             # When centres share a machine with the federation's own processes (the demo),
             # training yields the CPU to message handling, which otherwise waits behind it.
@@ -57,6 +66,8 @@ class CentreWorker:
         op = header.get("op")
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
+        if op == "egress-check":
+            return self._egress_check(header), {}
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
         trainer = self._trainer_for(header["run-config"])
@@ -70,8 +81,25 @@ class CentreWorker:
             result = trainer.train_round(int(header["round"]))
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
-            out = {PARAMS_KEY: pack(result.state)}
-        return {"status": "ok", "centre": self.centre, "metrics": metrics}, out
+            if trainer.cfg.compression == "int8":
+                # Send the pseudo-gradient (old - new), quantised: ~0.25 x the bytes.
+                out = quantize_int8(np.asarray(arrays[PARAMS_KEY]) - pack(result.state))
+            else:
+                out = {PARAMS_KEY: pack(result.state)}
+        reply = {"status": "ok", "centre": self.centre, "metrics": metrics}
+        # Raises EgressBlocked (so nothing but the error is sent) if the reply breaks a rule.
+        self.egress.check(describe_worker_reply(reply, out), self._manifest, run=trainer.cfg.run_name,
+                          round=int(header["round"]), op=str(op), stage="worker-reply")
+        return reply, out
+
+    def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
+        """The ClientApp shell's final Flower reply, described (forms and hashes, no values),
+        checked by the same guard before the shell may return it."""
+        trainer = self._trainer_for(header["run-config"])
+        op = header.get("reply-to") if header.get("reply-to") in ("train", "evaluate") else "unknown"  # no free text
+        self.egress.check(header["message"], self._manifest, run=trainer.cfg.run_name,
+                          round=int(header["round"]), op=str(op), stage="flower-reply")
+        return {"status": "ok", "centre": self.centre}
 
     def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
         if self._trainer is None or run_config != self._config:
@@ -80,6 +108,7 @@ class CentreWorker:
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
             self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
             self._config = dict(run_config)
+            self._manifest = wire_manifest(parameter_manifest(self._trainer.model))
             device = self._trainer.device
             self._peak = device_peak(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",
                                      autocast_dtype(cfg.precision, device) is not None, torch.get_num_threads())
@@ -87,6 +116,14 @@ class CentreWorker:
             log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
                      self._trainer.model.num_params(), cfg.run_name)
         return self._trainer
+
+
+def wire_manifest(params: Manifest) -> Manifest:
+    """The arrays a reply may carry (models/packing.py): the weights as one flat fp32 vector,
+    or the pseudo-gradient as int8 values with one fp32 scale per block; nothing else."""
+    flat = packed_manifest(params, PARAMS_KEY)
+    n = flat[PARAMS_KEY][0][0]
+    return {**flat, INT8_KEY: ((n,), "int8"), SCALE_KEY: ((-(-n // INT8_BLOCK),), "float32")}
 
 
 def serve(worker: CentreWorker, socket_path: Path) -> None:

@@ -3,14 +3,18 @@
     bridgepool demo                         # 3 centres, real Flower federation, ~5 min on 2 CPU cores
     bridgepool demo --centres 2 --rounds 3 --model tiny --run-dir runs/quick
     bridgepool demo --resume runs/quick     # continue from the last good checkpoint
+    bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
     bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
     bridgepool report RUN_DIR               # PNG plots from run.json
+    bridgepool deploy compose | register | netns   # multi-node (deploy/multinode.py, README)
+    bridgepool audit RUN_DIR                # residency report: what left each centre (residency.json/.md)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -25,6 +29,11 @@ DEMO_MAX_BYTES = 3_000_000  # per centre: enough text for the demo, prepared in 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from benchmarks.federation import main as bench_main
+
+        return bench_main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -52,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--run-dir", type=Path, help="default: runs/demo-YYYYmmdd-HHMMSS")
     d.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
     d.add_argument("--base-port", type=int, default=9200, help="SuperLink port; SuperNodes use the next ones")
+    d.add_argument("--metrics-port", type=int, default=9300,
+                   help="server's Prometheus endpoint; centres use the next ports (0 = no metrics)")
+    d.add_argument("--prometheus-port", type=int, default=0, metavar="PORT",
+                   help="also run Debian's prometheus on RUN_DIR/prometheus.yml at this port (0 = don't)")
     d.add_argument("--max-bytes", type=int, default=DEMO_MAX_BYTES, help="text per centre (0 = all)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
@@ -65,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--centres", type=int, default=3, help="without --source: default centres to build")
     prep.add_argument("--max-bytes", type=int, default=0, help="cap per centre (0 = all)")
     prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument("--if-missing", action="store_true",
+                      help="keep a centre's data dir that already holds a manifest.json (e.g. a compose restart)")
     prep.set_defaults(func=cmd_data_prepare)
 
     centre = sub.add_parser("centre", help="centre-side processes").add_subparsers(required=True, dest="centre_cmd")
@@ -79,9 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
     serve.set_defaults(func=cmd_centre_serve)
 
+    # `bridgepool bench ARGS` hands ARGS to benchmarks/federation.py (see main()).
+    sub.add_parser("bench", help="federation-overhead benchmark; `bridgepool bench --help`")
+
     rep = sub.add_parser("report", help="PNG plots and a summary from RUN_DIR/run.json")
     rep.add_argument("run_dir", type=Path)
     rep.set_defaults(func=cmd_report)
+
+    aud = sub.add_parser("audit", help="residency report: what left each centre, from its egress ledger")
+    aud.add_argument("run_dir", type=Path)
+    aud.set_defaults(func=cmd_audit)
+
+    from deploy.multinode import add_deploy_parser  # bridgepool deploy compose | register | netns
+
+    add_deploy_parser(sub)
     return p
 
 
@@ -126,12 +152,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"[bold]bridgepool demo[/]: {len(centres)} centres, {cfg.rounds} rounds x "
                   f"{cfg.inner_steps} inner steps, model {cfg.model}, strategy {cfg.strategy}; "
                   f"run directory {run_dir}")
-    with LocalFederation(run_dir, centres, base_port=args.base_port) as fed:
+    with LocalFederation(run_dir, centres, base_port=args.base_port, metrics_port=args.metrics_port) as fed, \
+            contextlib.ExitStack() as stack:
         console.print(f"SuperLink on 127.0.0.1:{fed.superlink_port}; logs in {fed.logs}")
+        _start_monitoring(console, fed, stack, args.prometheus_port)
         flwr_run = fed.submit(cfg.to_mapping())
         with LiveView(console, cfg.rounds, [c.name for c in centres]) as view:
             run = fed.wait(flwr_run, on_tick=view.update)
     wall = time.monotonic() - t0
+    _audit(console, run_dir)  # also for a failed run: a blocked egress is one way to fail
     if run.get("status") != "finished":
         raise RuntimeError(f"run failed: {run.get('message', 'see logs in ' + str(run_dir / 'logs'))}")
     pngs = plot_run(run_dir)
@@ -140,6 +169,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   f"plots:       {', '.join(str(p) for p in pngs)}\n"
                   f"checkpoints: {run_dir / 'checkpoints'}")
     return 0
+
+
+def _start_monitoring(console: Any, fed: Any, stack: contextlib.ExitStack, prometheus_port: int) -> None:
+    """Print the metrics endpoints; start Prometheus on them if asked (stopped with the demo)."""
+    from deploy.prometheus import Prometheus
+
+    for who, url in fed.metrics_endpoints().items():
+        console.print(f"metrics of {who}: {url}")
+    if not fed.metrics_port:
+        return
+    config = fed.run_dir / "prometheus.yml"
+    if prometheus_port:
+        prom = stack.enter_context(Prometheus(config, fed.run_dir / "prometheus", prometheus_port,
+                                              fed.logs / "prometheus.log"))
+        console.print(f"Prometheus: {prom.url} (try `sum(rate(bridgepool_tokens_total[30s]))`)")
+    else:
+        console.print(f"scrape config: {config} (`prometheus --config.file {config}`, or --prometheus-port)")
 
 
 def _prepare_demo_data(console: Any, centres: list, sources: dict[str, str], max_bytes: int | None) -> None:
@@ -162,6 +208,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from clients.data import DEFAULT_CENTRES, prepare_centre
 
     max_bytes = args.max_bytes or None
+    if args.if_missing and args.source and (args.out / "manifest.json").exists():
+        print(f"{args.out} already prepared (manifest.json); kept")
+        return 0
     if args.source:
         m = prepare_centre(args.source, args.out, max_bytes=max_bytes, overwrite=args.overwrite)
         print(f"prepared {args.out} from {args.source}: {_describe(m)}")
@@ -179,6 +228,21 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0
+
+
+def _audit(console: Any, run_dir: Path) -> dict:
+    from deploy.audit import summary, write_report
+
+    js, md, report = write_report(run_dir)
+    console.print(f"{summary(report)}\nresidency:   {md} (and {js.name})")
+    return report
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    report = _audit(Console(), args.run_dir)
+    return 0 if report["verdict"] == "pass" else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
 #!/bin/sh
 # Debian packages bridgepool uses: man pages in several languages are the default
 # centre corpora (real human prose, no download at run time); Prometheus and
-# tcpdump serve the metrics and egress tests. Installs only what is missing.
+# tcpdump serve the metrics and egress tests; openssl and openssh-client (ssh-keygen) make the
+# TLS certificates and SuperNode keys (deploy/pki.sh); iproute2 and util-linux the namespace
+# hosts (deploy/netns.py). Installs only what is missing.
 set -eu
-PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump iproute2"
+PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump iproute2 openssl openssh-client util-linux"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -4,6 +4,7 @@ Engine, not simulation). Used by `bridgepool demo`, the tests and benchmarks.
 
 Run directory layout (nothing is written outside it):
   RUN_DIR/run.json, final_model.safetensors, checkpoints/round-NNNN/, loss.png
+  RUN_DIR/prometheus.yml         scrape config of the metrics endpoints (with metrics_port)
   RUN_DIR/server/flwr-home/      FLWR_HOME of the SuperLink, ServerApp and `flwr run`
   RUN_DIR/centres/NAME/data/     the centre's own corpus (train/validation, Arrow)
   RUN_DIR/centres/NAME/state/    inner-optimiser state, worker socket, FLWR_HOME
@@ -22,7 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deploy.processes import LaunchError, ProcessGroup, check_port_free, port_open, venv_bin, wait_for
+from deploy import commands
+from deploy.commands import Pki
+from deploy.processes import LaunchError, Proc, ProcessGroup, check_port_free, port_open, venv_bin, wait_for
+from deploy.prometheus import scrape_config
+from deploy.register import register_keys, supernode_refusal
 from models.config import APP_DIR
 
 
@@ -46,13 +51,18 @@ class LocalFederation:
     """Context manager: start everything on enter, stop everything on exit."""
 
     def __init__(self, run_dir: Path, centres: list[Centre], base_port: int = 9200,
-                 threads_per_centre: int = 0):
+                 threads_per_centre: int = 0, metrics_port: int = 0, pki: Pki | None = None):
         self.run_dir, self.centres = Path(run_dir).resolve(), centres
+        # With a Pki (deploy/pki.sh): HTTPS and SuperNode authentication, each centre's key registered
+        # before its SuperNode starts. Without: plain HTTP on loopback, the explicit opt-in below.
+        self.pki = pki
         self.superlink_port = base_port
+        self.metrics_port = metrics_port  # the server's; centre i uses metrics_port + 1 + i; 0 = no metrics
         self.group = ProcessGroup()
         self.threads = threads_per_centre
         self.logs = self.run_dir / "logs"
         self.server_home = self.run_dir / "server" / "flwr-home"
+        self._stopped: dict[str, list[Proc]] = {}  # killed by kill_centre / kill_server, for restarts
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalFederation:
@@ -72,35 +82,47 @@ class LocalFederation:
                       for i, c in enumerate(self.centres)})
         for port, what in ports.items():
             check_port_free(port, what)
+        for who, port in self._metrics_ports().items():
+            check_port_free(port, f"metrics endpoint of {who}", flag="--metrics-port")
         for c in self.centres:
             c.state_dir.mkdir(parents=True, exist_ok=True)
-            self.group.start(f"worker {c.name}", self._worker_argv(c), self.logs / f"worker-{c.name}.log",
-                             self._env(c.state_dir / "flwr-home"))
+            self._spawn(c.name, f"worker {c.name}", self._worker_argv(c), self.logs / f"worker-{c.name}.log",
+                        self._env(c.state_dir / "flwr-home"))
         self.server_home.mkdir(parents=True, exist_ok=True)
-        self.group.start("SuperLink", [
-            venv_bin("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.superlink_port),
-            "--database", str(self.run_dir / "server" / "superlink.db"),
-        ], self.logs / "superlink.log", self._env(self.server_home))
-        wait_for(lambda: all(c.socket.exists() for c in self.centres), 180, "centre workers", self.group)
-        wait_for(lambda: port_open(self.superlink_port), 60, "the SuperLink", self.group)
-        for i, c in enumerate(self.centres):
-            node_config = f'centre="{c.name}" worker-socket="{c.socket}"'
-            self.group.start(f"SuperNode {c.name}", [
-                venv_bin("flower-supernode"), "--insecure",
-                "--superlink", f"127.0.0.1:{self.superlink_port}",
-                "--port", str(self.superlink_port + 1 + i), "--node-config", node_config,
-            ], self.logs / f"supernode-{c.name}.log", self._env(c.state_dir / "flwr-home"))
         self._write_cli_config()
+        self._spawn("server", "SuperLink", commands.superlink(
+            self.superlink_port, str(self.run_dir / "server" / "superlink.db"), self.pki,
+            insecure=self.pki is None, host=self.superlink_host, exe=venv_bin("flower-superlink"),
+        ), self.logs / "superlink.log", self._env(self.server_home))
+        wait_for(lambda: all(c.socket.exists() for c in self.centres), 180, "centre workers", self.group)
+        wait_for(self._superlink_up, 60, "the SuperLink", self.group)
+        if self.pki is not None:
+            self.register([self.pki.public_key(c.name) for c in self.centres])
+        for i, c in enumerate(self.centres):
+            self._spawn(c.name, f"SuperNode {c.name}", self.supernode_argv(c, self.superlink_port + 1 + i),
+                        self.logs / f"supernode-{c.name}.log", self._env(c.state_dir / "flwr-home"))
+        if self.metrics_port:
+            (self.run_dir / "prometheus.yml").write_text(scrape_config(self.metrics_port, self.centre_metrics_ports()))
 
     # ----------------------------------------------------------------- runs
-    def submit(self, run_config: dict[str, Any]) -> subprocess.Popen:
-        """`flwr run APP_DIR bridgepool --stream`: returns the process; it exits when the run ends."""
-        overrides = " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())
-        argv = [venv_bin("flwr"), "run", str(APP_DIR), "bridgepool", "--stream", "--run-config", overrides]
-        proc = self.group.start("flwr run", argv, self.logs / "flwr-run.log", self._env(self.server_home),
-                                cwd=self.run_dir)
+    def submit(self, run_config: dict[str, Any], app_dir: Path = APP_DIR) -> subprocess.Popen:
+        """`flwr run APP_DIR bridgepool --stream`: returns the process; it exits when the run ends.
+        `app_dir`: another app bundle's directory (the egress tests submit a leaking one)."""
+        if self.metrics_port:  # the ServerApp serves where prometheus.yml points
+            run_config = {**run_config, "metrics-port": self.metrics_port}
+        argv = commands.flwr_run(str(app_dir), run_config, exe=venv_bin("flwr"))
+        proc = self._spawn("server", "flwr run", argv, self.logs / "flwr-run.log", self._env(self.server_home),
+                           cwd=self.run_dir)
         return proc.popen
+
+    def register(self, public_keys: list[str]) -> None:
+        """`flwr supernode register` each centre's key at the SuperLink (SuperNode authentication)."""
+        register_keys(public_keys, env=self._env(self.server_home), wrap=lambda argv: self._wrap("server", argv))
+
+    def supernode_argv(self, c: Centre, runtime_port: int, **over: Any) -> list[str]:
+        """Centre `c`'s SuperNode command line; `over` replaces arguments (the tests' refused variants)."""
+        kwargs: dict[str, Any] = {"pki": self.pki, "insecure": self.pki is None, "exe": venv_bin("flower-supernode")}
+        return commands.supernode(c.name, self.superlink_address, str(c.socket), runtime_port, **{**kwargs, **over})
 
     def wait(self, flwr_run: subprocess.Popen, on_tick=None, timeout: float = 24 * 3600) -> dict:
         """Poll until the run ends; `on_tick(run_json)` drives the live view."""
@@ -120,28 +142,87 @@ class LocalFederation:
                 raise LaunchError(self._why_no_result())
             for proc in self.group.procs:
                 if proc.name != "flwr run" and not proc.alive():
-                    raise LaunchError(f"{proc.name} exited with code {proc.popen.returncode}; "
-                                      f"last lines of {proc.log}:\n{proc.tail()}")
+                    why = supernode_refusal(_read(proc.log)) if proc.name.startswith("SuperNode") else None
+                    raise LaunchError(f"{proc.name} exited with code {proc.popen.returncode}"
+                                      f"{f' ({why})' if why else ''}; last lines of {proc.log}:\n{proc.tail()}")
             if time.monotonic() > deadline:
                 raise LaunchError(f"run did not finish within {timeout:.0f}s")
             time.sleep(0.5)
 
+    # --------------------------------------------------------------- faults
+    # Crash and restart parts of the federation, as the fault tests and an operator's
+    # drills need: SIGKILL (no goodbye to the SuperLink), then the same command lines.
+    def kill_centre(self, name: str) -> None:
+        """A centre dies: its SuperNode (with its ClientApp) and its worker are killed."""
+        self._stopped[name] = self.group.kill([f"SuperNode {name}", f"worker {name}"])
+        if not self._stopped[name]:
+            raise LaunchError(f"centre {name} is not running")
+        self._centre(name).socket.unlink(missing_ok=True)  # so a restart can wait for the new one
+
+    def restart_centre(self, name: str, timeout: float = 180) -> None:
+        """Start a killed centre's worker, then (once its socket is up) its SuperNode."""
+        procs = sorted(self._stopped.pop(name), key=lambda p: not p.name.startswith("worker"))
+        worker = _watching(self.group.restart(procs[0]))
+        wait_for(self._centre(name).socket.exists, timeout, f"the restarted worker of {name}", worker)
+        for proc in procs[1:]:
+            self.group.restart(proc)
+
+    def kill_server(self) -> None:
+        """The coordinator dies: SuperLink, with the SuperExec and ServerApp it started, and `flwr run`."""
+        self._stopped["server"] = self.group.kill(["SuperLink", "flwr run"])
+
+    def restart_server(self, timeout: float = 60) -> None:
+        """Start the SuperLink again on its database; SuperNodes reconnect by themselves."""
+        superlink = next(p for p in self._stopped.pop("server") if p.name == "SuperLink")
+        wait_for(self._superlink_up, timeout, "the restarted SuperLink", _watching(self.group.restart(superlink)))
+
+    def _centre(self, name: str) -> Centre:
+        return next(c for c in self.centres if c.name == name)
+
     # -------------------------------------------------------------- helpers
+    def fleet_traffic(self) -> dict[str, int]:
+        """Bytes between the centres and the SuperLink, as the SuperLink itself counted them
+        on its Fleet API (`flwr ls`): measured traffic, summed over the runs it holds."""
+        out = subprocess.run([venv_bin("flwr"), "ls", "bridgepool", "--format", "json"], capture_output=True,
+                             text=True, env=self._env(self.server_home), cwd=self.run_dir, timeout=120)
+        try:
+            runs = json.loads(out.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise LaunchError(f"`flwr ls` gave no run list: {out.stdout[-300:]} {out.stderr[-300:]}") from err
+        traffic = [r["network-traffic"] for r in runs]
+        return {"inbound": sum(t["inbound-bytes"] for t in traffic),
+                "outbound": sum(t["outbound-bytes"] for t in traffic)}
+
     def _why_no_result(self) -> str:
         log = self.logs / "flwr-run.log"
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:]) if log.exists() else ""
-        silent = [c.name for c in self.centres
-                  if "SuperNode ID" not in _read(self.logs / f"supernode-{c.name}.log")]
+        logs = {c.name: _read(self.logs / f"supernode-{c.name}.log") for c in self.centres}
+        silent = [f"{name} ({supernode_refusal(text)})" if supernode_refusal(text) else name
+                  for name, text in logs.items() if "SuperNode ID" not in text]
         hint = f"\ncentres whose SuperNode never connected: {', '.join(silent)}" if silent else ""
         return f"the run ended without a result; last lines of {log}:\n{tail}{hint}"
 
     def _worker_argv(self, c: Centre) -> list[str]:
-        argv = [sys.executable, "-m", "deploy.cli", "centre", "serve", "--centre", c.name,
-                "--data-dir", str(c.data_dir), "--state-dir", str(c.state_dir), "--socket", str(c.socket),
-                "--nice", "5"]  # all centres share this machine with the control plane
-        if self.threads:
-            argv += ["--threads", str(self.threads)]
-        return argv
+        return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket), threads=self.threads,
+                               nice=5,  # all centres share this machine with the control plane
+                               metrics_port=self.centre_metrics_ports().get(c.name, 0),
+                               metrics_host=self.metrics_host, prog=(sys.executable, "-m", "deploy.cli"))
+
+    def centre_metrics_ports(self) -> dict[str, int]:
+        """Centre name -> its worker's metrics port; empty when metrics are off."""
+        if not self.metrics_port:
+            return {}
+        return {c.name: self.metrics_port + 1 + i for i, c in enumerate(self.centres)}
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """What `bridgepool demo` prints: who -> Prometheus endpoint URL."""
+        return {who: f"http://127.0.0.1:{port}/metrics" for who, port in self._metrics_ports().items()}
+
+    def _metrics_ports(self) -> dict[str, int]:
+        if not self.metrics_port:
+            return {}
+        return {"the server": self.metrics_port,
+                **{f"centre {name}": port for name, port in self.centre_metrics_ports().items()}}
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
         flwr_home.mkdir(parents=True, exist_ok=True)
@@ -156,17 +237,37 @@ class LocalFederation:
         return env
 
     def _write_cli_config(self) -> None:
-        (self.server_home / "config.toml").write_text(
-            '[superlink]\ndefault = "bridgepool"\n\n[superlink.bridgepool]\n'
-            f'address = "127.0.0.1:{self.superlink_port}"\ninsecure = true\n')
+        (self.server_home / "config.toml").write_text(commands.flwr_config(
+            f"127.0.0.1:{self.superlink_port}", self.pki, insecure=self.pki is None))
+
+    # Where processes run and how they reach each other: one host here; deploy/netns.py
+    # overrides these to put the server and each centre in namespaces of their own.
+    superlink_host = "127.0.0.1"  # what the SuperLink binds
+    metrics_host = "127.0.0.1"  # what the centre workers' metrics endpoints bind
+
+    @property
+    def superlink_address(self) -> str:
+        """host:port the SuperNodes dial."""
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def _wrap(self, where: str, argv: list[str]) -> list[str]:
+        """The command line that runs `argv` on host `where` ("server" or a centre name)."""
+        return argv
+
+    def _spawn(self, where: str, name: str, argv: list[str], log: Path, env: dict[str, str],
+               cwd: Path | None = None) -> Proc:
+        return self.group.start(name, self._wrap(where, argv), log, env, cwd=cwd)
+
+    def _superlink_up(self) -> bool:
+        return port_open(self.superlink_port)
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    return repr(value)
+def _watching(proc: Proc) -> ProcessGroup:
+    """A group holding just `proc`, for a wait that fails only if that process dies
+    (a finished `flwr run` in the federation's group is no reason to fail a restart)."""
+    group = ProcessGroup()
+    group.procs.append(proc)
+    return group
 
 
 def _read_json(path: Path) -> dict:

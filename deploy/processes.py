@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -27,7 +27,7 @@ def venv_bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
+def check_port_free(port: int, what: str, host: str = "127.0.0.1", flag: str = "--base-port") -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -35,7 +35,7 @@ def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
         except OSError as err:
             raise LaunchError(
                 f"port {port} ({what}) on {host} is already in use; stop what holds it "
-                f"(`ss -ltnp 'sport = :{port}'`) or choose other ports with --base-port"
+                f"(`ss -ltnp 'sport = :{port}'`) or choose other ports with {flag}"
             ) from err
 
 
@@ -44,6 +44,9 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: Path
+    argv: list[str] = field(default_factory=list)  # how it was started, for `ProcessGroup.restart`
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -67,9 +70,26 @@ class ProcessGroup:
         with log.open("ab") as fh:
             popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                      cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, list(argv), dict(env), cwd)
         self.procs.append(proc)
         return proc
+
+    def kill(self, names: list[str]) -> list[Proc]:
+        """SIGKILL the named processes and everything they spawned (a crash, not a shutdown:
+        nothing gets to say goodbye); they leave the group and are returned for `restart`."""
+        doomed = [p for p in self.procs if p.name in names]
+        tree = descendants([p.popen.pid for p in doomed])
+        for proc in doomed:
+            _signal_group(proc.popen, signal.SIGKILL)
+        _signal_pids(tree, signal.SIGKILL)
+        for proc in doomed:
+            proc.popen.wait(10)
+            self.procs.remove(proc)
+        return doomed
+
+    def restart(self, proc: Proc) -> Proc:
+        """Start `proc` again, as it was started, appending to its log."""
+        return self.start(proc.name, proc.argv, proc.log, proc.env, proc.cwd)
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -165,3 +185,23 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
+
+
+def free_base_port(span: int) -> int:
+    """A base port followed by `span` - 1 more free ports (for a federation's SuperLink and nodes)."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + span < 65000 and all(_port_free(base + i) for i in range(span)):
+            return base
+    raise LaunchError("no range of free loopback ports found")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False

@@ -22,6 +22,7 @@ MODEL_NAMES = ("tiny", "small", "base")
 STRATEGIES = ("diloco", "fedavg")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+AGGREGATORS = ("mean", "trimmed-mean", "median")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class RunConfig:
     inner_warmup_steps: int
     inner_weight_decay: float
     strategy: str
+    compression: str  # none | int8: what a centre's reply carries (models/packing.py)
     outer_lr: float
     outer_momentum: float
     eval_batches: int
@@ -53,15 +55,23 @@ class RunConfig:
     run_dir: str
     run_name: str
     resume: bool
+    metrics_port: int  # the ServerApp's Prometheus endpoint; 0 = off
+    max_norm_factor: float  # reject pseudo-gradients above this x the round's median norm; 0 = off
+    aggregator: str  # how accepted pseudo-gradients are combined (AGGREGATORS)
+    dp_clip: float  # DP: clip each centre's pseudo-gradient to this L2 norm; 0 = DP off
+    dp_noise_multiplier: float  # DP: Gaussian noise std on the sum = this x dp-clip
+    dp_delta: float  # DP: the delta epsilon is reported at
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODEL_NAMES)
         _choice("strategy", self.strategy, STRATEGIES)
+        _choice("compression", self.compression, ("none", "int8"))
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("aggregator", self.aggregator, AGGREGATORS)
         for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres"):
             _at_least(key, getattr(self, _snake(key)), 1)
-        for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed"):
+        for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port"):
             _at_least(key, getattr(self, _snake(key)), 0)
         for key in ("inner-lr", "outer-lr", "connect-timeout", "round-timeout"):
             if not getattr(self, _snake(key)) > 0:
@@ -72,13 +82,31 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'outer-momentum' must be in [0, 1), got {self.outer_momentum}"
             )
+        if self.max_norm_factor != 0 and not self.max_norm_factor > 1:  # "not >" also refuses NaN
+            raise ConfigError(
+                f"config key 'max-norm-factor' must be 0 (off) or > 1, got {self.max_norm_factor}"
+            )
         if self.inner_weight_decay < 0:
             raise ConfigError("config key 'inner-weight-decay' must be >= 0")
+        self._check_dp()
         if self.min_centres > self.expected_centres:
             raise ConfigError(
                 f"config key 'min-centres' ({self.min_centres}) exceeds 'expected-centres' "
                 f"({self.expected_centres}); lower the quorum or start more centres"
             )
+
+    def _check_dp(self) -> None:
+        for key in ("dp-clip", "dp-noise-multiplier"):
+            if not getattr(self, _snake(key)) >= 0:  # "not >=" also refuses NaN
+                raise ConfigError(f"config key '{key}' must be >= 0, got {getattr(self, _snake(key))}")
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError(f"config key 'dp-delta' must be in (0, 1), got {self.dp_delta}")
+        if self.dp_noise_multiplier > 0 and self.dp_clip == 0:
+            raise ConfigError("config key 'dp-noise-multiplier' needs 'dp-clip' > 0: "
+                              "noise is calibrated to the clipping norm")
+        if self.dp_clip > 0 and self.aggregator != "mean":
+            raise ConfigError(f"config key 'dp-clip' > 0 needs aggregator = \"mean\" (got {self.aggregator!r}): "
+                              "the privacy accounting assumes the plain mean of clipped updates")
 
     @property
     def quorum(self) -> int:

@@ -7,10 +7,26 @@ DiLoCo (Douillard et al. 2023): pseudo-gradient g_i = theta_global - theta_i,
 averaged with token weights, then applied by a real
 `torch.optim.SGD(lr=0.7, momentum=0.9, nesterov=True)`. FedAvg is the same
 average applied with lr=1 and no momentum, i.e. the weighted mean of the models.
+
+Robust alternatives to the mean (config `aggregator`), coordinate-wise over the
+pseudo-gradients and unweighted (a token count is a claim a hostile centre makes):
+`trimmed-mean` drops the k largest and k smallest values of every coordinate,
+k = max(1, n // 5) when n >= 3 (so at 4 centres: the mean of the middle two);
+`median` takes the middle value (the mean of the middle two for even n).
+With fewer than 3 updates both fall back to the token-weighted mean.
+
+Differential privacy (config `dp-clip` > 0): each pseudo-gradient is clipped to
+L2 norm C (over all tensors together), the clipped ones are averaged without
+weights, and Gaussian noise of std z*C/n is added to the average (DP-FedAvg,
+McMahan et al. 2018): the sum of clipped updates gets noise z*C, i.e. noise
+multiplier z for one centre's whole update. server/privacy.py accounts for it.
+The noise comes from OS entropy: a seed in the run config would let anyone holding
+the config subtract it again.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -87,12 +103,82 @@ class OuterOptimizer:
             self.opt.state[self.params[k]]["momentum_buffer"] = buf.float().clone()
 
 
+def trimmed_mean(tensors: Sequence[Mapping[str, torch.Tensor]], trim: int) -> StateDict:
+    """Per coordinate: sort the n values, drop `trim` at each end, average the rest."""
+    n = len(tensors)
+    if trim < 0 or 2 * trim >= n:
+        raise ValueError(f"cannot trim {trim} from each end of {n} updates")
+    out = {}
+    for k in tensors[0]:
+        stacked = torch.stack([t[k].float() for t in tensors])  # (n, *shape)
+        out[k] = stacked.sort(dim=0).values[trim:n - trim].mean(dim=0)
+    return out
+
+
+def coordinate_median(tensors: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Per coordinate median; for even n the mean of the two middle values."""
+    n = len(tensors)
+    return trimmed_mean(tensors, (n - 1) // 2)
+
+
+def combine(grads: Sequence[Mapping[str, torch.Tensor]], tokens: Sequence[float], method: str) -> StateDict:
+    """The round's pseudo-gradient from the accepted ones, by `method` (config `aggregator`)."""
+    if method == "mean" or (method in ("trimmed-mean", "median") and len(grads) < 3):
+        return weighted_average(grads, tokens)
+    if method == "trimmed-mean":
+        return trimmed_mean(grads, max(1, len(grads) // 5))
+    if method == "median":
+        return coordinate_median(grads)
+    raise ValueError(f"unknown aggregator {method!r}; choose mean, trimmed-mean or median")
+
+
+def global_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all tensors of `update` taken together."""
+    return float(torch.sqrt(sum((t.float().pow(2).sum() for t in update.values()), torch.tensor(0.0))))
+
+
+def clip_to_norm(update: Mapping[str, torch.Tensor], max_norm: float) -> StateDict:
+    """`update` scaled down to L2 norm `max_norm` if it is longer (direction kept)."""
+    if not max_norm > 0:
+        raise ValueError(f"clip norm must be > 0, got {max_norm}")
+    norm = global_norm(update)
+    scale = max_norm / norm if norm > max_norm else 1.0
+    return {k: t.float() * scale for k, t in update.items()}
+
+
+def private_mean(grads: Sequence[Mapping[str, torch.Tensor]], clip: float, noise_multiplier: float,
+                 generator: torch.Generator | None = None) -> StateDict:
+    """Unweighted mean of the clipped updates plus N(0, (z*C/n)^2) per coordinate.
+
+    Unweighted: with token weights one centre could claim a large share and exceed
+    the sensitivity C/n the noise is calibrated to.
+    """
+    if not grads:
+        raise ValueError("private_mean needs at least one update")
+    n = len(grads)
+    clipped = [clip_to_norm(g, clip) for g in grads]
+    mean = weighted_average(clipped, [1.0] * n)
+    if noise_multiplier > 0:
+        if generator is None:
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        sigma = noise_multiplier * clip / n
+        for t in mean.values():
+            t.add_(torch.randn(t.shape, generator=generator, dtype=torch.float32), alpha=sigma)
+    return mean
+
+
 def aggregate(
     outer: OuterOptimizer,
     local_states: Sequence[Mapping[str, torch.Tensor]],
     tokens: Sequence[float],
+    method: str = "mean",
+    dp_clip: float = 0.0,
+    dp_noise_multiplier: float = 0.0,
 ) -> StateDict:
-    """One outer round: pseudo-gradients, token-weighted mean, outer step. Returns new global."""
+    """One outer round: pseudo-gradients, combined by `method` (or privately when `dp_clip` > 0),
+    outer step. Returns new global."""
     current = outer.state()
     grads = [pseudo_gradient(current, s) for s in local_states]
-    return outer.step(weighted_average(grads, tokens))
+    if dp_clip > 0:
+        return outer.step(private_mean(grads, dp_clip, dp_noise_multiplier))
+    return outer.step(combine(grads, tokens, method))

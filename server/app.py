@@ -22,10 +22,13 @@ from safetensors.torch import save_file
 from models.config import ConfigError, RunConfig
 from models.gpt import build_model
 from server.aggregation import OuterOptimizer, aggregate
-from server.checkpoint import latest_checkpoint, save_checkpoint
+from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
+from server.liveness import Liveness
 from server.messaging import Exchange, exchange, wait_for_centres
+from server.metrics import ServerMetrics
+from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
-from server.validation import UpdateRejected, decode_update, validate_update
+from server.validation import screen
 
 log = logging.getLogger("bridgepool.server")
 app = ServerApp()
@@ -43,8 +46,10 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(cfg.run_dir)
     _setup_logging(run_dir)
     runlog = RunLog(run_dir, cfg.to_mapping(), resume=cfg.resume)
+    metrics = ServerMetrics(cfg.run_name)
     try:
-        final = federate(grid, cfg, run_dir, runlog)
+        metrics.serve(cfg.metrics_port)  # for this process's lifetime, i.e. the run's
+        final = federate(grid, cfg, run_dir, runlog, metrics)
     except Exception as err:
         log.error("run stopped: %s", err)
         runlog.finish("failed", message=str(err))
@@ -52,43 +57,46 @@ def main(grid: Grid, context: Context) -> None:
     runlog.finish("finished", final=final)
 
 
-def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog) -> dict:
-    state = {k: v.float() for k, v in build_model(cfg.model, seed=cfg.seed).state_dict().items()}
-    outer = OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
-    start = 1
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
-        outer.load_optimizer_state(ckpt.outer)
-        start = ckpt.round + 1
-        log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
-        runlog.event("resumed-from", round=ckpt.round, path=str(ckpt.path))
+def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
+             metrics: ServerMetrics | None = None) -> dict:
+    metrics = metrics or ServerMetrics(cfg.run_name)  # recorded, not served
+    outer, start = start_point(cfg, run_dir, runlog)
     reference = outer.state()
+    liveness = Liveness()
 
     wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
-        ex = exchange(grid, nodes, "train", reference, rnd, cfg.round_timeout)
-        accepted = _accept(ex, reference)
+        ex = exchange(grid, nodes, "train", reference, rnd, cfg.round_timeout, liveness, cfg.quorum)
+        accepted = _accept(ex, reference, cfg.max_norm_factor)
+        for centre, code in ex.codes.values():
+            metrics.reject(centre, code)
         if len(accepted) < cfg.quorum:
+            last = checkpoint_dir(run_dir) / f"round-{rnd - 1:04d}"
             raise QuorumLost(
                 f"round {rnd}: {len(accepted)} of {len(nodes)} centres replied with a valid "
                 f"update, below the quorum of {cfg.quorum} ({'; '.join(f'{k}: {v}' for k, v in ex.failures.items())}); "
-                f"resume later from the round {rnd - 1} checkpoint with --resume"
+                f"stopped after round {rnd - 1}"
+                + (f" (checkpoint {last}); restart the missing centres and resume with --resume"
+                   if rnd > 1 else "; restart the missing centres and start again")
             )
         t_agg = time.perf_counter()
-        reference = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted])
+        reference = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
+                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
         agg_seconds = time.perf_counter() - t_agg
         save_checkpoint(run_dir, rnd, reference, outer.optimizer_state(), cfg.to_mapping())
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
+        if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
+            record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
         runlog.add_round(record)
+        metrics.observe_round(record)
         log.info("round %d/%d: train loss %.4f, eval loss %.4f, %d/%d centres, %.1fs", rnd, cfg.rounds,
                  record["train-loss-mean"], record["eval-loss-mean"], len(accepted), len(nodes),
                  record["wall-seconds"])
 
     final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", reference, cfg.rounds,
-                        cfg.round_timeout)
+                        cfg.round_timeout, liveness)
     final_model = run_dir / "final_model.safetensors"
     save_file({k: v.contiguous().clone() for k, v in reference.items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}
@@ -97,20 +105,44 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog) -> dict:
             "failures": final_ex.failures}
 
 
-def _accept(ex: Exchange, reference: dict[str, torch.Tensor]) -> list:
-    accepted = []
-    for reply in ex.replies:
-        try:
-            reply.state = decode_update(reply.arrays, reference)
-            validate_update(reply.state, reference, reply.metrics)
-        except UpdateRejected as err:
-            log.warning("rejected update from %s: %s", reply.centre, err)
-            ex.failures[reply.centre] = f"rejected: {err}"
-            continue
-        accepted.append(reply)
+def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int]:
+    """The outer optimiser to start from and the first round to run.
+
+    With `resume`, the newest checkpoint that verifies (a corrupted or truncated
+    one is refused with its file named, and the previous round is used); with
+    no checkpoint at all, round 1. If checkpoints exist but none verifies, stop
+    rather than silently restart from scratch.
+    """
+    state = {k: v.float() for k, v in build_model(cfg.model, seed=cfg.seed).state_dict().items()}
+    if not cfg.resume:
+        return OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1
+    ckpt = latest_checkpoint(run_dir, on_refused=lambda err: runlog.event("checkpoint-refused", error=str(err)))
+    if ckpt is None:
+        found = sorted(checkpoint_dir(run_dir).glob("round-*"))
+        if found:
+            raise CheckpointError(f"resume: none of the {len(found)} checkpoints in {checkpoint_dir(run_dir)} "
+                                  "verifies (see the errors above); refusing to start again from round 1")
+        log.info("resume: no checkpoint in %s yet; starting at round 1", run_dir)
+        return OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1
+    outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
+    outer.load_optimizer_state(ckpt.outer)
+    log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
+    runlog.event("resumed-from", round=ckpt.round, path=str(ckpt.path))
+    return outer, ckpt.round + 1
+
+
+def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float) -> list:
+    """Replies whose update passes validation (server/validation.py), in centre-name order,
+    so the floating-point sum of the aggregate does not depend on arrival order."""
+    accepted, rejected = screen([(r.arrays, r.metrics) for r in ex.replies], reference, max_norm_factor)
+    for i, err in rejected.items():
+        centre = ex.replies[i].centre
+        ex.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")
+    for i, state in accepted.items():
+        ex.replies[i].state = state
     for who, why in ex.failures.items():
         log.warning("%s did not contribute: %s", who, why)
-    return accepted
+    return sorted((ex.replies[i] for i in accepted), key=lambda r: (r.centre, r.node_id))
 
 
 def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wall: float) -> dict:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("bridgepool.checkpoint")  # under the ServerApp's logger: lands in server.log
 FILES = ("model.safetensors", "outer.safetensors")
 
 
@@ -100,8 +101,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(int(meta["round"]), model, outer, meta.get("config", {}), path)
 
 
-def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The newest checkpoint that verifies; corrupted ones are reported and skipped."""
+def latest_checkpoint(run_dir: Path,
+                      on_refused: Callable[[CheckpointError], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupted ones are reported (and passed
+    to `on_refused`) and skipped."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
@@ -110,6 +113,8 @@ def latest_checkpoint(run_dir: Path) -> Checkpoint | None:
             return load_checkpoint(path)
         except CheckpointError as err:
             log.error("refusing checkpoint: %s; trying the previous round", err)
+            if on_refused is not None:
+                on_refused(err)
     return None
 
 

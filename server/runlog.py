@@ -7,6 +7,8 @@ one file, so its layout is the contract:
   "eval-loss-mean", "centres": {NAME: {metric: value}}}], "final": {...}}
 `eval-loss` in round k's centres is the held-out loss of the global model that
 round k started from (evaluated before training); `final` holds the last model's.
+With `dp-clip` > 0 each round also has "dp": {"clip", "noise-multiplier", "delta",
+"rounds", "noise-std", "epsilon"} (server/privacy.py; epsilon null = unbounded).
 """
 
 from __future__ import annotations

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from clients.data import DEFAULT_CENTRES, prepare_centre
 from deploy.local import Centre, centre_dirs
+from deploy.processes import free_base_port  # noqa: F401  (re-exported for tests)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -34,23 +34,3 @@ def make_centres(run_dir: Path, corpora: dict[str, Path], n: int) -> list[Centre
         shutil.copytree(corpora[name], c.data_dir)
         centres.append(c)
     return centres
-
-
-def free_base_port(span: int) -> int:
-    """A base port with `span` consecutive free ports after it."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span < 65000 and all(_free(base + i) for i in range(span)):
-            return base
-    raise RuntimeError("no free port range found")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from server.aggregation import OuterOptimizer, aggregate, pseudo_gradient, weighted_average
+from server.aggregation import (
+    OuterOptimizer,
+    aggregate,
+    combine,
+    pseudo_gradient,
+    trimmed_mean,
+    weighted_average,
+)
 
 
 def test_pseudo_gradient_is_old_minus_new():
@@ -59,3 +66,34 @@ def test_outer_state_round_trip_restores_momentum():
     assert torch.allclose(a.step(g)["w"], b.step(g)["w"])
     with pytest.raises(ValueError, match="unknown parameters"):
         b.load_optimizer_state({"nope": torch.zeros(1)})
+
+
+def test_trimmed_mean_and_median_ignore_one_wild_centre_at_four():
+    honest = [{"w": torch.tensor([1.0, -1.0])}, {"w": torch.tensor([2.0, -2.0])}, {"w": torch.tensor([3.0, -3.0])}]
+    wild = {"w": torch.tensor([1e5, 1e5])}
+    grads = [*honest, wild]
+    # n = 4: trim 1 from each end of every coordinate -> mean of the middle two.
+    assert torch.equal(combine(grads, [1.0] * 4, "trimmed-mean")["w"], torch.tensor([2.5, -1.5]))
+    assert torch.equal(combine(grads, [1.0] * 4, "median")["w"], torch.tensor([2.5, -1.5]))
+    assert torch.equal(combine(honest, [1.0] * 3, "median")["w"], torch.tensor([2.0, -2.0]))
+    # The mean is dragged away by the same centre.
+    assert combine(grads, [1.0] * 4, "mean")["w"][0] > 1e4
+
+
+def test_trimmed_mean_trims_a_fifth_and_falls_back_below_three():
+    grads = [{"w": torch.tensor([float(v)])} for v in (0, 1, 2, 3, 4, 5, 6, 7, 8, 100)]
+    assert combine(grads, [1.0] * 10, "trimmed-mean")["w"].item() == pytest.approx(4.5)  # drops 0, 1, 8, 100
+    two = grads[:2]
+    assert torch.equal(combine(two, [3.0, 1.0], "median")["w"], weighted_average(two, [3.0, 1.0])["w"])
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        combine(grads, [1.0] * 10, "mode")
+    with pytest.raises(ValueError, match="cannot trim"):
+        trimmed_mean(grads[:2], 1)
+
+
+def test_robust_aggregate_steps_the_outer_optimiser_per_coordinate():
+    glob = {"w": torch.tensor([0.0, 0.0])}
+    outer = OuterOptimizer(glob, "fedavg", lr=1.0, momentum=0.0)
+    locals_ = [{"w": torch.tensor([v, -v])} for v in (1.0, 2.0, 3.0, 1e6)]
+    new = aggregate(outer, locals_, tokens=[1.0] * 4, method="median")
+    assert torch.equal(new["w"], torch.tensor([2.5, -2.5]))  # fedavg: theta = median of the models

@@ -17,6 +17,9 @@ def test_defaults_parse():
     ("inner-lr", -1.0, "'inner-lr' must be > 0"),
     ("strategy", "fedprox", "'strategy'"),
     ("rounds", "3", "'rounds' must be int"),
+    ("aggregator", "krum", "'aggregator' must be one of mean, trimmed-mean, median"),
+    ("max-norm-factor", 0.5, "'max-norm-factor' must be 0 \\(off\\) or > 1"),
+    ("max-norm-factor", float("nan"), "'max-norm-factor'"),
 ])
 def test_invalid_values_name_the_key(key, value, needle):
     values = {**load_defaults(), key: value}

@@ -1,0 +1,155 @@
+"""What federation costs: centralised vs all-reduce vs Flower (FedAvg, DiLoCo at
+several H) vs each centre's bare local loop, on one machine, same model, same
+data, same token budget per centre. Also the federation's fixed cost per round.
+
+    bridgepool bench                       # the committed configuration (~15 min on 2 cores)
+    bridgepool bench --quick --out DIR     # toy size, every scenario (the smoke test)
+    python -m benchmarks.federation ...    # the same
+
+Writes OUT/federation.json, OUT/federation.md and OUT/federation_*.png.
+Bytes are measured, not computed from sizes: for Flower, the traffic the
+SuperLink counted on its Fleet API (centres <-> coordinator, `flwr ls`); for DDP,
+the loopback interface of a network namespace holding only the DDP processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import baselines
+from benchmarks.report import write_outputs
+from clients.data import DEFAULT_CENTRES, prepare_centre
+from deploy.local import LocalFederation, centre_dirs
+from deploy.processes import free_base_port
+from models.config import RunConfig, load_defaults
+
+
+@dataclass
+class Plan:
+    model: str
+    centres: int
+    steps: int  # inner steps per centre over the whole run (the token budget)
+    hs: tuple[int, ...]
+    max_bytes: int
+    fixed_rounds: int
+
+
+FULL = Plan(model="small", centres=2, steps=200, hs=(10, 50, 200), max_bytes=1_500_000, fixed_rounds=5)
+QUICK = Plan(model="tiny", centres=2, steps=8, hs=(4, 8), max_bytes=60_000, fixed_rounds=2)
+
+
+def run_config(plan: Plan, run_dir: Path, **over: Any) -> RunConfig:
+    values = {**load_defaults(), "model": plan.model, "expected-centres": plan.centres,
+              "rounds": 1, "inner-steps": plan.steps, "threads": 1, "eval-batches": 8,
+              "run-dir": str(run_dir), "run-name": run_dir.name, **over}
+    return RunConfig.from_mapping(values)
+
+
+def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, **over: Any) -> dict[str, Any]:
+    run_dir = work / name
+    centres = []
+    for cname, path in corpora.items():
+        c = centre_dirs(run_dir, cname)
+        shutil.copytree(path, c.data_dir)
+        centres.append(c)
+    cfg = run_config(plan, run_dir, **over)
+    with LocalFederation(run_dir, centres, base_port=_free_port()) as fed:
+        t0 = time.perf_counter()
+        run = fed.wait(fed.submit(cfg.to_mapping()))
+        wall = time.perf_counter() - t0
+        traffic = fed.fleet_traffic()  # counted by the SuperLink on its Fleet API
+    moved = traffic["inbound"] + traffic["outbound"]
+    if run.get("status") != "finished":
+        raise RuntimeError(f"{name}: {run.get('message')}")
+    rounds = run["rounds"]
+    compute = sum(max(m["compute-seconds"] for m in r["centres"].values()) for r in rounds)
+    round_wall = sum(r["wall-seconds"] for r in rounds)
+    return {"wall": wall, "round-wall": round_wall, "bytes-source": "SuperLink Fleet API (flwr ls)",
+            "bytes-up": traffic["inbound"], "bytes-down": traffic["outbound"], "compute": compute,
+            "tokens": sum(r["tokens"] for r in rounds), "bytes": moved, "rounds": len(rounds),
+            "payload-bytes": sum(r["bytes-sent"] + r["bytes-received"] for r in rounds),
+            "overhead-per-round": (round_wall - compute) / len(rounds),
+            "eval": {k: v["eval-loss"] for k, v in run["final"]["centres"].items()},
+            "curve": [(sum(x["tokens"] for x in rounds[:i]), r["eval-loss-mean"], r["time"] - run["started"])
+                      for i, r in enumerate(rounds)]
+            + [(sum(x["tokens"] for x in rounds), run["final"]["eval-loss-mean"], run["finished"] - run["started"])]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--tag", default="", help="file name stem; default federation_cpu-<cores>core_<date>")
+    args = p.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    results = run_all(plan)
+    stem = args.tag or f"federation_{_hardware()}_{time.strftime('%Y-%m-%d')}"
+    for path in write_outputs(results, args.out, stem):
+        print(path)
+    return 0
+
+
+def run_all(plan: Plan) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bridgepool-bench-"))
+    try:
+        corpora = {n: prepare_centre(s, work / "corpora" / n, max_bytes=plan.max_bytes) and work / "corpora" / n
+                   for n, s in DEFAULT_CENTRES[: plan.centres]}
+        scen: dict[str, dict[str, Any]] = {}
+        base_cfg = run_config(plan, work / "base")
+        scen["local loop (no federation)"] = baselines.local_loop(corpora, base_cfg, work)
+        for name, fn in (("centralised", lambda: baselines.centralised(corpora, base_cfg, plan.steps, 2)),
+                         ("all-reduce (DDP gloo)", lambda: baselines.all_reduce(corpora, base_cfg, plan.steps, work))):
+            res = fn()
+            res["eval"] = baselines.evaluate_state(res.pop("state"), corpora, base_cfg, work / "eval")
+            res["rounds"] = plan.steps  # one synchronisation per step
+            scen[name] = res
+        for h in plan.hs:
+            scen[f"DiLoCo H={h}"] = flower(plan, corpora, work, f"diloco-h{h}", rounds=plan.steps // h,
+                                            **{"inner-steps": h, "strategy": "diloco"})
+        mid = plan.hs[len(plan.hs) // 2]
+        scen[f"DiLoCo H={mid} int8"] = flower(plan, corpora, work, f"diloco-h{mid}-int8", rounds=plan.steps // mid,
+                                              **{"inner-steps": mid, "strategy": "diloco", "compression": "int8"})
+        scen[f"FedAvg H={mid}"] = flower(plan, corpora, work, f"fedavg-h{mid}", rounds=plan.steps // mid,
+                                         **{"inner-steps": mid, "strategy": "fedavg"})
+        fixed = flower(plan, corpora, work, "fixed-cost", rounds=plan.fixed_rounds, model="tiny",
+                       **{"inner-steps": 1, "batch-size": 1, "eval-batches": 1})
+        return {"plan": plan.__dict__, "scenarios": scen, "fixed-cost": fixed, "environment": _environment()}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _free_port() -> int:
+    return free_base_port(8)
+
+
+def _hardware() -> str:
+    import os
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{os.cpu_count()}core"
+
+
+def _environment() -> dict[str, Any]:
+    import flwr
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
+            "cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["FULL", "QUICK", "Plan", "json", "main", "run_all"]

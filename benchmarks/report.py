@@ -1,0 +1,133 @@
+"""Benchmark outputs: JSON, a Markdown table with the targets, and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def figures(s: dict[str, Any]) -> dict[str, float]:
+    """Derived figures for one scenario (all from measured wall/compute/bytes)."""
+    evals = list(s.get("eval", {}).values())
+    return {
+        "tokens": s["tokens"],
+        "wall": s["wall"],
+        # Training-time rate: round wall time for Flower, training time for the baselines.
+        "tokens-per-second": s["tokens"] / s.get("round-wall", s["wall"]),
+        "utilisation": min(1.0, s["compute"] / s.get("round-wall", s["wall"])),
+        "bytes": s["bytes"],
+        "bytes-per-round": s["bytes"] / max(1, s.get("rounds", 1)),
+        "bytes-per-token": s["bytes"] / s["tokens"],
+        "overhead-per-round": s.get("overhead-per-round", 0.0),
+        "eval-mean": sum(evals) / len(evals) if evals else float("nan"),
+    }
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
+    sc = {k: figures(v) for k, v in res["scenarios"].items()}
+    central, ddp, local = sc["centralised"], sc["all-reduce (DDP gloo)"], sc["local loop (no federation)"]
+    dilocos = {k: v for k, v in sc.items() if k.startswith("DiLoCo") and not k.endswith("int8")}
+    best = max(dilocos, key=lambda k: int(k.split("=")[1]))
+    fixed = res["fixed-cost"]["overhead-per-round"]
+    rows = [
+        ("utilisation >= 95 % (federated tok/s / local loop tok/s)",
+         f"{100 * sc[best]['tokens-per-second'] / local['tokens-per-second']:.1f} % ({best})",
+         _ok(sc[best]["tokens-per-second"] >= 0.95 * local["tokens-per-second"])),
+        ("fixed overhead per round <= 1.5 s (2 centres)", f"{fixed:.2f} s", _ok(fixed <= 1.5)),
+        ("federated held-out loss within 5 % of centralised at equal tokens",
+         ", ".join(f"{k}: {100 * (v['eval-mean'] / central['eval-mean'] - 1):+.1f} %" for k, v in dilocos.items()),
+         _ok(min(v["eval-mean"] for v in dilocos.values()) <= 1.05 * central["eval-mean"])),
+    ]
+    for k, v in dilocos.items():
+        h = int(k.split("=")[1].split()[0])
+        ratio = ddp["bytes-per-token"] / max(v["bytes-per-token"], 1e-12)
+        rows.append((f"{k}: bytes/token <= 1/H of DDP's", f"{ratio:.0f}x less than DDP",
+                     _ok(v["bytes-per-token"] <= ddp["bytes-per-token"] / h)))
+    for k, v in sc.items():
+        if k.endswith(" int8"):
+            fp32 = sc[fp32_name(k)]
+            # int8 compresses what centres send (pseudo-gradients); the broadcast stays fp32.
+            ratio = res["scenarios"][k]["bytes-up"] / max(1, res["scenarios"][fp32_name(k)]["bytes-up"])
+            dloss = v["eval-mean"] / fp32["eval-mean"] - 1
+            rows.append((f"{k}: centre->server bytes <= 0.26 x fp32, held-out loss within 1 %",
+                         f"{ratio:.3f} x bytes, loss {100 * dloss:+.2f} %", _ok(ratio <= 0.26 and abs(dloss) <= 0.01)))
+    return rows
+
+
+def fp32_name(int8_name: str) -> str:
+    return int8_name.removesuffix(" int8")
+
+
+def _ok(flag: bool) -> str:
+    return "met" if flag else "missed"
+
+
+def write_outputs(res: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}_loss.png", out / f"{stem}_bytes.png"]
+    paths[0].write_text(json.dumps(res, indent=1, default=str))
+    paths[1].write_text(markdown(res, stem))
+    _plots(res, paths[2], paths[3])
+    return paths
+
+
+def markdown(res: dict[str, Any], stem: str) -> str:
+    env, plan = res["environment"], res["plan"]
+    lines = [f"# {stem}", "",
+             f"Model `{plan['model']}`, {plan['centres']} centres, {plan['steps']} inner steps per centre "
+             f"(same tokens in every scenario), H in {plan['hs']}. Python {env['python']}, torch {env['torch']}, "
+             f"flwr {env['flwr']}, {env['cores']} cores ({env['cpu']}), {env['date']}.", "",
+             "| scenario | tokens | wall s | tokens/s | utilisation | bytes total | bytes/round | bytes/token "
+             "| overhead/round s | held-out loss (per centre) | mean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in res["scenarios"].items():
+        f = figures(s)
+        per = ", ".join(f"{k} {v:.3f}" for k, v in s.get("eval", {}).items()) or "-"
+        lines.append(f"| {name} | {f['tokens']:,.0f} | {f['wall']:.1f} | {f['tokens-per-second']:,.0f} | "
+                     f"{100 * f['utilisation']:.0f} % | {f['bytes']:,.0f} | {f['bytes-per-round']:,.0f} | "
+                     f"{f['bytes-per-token']:.1f} | {f['overhead-per-round']:.2f} | {per} | {f['eval-mean']:.3f} |")
+    fixed = res["fixed-cost"]
+    lines += ["", f"Fixed cost: tiny model, 1 inner step, {fixed['rounds']} rounds: "
+              f"{fixed['overhead-per-round']:.2f} s per round of wall time not spent computing.", "",
+              "## Targets", "", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(res)]
+    lines += ["", "Bytes are measured: Flower rows are the traffic the SuperLink counted on its Fleet API "
+              "(centres <-> coordinator, HTTP payloads, from `flwr ls`); the DDP row is the loopback of a network "
+              "namespace holding only the DDP processes (TCP/IP framing included).", ""]
+    return "\n".join(lines)
+
+
+def _plots(res: dict[str, Any], loss_png: Path, bytes_png: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, s in res["scenarios"].items():
+        if "curve" in s:
+            toks, loss, t = zip(*s["curve"], strict=True)
+            axes[0].plot(toks, loss, marker="o", label=name)
+            axes[1].plot(t, loss, marker="o", label=name)
+        elif s.get("eval"):
+            mean = sum(s["eval"].values()) / len(s["eval"])
+            axes[0].axhline(mean, linestyle="--", alpha=0.6, label=f"{name} (final)")
+            axes[1].axhline(mean, linestyle="--", alpha=0.6, label=f"{name} (final)")
+    axes[0].set_xlabel("tokens (all centres)")
+    axes[1].set_xlabel("seconds since start")
+    for ax in axes:
+        ax.set_ylabel("held-out loss (mean over centres)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(loss_png, dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(res["scenarios"])
+    ax.barh(names, [max(1, res["scenarios"][n]["bytes"]) for n in names])
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes exchanged, measured (log)")
+    fig.tight_layout()
+    fig.savefig(bytes_png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,219 @@
+"""Egress ledger and guard: everything a centre sends is checked and recorded before it leaves.
+
+A reply may hold only three records: `arrays` (tensors whose names, shapes and dtypes
+are the global model's parameters), `metrics` (scalar numbers under allow-listed
+names) and `centre` (this centre's own name). Anything else (an unknown key, a
+non-parameter shape, a string, bytes, a list, a config echoed back) blocks the whole
+reply: nothing is sent, the reason goes to the centre's log and the blocked count.
+
+Every reply, sent or blocked, is appended to a JSONL ledger on the centre's own disk:
+time, run, round, record names, per array name/dtype/shape/bytes/SHA-256 and every
+metric name. Values never enter the ledger, only their fingerprints.
+
+The guard runs twice, both times inside the centre worker (the operator's installed
+code, which a submitted app cannot change): on the worker's reply to the ClientApp
+(stage `worker-reply`), and on the final Flower reply the ClientApp shell describes
+back to the worker before returning it (stage `flower-reply`). Pure Python + numpy;
+no flwr import, so the check does not depend on the Flower version a bundle brings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bridgepool.centre")
+
+# What a centre may report, by name (CentreTrainer.evaluate and .train_round). A new
+# metric must be added here on purpose: tests/test_egress.py checks the trainer's names.
+ALLOWED_METRICS: frozenset[str] = frozenset({
+    "eval-loss", "eval-tokens", "eval-seconds",
+    "train-loss", "tokens", "num-examples", "compute-seconds", "tokens-per-second",
+    "step-seconds-max", "step-seconds-mean", "flops-per-token", "peak-memory-bytes",
+})
+# record name -> the only record type it may have
+ALLOWED_RECORDS: dict[str, str] = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "centre": "ConfigRecord"}
+WORKER_REPLY_KEYS = frozenset({"status", "centre", "metrics"})
+LEDGER_NAME = "egress-ledger.jsonl"
+
+Manifest = Mapping[str, tuple[tuple[int, ...], str]]  # models.gpt.parameter_manifest
+Described = dict[str, dict[str, Any]]  # record name -> {"type": ..., "items": {key: entry}}
+
+
+class EgressBlocked(RuntimeError):
+    """A reply broke the egress rules. The message names no value and no unlisted key
+    verbatim (it may travel to the server as Flower's error reason)."""
+
+
+def packed_manifest(manifest: Manifest, key: str) -> Manifest:
+    """The one array a model message carries when weights travel packed (models/packing.py):
+    every parameter of `manifest`, flattened in order into a float32 vector named `key`."""
+    return {key: ((sum(math.prod(shape) for shape, _ in manifest.values()),), "float32")}
+
+
+# ------------------------------------------------------------------ describing
+def describe_value(value: Any) -> dict[str, Any]:
+    """A value's form and fingerprint, never its content."""
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value)
+        return {"kind": "array", "dtype": str(data.dtype), "shape": list(data.shape),
+                "bytes": int(data.nbytes), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+    if isinstance(value, bool):
+        return {"kind": "bool"}
+    if isinstance(value, int | float | np.integer | np.floating):
+        return {"kind": "scalar"}
+    if isinstance(value, str | bytes):
+        raw = value.encode() if isinstance(value, str) else value
+        return {"kind": type(value).__name__, "len": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    if isinstance(value, list | tuple):
+        return {"kind": "list", "len": len(value)}
+    return {"kind": type(value).__name__}
+
+
+def describe(records: Mapping[str, tuple[str, Mapping[str, Any]]]) -> Described:
+    """`{record name: (record type, {key: value})}` -> the JSON-safe form the guard checks."""
+    return {name: {"type": rtype, "items": {str(k): describe_value(v) for k, v in items.items()}}
+            for name, (rtype, items) in records.items()}
+
+
+def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Described:
+    """The worker's reply in the shape of the Flower reply the ClientApp builds from it."""
+    records: dict[str, tuple[str, Mapping[str, Any]]] = {
+        "metrics": ("MetricRecord", dict(reply.get("metrics", {}))),
+        "centre": ("ConfigRecord", {"name": reply.get("centre")}),
+    }
+    if arrays:
+        records["arrays"] = ("ArrayRecord", dict(arrays))
+    extra = {k: reply[k] for k in reply if k not in WORKER_REPLY_KEYS}
+    if extra:  # header keys the ClientApp could forward: checked like a record of their own
+        records["worker-header"] = ("header", extra)
+    return describe(records)
+
+
+# -------------------------------------------------------------------- checking
+def violations(message: Described, manifest: Manifest, centre: str,
+               allowed_metrics: Iterable[str] = ALLOWED_METRICS) -> list[str]:
+    """Every rule `message` breaks, as messages that quote only manifest/allow-listed names."""
+    allowed_metrics = frozenset(allowed_metrics)
+    out: list[str] = []
+    for rname, record in message.items():
+        rtype, items = record.get("type"), record.get("items", {})
+        if ALLOWED_RECORDS.get(rname) != rtype:
+            out.append(f"record {_name(rname, ALLOWED_RECORDS)} of type {_name(str(rtype), ALLOWED_RECORDS.values())} "
+                       f"is not one a centre may send (allowed: arrays, metrics, centre)")
+            continue
+        for key, entry in items.items():
+            if rname == "arrays":
+                out += _array_violations(key, entry, manifest)
+            elif rname == "metrics":
+                if key not in allowed_metrics:
+                    out.append(f"metric {_name(key, allowed_metrics)} is not on the metric allow-list")
+                elif entry.get("kind") != "scalar":
+                    out.append(f"metric {key} is a {entry.get('kind')}, only scalar numbers may be sent")
+            elif key != "name":
+                out.append(f"record centre holds key {_name(key, ('name',))}; only 'name' is allowed")
+            elif entry.get("kind") != "str" or entry.get("sha256") != _sha(centre.encode()):
+                out.append("record centre must hold exactly this centre's own name")
+    return out
+
+
+def _array_violations(key: str, entry: Mapping[str, Any], manifest: Manifest) -> list[str]:
+    if entry.get("kind") != "array":
+        return [f"array record entry {_name(key, manifest)} is a {entry.get('kind')}, not an array"]
+    got = (tuple(entry["shape"]), entry["dtype"])
+    if key not in manifest:
+        return [f"array {_name(key, manifest)} ({got[1]}, shape {got[0]}) is not a parameter of the model"]
+    want = (tuple(manifest[key][0]), manifest[key][1])
+    if got != want:
+        return [f"array {key} is {got[1]} {got[0]}, the model declares {want[1]} {want[0]}"]
+    return []
+
+
+def _name(name: str, known: Iterable[str]) -> str:
+    """A listed name quoted; any other (it could itself carry data) only as length and hash."""
+    return repr(name) if name in set(known) else _safe(name, ())
+
+
+def _safe(name: str, known: Iterable[str]) -> str:
+    if name in set(known):
+        return name
+    return f"<unlisted name: {len(name)} chars, sha256 {_sha(name.encode())[:12]}>"
+
+
+def _sha(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+# ---------------------------------------------------------------------- ledger
+class EgressGuard:
+    """One per centre worker: checks replies, appends to the ledger, counts blocks."""
+
+    def __init__(self, centre: str, ledger: Path, on_blocked: Callable[[str], None] | None = None):
+        self.centre, self.ledger = centre, Path(ledger)
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        self.blocked_total = sum(1 for e in read_ledger(self.ledger) if e.get("verdict") == "blocked")
+        self._on_blocked = on_blocked  # called with the run name, e.g. to count it in Prometheus
+
+    def check(self, message: Described, manifest: Manifest, *, run: str, round: int, op: str,
+              stage: str) -> list[str]:
+        """Record `message` in the ledger; raise EgressBlocked if it breaks a rule."""
+        problems = violations(message, manifest, self.centre)
+        if problems:
+            self.blocked_total += 1
+            if self._on_blocked is not None:
+                self._on_blocked(run)
+        self._append(_entry(message, problems, manifest, centre=self.centre, run=run, round=round, op=op,
+                            stage=stage, blocked_total=self.blocked_total))
+        if problems:
+            log.error("[%s] EGRESS BLOCKED (%s of %s, run %s round %s): %s. Nothing was sent; "
+                      "recorded in %s (blocked so far: %d)", self.centre, stage, op, run, round,
+                      "; ".join(problems), self.ledger, self.blocked_total)
+            raise EgressBlocked(f"egress guard blocked the {op} reply of round {round}: "
+                                + "; ".join(problems))
+        return problems
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        # Append-only, one line per reply, on disk before the reply can leave.
+        with self.ledger.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _entry(message: Described, problems: list[str], manifest: Manifest, **fields: Any) -> dict[str, Any]:
+    arrays = message.get("arrays", {}).get("items", {})
+    return {
+        "time": time.time(), **{k.replace("_", "-"): v for k, v in fields.items()},
+        "verdict": "blocked" if problems else "sent",
+        # A blocked message may carry data in its key names: unlisted ones only as hashes.
+        "records": sorted(_safe(r, ALLOWED_RECORDS) for r in message),
+        "arrays": [{"name": _safe(k, manifest), **{f: e.get(f) for f in ("dtype", "shape", "bytes", "sha256")}}
+                   for k, e in arrays.items()],
+        "metrics": sorted(_safe(k, ALLOWED_METRICS) for k in message.get("metrics", {}).get("items", {})),
+        "bytes": sum(int(e.get("bytes", 0)) for e in arrays.values()),
+        "violations": problems,
+    }
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """All entries of a ledger (a missing file is an empty ledger; a torn last line is skipped)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only a crash mid-write can leave one, and only as the last line
+    return out

@@ -1,0 +1,188 @@
+"""Every command line of a bridgepool federation, in one place.
+
+The loopback launcher (deploy/local.py), the network-namespace launcher
+(deploy/netns.py) and the generated docker-compose.yml (deploy/compose.py) all
+build their processes from these functions, so a flag cannot differ between
+them. TLS and SuperNode authentication are on by default: a command without
+certificates is refused unless the caller passes `insecure=True` (local
+debugging only).
+
+Flags are Flower 1.41's (`flower-superlink --help`, `flower-supernode --help`,
+`flwr run --help`); tests/test_deployment.py checks each one against the
+installed binaries and against `bridgepool`'s own argparse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any
+
+SUPERLINK_PORT = 9093  # Fleet, Control and Runtime APIs: one HTTP(S) port in Flower 1.4x
+SUPERNODE_RUNTIME_PORT = 9094  # a SuperNode's Runtime API for its own SuperExec (bound to 127.0.0.1)
+CONNECTION = "bridgepool"  # the [superlink.NAME] of `flwr`'s config.toml
+
+
+class InsecureRefused(ValueError):
+    """A command was asked for without certificates and without `insecure=True`."""
+
+
+@dataclass(frozen=True)
+class Pki:
+    """Where deploy/pki.sh puts certificates and keys under `root` (a host or container path)."""
+
+    root: PurePath
+
+    @property
+    def ca_cert(self) -> str:  # what the `flwr` CLI verifies the SuperLink with
+        return str(self.root / "public" / "ca.crt")
+
+    @property
+    def server_ca_cert(self) -> str:
+        return str(self.root / "server" / "ca.crt")
+
+    @property
+    def server_cert(self) -> str:
+        return str(self.root / "server" / "server.crt")
+
+    @property
+    def server_key(self) -> str:
+        return str(self.root / "server" / "server.key")
+
+    def public_key(self, centre: str) -> str:  # registered at the SuperLink
+        return str(self.root / "public" / f"{centre}.pub")
+
+    def centre_dir(self, centre: str) -> str:
+        return str(self.root / "centres" / centre)
+
+    def centre_ca_cert(self, centre: str) -> str:
+        return str(self.root / "centres" / centre / "ca.crt")
+
+    def private_key(self, centre: str) -> str:  # only this centre's SuperNode reads it
+        return str(self.root / "centres" / centre / "supernode.key")
+
+
+def _security(pki: Pki | None, insecure: bool, who: str) -> None:
+    if pki is None and not insecure:
+        raise InsecureRefused(f"{who}: no certificates given; pass a Pki (deploy/pki.sh) for TLS and "
+                              "SuperNode authentication, or insecure=True to opt in to plain HTTP")
+    if pki is not None and insecure:
+        raise ValueError(f"{who}: both certificates and insecure=True given; choose one")
+
+
+def superlink(port: int, database: str, pki: Pki | None = None, *, insecure: bool = False,
+              host: str = "0.0.0.0", exe: str = "flower-superlink") -> list[str]:
+    """The SuperLink; its own SuperExec runs each ServerApp in a subprocess (`--isolation subprocess`).
+
+    With certificates: HTTPS and `--enable-supernode-auth` (only registered keys may join).
+    """
+    _security(pki, insecure, "SuperLink")
+    argv = [exe]
+    if pki is None:
+        argv += ["--insecure"]
+    else:
+        argv += ["--ssl-ca-certfile", pki.server_ca_cert, "--ssl-certfile", pki.server_cert,
+                 "--ssl-keyfile", pki.server_key, "--enable-supernode-auth"]
+    # No network at run time: app dependencies are installed in the image/venv up front.
+    return argv + ["--disable-runtime-dependency-installation", "--isolation", "subprocess",
+                   "--host", host, "--port", str(port), "--database", database]
+
+
+def node_config(centre: str, worker_socket: str) -> str:
+    """`--node-config`: the centre's name and its worker's socket (clients/app.py reads both)."""
+    return f'centre="{centre}" worker-socket="{worker_socket}"'
+
+
+def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int, pki: Pki | None = None, *,
+              insecure: bool = False, max_retries: int | None = None, exe: str = "flower-supernode") -> list[str]:
+    """A centre's SuperNode; its ClientApp relays to the centre worker over `worker_socket`."""
+    _security(pki, insecure, f"SuperNode {centre}")
+    argv = [exe]
+    if pki is None:
+        argv += ["--insecure"]
+    else:
+        argv += ["--root-certificates", pki.centre_ca_cert(centre),
+                 "--auth-supernode-private-key", pki.private_key(centre)]
+    argv += ["--superlink", superlink, "--port", str(runtime_port), "--isolation", "subprocess",
+             "--node-config", node_config(centre, worker_socket)]
+    if max_retries is not None:
+        argv += ["--max-retries", str(max_retries)]
+    return argv
+
+
+def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
+           metrics_port: int = 0, metrics_host: str = "127.0.0.1",
+           prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+    """The centre's long-lived training worker (`bridgepool centre serve`)."""
+    argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
+            "--socket", socket]
+    if nice:
+        argv += ["--nice", str(nice)]
+    if threads:
+        argv += ["--threads", str(threads)]
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host]
+    return argv
+
+
+def prepare_data(out: str, source: str, *, max_bytes: int = 0, if_missing: bool = True,
+                 prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+    """One centre's corpus (`bridgepool data prepare`); `if_missing` keeps a prepared one."""
+    argv = [*prog, "data", "prepare", "--out", out, "--source", source]
+    if max_bytes:
+        argv += ["--max-bytes", str(max_bytes)]
+    if if_missing:
+        argv += ["--if-missing"]
+    return argv
+
+
+def flwr_run(app_dir: str, run_config: Mapping[str, Any], *, connection: str = CONNECTION, stream: bool = True,
+             exe: str = "flwr") -> list[str]:
+    """Submit a run: `flwr run APP_DIR CONNECTION --run-config 'k=v ...'`."""
+    argv = [exe, "run", app_dir, connection]
+    if stream:
+        argv += ["--stream"]
+    if run_config:
+        argv += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+    return argv
+
+
+def register_supernode(public_key: str, *, connection: str = CONNECTION, exe: str = "flwr") -> list[str]:
+    """Register a centre's public key at the SuperLink (needed with `--enable-supernode-auth`)."""
+    return [exe, "supernode", "register", public_key, connection, "--format", "json"]
+
+
+def register_keys(public_keys: Sequence[str], *, connection: str = CONNECTION,
+                  prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+    """`bridgepool deploy register`: register_supernode for each key, keeping ones already registered."""
+    return [*prog, "deploy", "register", "--connection", connection, *public_keys]
+
+
+def make_pki(script: str, out: str, centres: Sequence[str], sans: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """deploy/pki.sh: argv and the environment it reads (the SuperLink certificate's SANs)."""
+    return ["sh", script, out, *centres], {"SUPERLINK_SANS": ",".join(sans)}
+
+
+def flwr_config(address: str, pki: Pki | None = None, *, insecure: bool = False,
+                connection: str = CONNECTION) -> str:
+    """`$FLWR_HOME/config.toml` for the `flwr` CLI: one connection, the default."""
+    _security(pki, insecure, "flwr CLI")
+    security = "insecure = true" if pki is None else f"root-certificates = {json.dumps(pki.ca_cert)}"
+    return (f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
+            f'address = "{address}"\n{security}\n')
+
+
+def toml_value(value: Any) -> str:
+    """A run-config value as `flwr run --run-config` parses it (TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+__all__ = ["CONNECTION", "SUPERLINK_PORT", "SUPERNODE_RUNTIME_PORT", "InsecureRefused", "Pki", "flwr_config",
+           "flwr_run", "make_pki", "node_config", "prepare_data", "register_keys", "register_supernode",
+           "superlink", "supernode", "toml_value", "worker"]

@@ -1,0 +1,92 @@
+"""`bridgepool deploy ...`: the multi-node deployment commands.
+
+    bridgepool deploy compose [--check]          # (re)generate docker-compose.yml from deploy/commands.py
+    bridgepool deploy register --connection bridgepool KEY.pub...   # SuperNode keys, at the SuperLink
+    sudo bridgepool deploy netns --centres 3 --rounds 2 --model tiny   # hosts as network namespaces
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from deploy import commands
+
+
+def add_deploy_parser(sub: Any) -> None:
+    dep = sub.add_parser("deploy", help="multi-node deployment").add_subparsers(required=True, dest="deploy_cmd")
+
+    comp = dep.add_parser("compose", help="generate docker-compose.yml from the launchers' command lines")
+    comp.add_argument("--out", type=Path, default=None, help="default: docker-compose.yml at the repository root")
+    comp.add_argument("--check", action="store_true", help="only check that the file is up to date")
+    comp.set_defaults(func=cmd_compose)
+
+    reg = dep.add_parser("register", help="register SuperNode public keys at the SuperLink (idempotent)")
+    reg.add_argument("--connection", default=commands.CONNECTION, help="[superlink.NAME] in $FLWR_HOME/config.toml")
+    reg.add_argument("public_keys", nargs="+", metavar="KEY.pub")
+    reg.set_defaults(func=cmd_register)
+
+    ns = dep.add_parser("netns", help="run a federation with the server and each centre in its own namespaces")
+    ns.add_argument("--centres", type=int, default=3)
+    ns.add_argument("--rounds", type=int, default=2)
+    ns.add_argument("--inner-steps", type=int, default=20)
+    ns.add_argument("--model", default="tiny", help="tiny | small | base")
+    ns.add_argument("--run-dir", type=Path, help="default: runs/netns-YYYYmmdd-HHMMSS")
+    ns.add_argument("--base-port", type=int, default=commands.SUPERLINK_PORT,
+                    help="SuperLink port (inside the server namespace); SuperNodes use the next ones")
+    ns.add_argument("--max-bytes", type=int, default=300_000, help="text per centre (0 = all)")
+    ns.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
+    ns.set_defaults(func=cmd_netns)
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from deploy import compose
+
+    args.out = args.out or compose.COMPOSE_FILE
+    return compose.main(args)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from deploy.register import register_keys
+
+    for line in register_keys(args.public_keys, connection=args.connection):
+        print(line)
+    return 0
+
+
+def cmd_netns(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from clients.data import DEFAULT_CENTRES
+    from deploy.cli import _prepare_demo_data, demo_config
+    from deploy.live import summary_table
+    from deploy.local import centre_dirs
+    from deploy.netns import NetnsFederation, netns_available
+    from deploy.report import summary_rows
+
+    if why := netns_available():
+        raise RuntimeError(why)
+    if not 1 <= args.centres <= len(DEFAULT_CENTRES):
+        raise ValueError(f"--centres must be between 1 and {len(DEFAULT_CENTRES)}")
+    console = Console()
+    run_dir = (args.run_dir or Path("runs") / time.strftime("netns-%Y%m%d-%H%M%S")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    demo_args = argparse.Namespace(resume=None, set=args.set, rounds=args.rounds, inner_steps=args.inner_steps,
+                                   model=args.model, strategy=None, device="cpu", centres=args.centres)
+    cfg = demo_config(demo_args, run_dir)
+    centres = [centre_dirs(run_dir, name) for name, _ in DEFAULT_CENTRES[: args.centres]]
+    _prepare_demo_data(console, centres, dict(DEFAULT_CENTRES), args.max_bytes or None)
+    t0 = time.monotonic()
+    with NetnsFederation(run_dir, centres, base_port=args.base_port) as fed:
+        for where, ns in fed.namespaces.items():
+            console.print(f"{where}: network namespace {ns}, address {fed.addresses[where]}")
+        console.print(f"SuperLink on {fed.superlink_address} (TLS, SuperNode authentication); logs in {fed.logs}")
+        run = fed.wait(fed.submit(cfg.to_mapping()), timeout=3600)
+    if run.get("status") != "finished":
+        raise RuntimeError(f"run failed: {run.get('message', 'see logs in ' + str(run_dir / 'logs'))}")
+    console.print(summary_table(summary_rows(run), f"netns federation finished in {time.monotonic() - t0:.0f}s; "
+                                                   "namespaces removed"))
+    return 0

@@ -1,0 +1,152 @@
+"""The multi-node topology without Docker: one Linux network namespace per host.
+
+    sudo bridgepool deploy netns --centres 3 --rounds 2 --model tiny
+
+Hosts: `server` (SuperLink, its ServerApp, `flwr run`) and one per centre (its worker and
+SuperNode). Each centre's namespace has one veth link, `eth0` (SUBNET.10+i), to a bridge in
+the server namespace (SUBNET.1). Bridge ports are *isolated*: a centre reaches the server and
+nothing else, the server reaches every centre, and the server namespace forwards nothing.
+
+Every process also runs in a mount namespace of its own (`unshare --mount`) in which the
+run's per-host private directories are hidden under a tmpfs, with only its own brought back:
+a centre sees its own data (read-only), state and SuperNode key, never another centre's; the
+server sees no centre directory at all. TLS and SuperNode authentication are on (deploy/pki.sh,
+SuperLink certificate with SAN SUBNET.1); command lines come from deploy/commands.py, as for
+docker-compose.yml. Everything (processes, namespaces with their veths and bridge) is removed
+on exit, error or Ctrl-C. Needs root, `ip` (iproute2), `unshare` and `mount` (util-linux).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from deploy import commands
+from deploy.local import Centre, LaunchError, LocalFederation
+
+SUBNET = "10.77.0"  # inside namespaces this project creates; never on the host's own network
+BRIDGE = "br0"
+
+
+class NetnsFederation(LocalFederation):
+    """LocalFederation whose server and centres are separate network + mount namespaces."""
+
+    superlink_host = "0.0.0.0"  # the bridge address for centres; 127.0.0.1 for its own SuperExec
+    metrics_host = "0.0.0.0"  # a centre's metrics endpoint, for a Prometheus in the server namespace
+
+    def __init__(self, run_dir: Path, centres: list[Centre], pki_dir: Path | None = None, base_port: int = 9093,
+                 threads_per_centre: int = 0, metrics_port: int = 0, prefix: str | None = None):
+        run_dir = Path(run_dir).resolve()
+        super().__init__(run_dir, centres, base_port=base_port, threads_per_centre=threads_per_centre,
+                         metrics_port=metrics_port, pki=commands.Pki(Path(pki_dir or run_dir / "pki").resolve()))
+        self.prefix = prefix or f"bp{os.getpid()}"  # unique per launcher: concurrent runs don't collide
+        self.namespaces = {"server": f"{self.prefix}-server",
+                           **{c.name: f"{self.prefix}-{c.name}" for c in centres}}
+        self.addresses = {"server": f"{SUBNET}.1", **{c.name: f"{SUBNET}.{10 + i}" for i, c in enumerate(centres)}}
+        self._created: list[str] = []
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> NetnsFederation:
+        try:
+            self.make_pki()
+            self.create_network()
+            super().__enter__()
+        except BaseException:
+            self.delete_network()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self.delete_network()
+
+    def make_pki(self) -> None:
+        assert self.pki is not None
+        sans = ["DNS:superlink", "DNS:localhost", "IP:127.0.0.1", f"IP:{self.addresses['server']}"]
+        argv, env = commands.make_pki(str(Path(__file__).with_name("pki.sh")), str(self.pki.root),
+                                      [c.name for c in self.centres], sans)
+        _run(argv, env={**os.environ, **env})
+
+    def create_network(self) -> None:
+        server = self.namespaces["server"]
+        for ns in self.namespaces.values():
+            _run(["ip", "netns", "add", ns])
+            self._created.append(ns)
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _run(["ip", "-n", server, "link", "add", BRIDGE, "type", "bridge"])
+        _run(["ip", "-n", server, "addr", "add", f"{self.addresses['server']}/24", "dev", BRIDGE])
+        _run(["ip", "-n", server, "link", "set", BRIDGE, "up"])
+        for i, c in enumerate(self.centres):
+            port, ns = f"veth{i}", self.namespaces[c.name]
+            _run(["ip", "-n", server, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            _run(["ip", "-n", server, "link", "set", port, "master", BRIDGE])
+            # Isolated bridge ports forward only to non-isolated ones (the bridge itself, i.e. the
+            # server): no frame passes from one centre to another.
+            _run(["ip", "-n", server, "link", "set", "dev", port, "type", "bridge_slave", "isolated", "on"])
+            _run(["ip", "-n", server, "link", "set", port, "up"])
+            _run(["ip", "-n", ns, "addr", "add", f"{self.addresses[c.name]}/24", "dev", "eth0"])
+            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+
+    def delete_network(self) -> None:
+        """Delete every namespace this launcher made (their veths and bridge go with them)."""
+        for ns in reversed(self._created):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._created.clear()
+
+    # ------------------------------------------------- LocalFederation hooks
+    @property
+    def superlink_address(self) -> str:
+        return f"{self.addresses['server']}:{self.superlink_port}"
+
+    def _wrap(self, where: str, argv: list[str]) -> list[str]:
+        """ip netns exec NS unshare --mount -- sh -c HIDE argv: `where`'s network and private mounts."""
+        return ["ip", "netns", "exec", self.namespaces[where], "unshare", "--mount", "--propagation", "private",
+                "--", "sh", "-c", self.mount_script(where) + ' exec "$@"', "sh", *argv]
+
+    def mount_script(self, where: str) -> str:
+        """Shell run as root in the new mount namespace before the command itself."""
+        assert self.pki is not None
+        lines = ["set -e"]
+        stash = self.run_dir / ".mnt" / where
+        # Per-host private trees: tmpfs over the whole tree, then only this host's own part moved back.
+        for tree in (self.run_dir / "centres", Path(self.pki.root) / "centres"):
+            own = tree / where
+            if where != "server" and own.is_dir():
+                lines += [f"mkdir -p {_q(stash)}", f"mount --bind {_q(own)} {_q(stash)}"]
+            lines += [f"mount -t tmpfs -o size=1m,mode=0755 bridgepool-hidden {_q(tree)}"]
+            if where != "server" and own.is_dir():
+                lines += [f"mkdir -p {_q(own)}", f"mount --move {_q(stash)} {_q(own)}"]
+        lines += [f"mount -t tmpfs -o size=1m,mode=0700 bridgepool-hidden {_q(Path(self.pki.root) / 'ca')}"]
+        if where != "server":  # the centre's corpus: read-only even to its own processes
+            data = self._centre(where).data_dir
+            lines += [f"mount --bind {_q(data)} {_q(data)}", f"mount -o remount,bind,ro {_q(data)}"]
+        return "; ".join(lines) + ";"
+
+    def _superlink_up(self) -> bool:
+        log = self.logs / "superlink.log"  # the port is in another namespace: read uvicorn's own word
+        return log.exists() and "Uvicorn running on" in log.read_text(errors="replace")
+
+
+def netns_available() -> str | None:
+    """None if namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root (run with sudo)"
+    for tool in ("ip", "unshare", "mount"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
+            return f"`{tool}` not found (Debian: iproute2, util-linux, mount)"
+    return None
+
+
+def _run(argv: list[str], env: dict[str, str] | None = None) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    if done.returncode:
+        raise LaunchError(f"`{shlex.join(argv)}` failed (exit {done.returncode}): {done.stderr.strip()}")
+
+
+def _q(path: Path) -> str:
+    return shlex.quote(str(path))

@@ -1,0 +1,68 @@
+"""Register centres' SuperNode public keys at the SuperLink (`flwr supernode register`).
+
+With `--enable-supernode-auth` the SuperLink admits only SuperNodes whose key an
+operator registered; everything else is refused at activation. Registering a key
+that is already registered (a restarted compose stack, a resumed run) is not an
+error here, so this can run on every start.
+
+    bridgepool deploy register --connection bridgepool pki/public/fr-genci.pub pki/public/de-lrz.pub
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from deploy import commands
+from deploy.processes import LaunchError, venv_bin
+
+ALREADY = "Public key already in use"  # Flower's message (ApiErrorCode 23) for a registered key
+
+
+def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONNECTION,
+                  env: dict[str, str] | None = None,
+                  wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+                  timeout: float = 60.0) -> list[str]:
+    """Register each key; returns one line per key ("registered" / "already registered")."""
+    report = []
+    for key in public_keys:
+        if not Path(key).is_file():
+            raise FileNotFoundError(f"SuperNode public key {key} not found; create it with deploy/pki.sh")
+        argv = wrap(commands.register_supernode(key, connection=connection, exe=venv_bin("flwr")))
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env=env if env is not None else dict(os.environ), stdin=subprocess.DEVNULL)
+        out = done.stdout + done.stderr
+        if done.returncode == 0:
+            report.append(f"{key}: registered")
+        elif ALREADY.lower() in out.lower():
+            report.append(f"{key}: already registered")
+        else:
+            raise LaunchError(f"registering SuperNode key {key} at connection '{connection}' failed "
+                              f"(exit {done.returncode}):\n{out.strip()[-2000:]}")
+    return report
+
+
+# What a SuperNode's log says when the SuperLink will not admit it (Flower 1.41 exit code 305 and
+# the API error inside it), and what it means for an operator.
+_REFUSALS = (
+    (("Failed to activate SuperNode",), "refused: its public key is not registered at the SuperLink "
+     "(SuperNode authentication is on); register it with `bridgepool deploy register KEY.pub`"),
+    (("All SuperNodes must be registered",), "refused: SuperNode authentication is on and this SuperNode "
+     "has no key; pass --auth-supernode-private-key"),
+    (("Option `--insecure` was set", "Server disconnected without sending a response"),
+     "refused: it connected without TLS (--insecure) to a SuperLink that requires TLS"),
+    (("CERTIFICATE_VERIFY_FAILED",), "refused: the SuperLink's certificate does not verify against "
+     "--root-certificates (another CA, or a SAN missing for the address dialled)"),
+    (("SuperNode authentication requires a secure TLS connection",),
+     "not started: a key was given together with --insecure; authentication needs TLS"),
+)
+
+
+def supernode_refusal(log: str) -> str | None:
+    """Why the SuperLink refused this SuperNode, from its log; None when the log shows no refusal."""
+    for needles, why in _REFUSALS:
+        if all(n in log for n in needles):
+            return why
+    return None

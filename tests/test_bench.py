@@ -1,0 +1,30 @@
+"""Smoke test of the federation-overhead benchmark: every scenario at toy size,
+output files present and figures consistent (not timings: those go in results)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.federation import QUICK, run_all
+from benchmarks.report import figures, write_outputs
+
+
+def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
+    res = run_all(QUICK)
+    paths = write_outputs(res, tmp_path, "smoke")
+    assert all(p.exists() and p.stat().st_size > 0 for p in paths)
+    data = json.loads(paths[0].read_text())
+    names = set(data["scenarios"])
+    assert {"centralised", "all-reduce (DDP gloo)", "local loop (no federation)"} <= names
+    assert {f"DiLoCo H={h}" for h in QUICK.hs} <= names and any(n.startswith("FedAvg") for n in names)
+    for name, s in res["scenarios"].items():
+        f = figures(s)
+        assert f["tokens"] > 0 and f["wall"] > 0, name
+        assert 0 < f["utilisation"] <= 1, name
+        if name != "centralised" and not name.startswith("local"):
+            assert f["bytes"] > 0, name  # measured traffic, not computed
+        if "eval" in s:
+            assert all(2.0 < v < 6.0 for v in s["eval"].values()), (name, s["eval"])
+    assert res["fixed-cost"]["overhead-per-round"] > 0
+    md = paths[1].read_text()
+    assert "| centralised |" in md and "## Targets" in md

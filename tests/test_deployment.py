@@ -1,0 +1,180 @@
+"""docker-compose.yml, checked structurally (no Docker engine runs here): it is what the generator
+writes, every service can be built or pulled, centres' volumes stay with their centre, and every
+command-line flag is one that Flower 1.41 and `bridgepool` accept. Fast: no federation."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy import commands, compose
+from deploy.cli import _parser
+from deploy.local import Centre, LocalFederation
+from deploy.netns import NetnsFederation
+from deploy.processes import venv_bin
+from deploy.prometheus import scrape_config
+from deploy.register import supernode_refusal
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+CENTRES = [name for name, _ in compose.centres_and_sources()]
+SERVER_SIDE = ["pki", "superlink", "register", "submit", "prometheus", "grafana"]
+FLOWER = {"flower-superlink": ["flower-superlink"], "flower-supernode": ["flower-supernode"],
+          "flwr run": ["flwr", "run"], "flwr supernode register": ["flwr", "supernode", "register"]}
+
+
+def centre_services(centre: str) -> list[str]:
+    return [f"prep-{centre}", f"worker-{centre}", f"supernode-{centre}"]
+
+
+def mounts(service: str) -> dict[str, str]:
+    """volume or ./path -> 'target[:ro]' of one service."""
+    out = {}
+    for spec in SERVICES[service].get("volumes", []):
+        source, rest = spec.split(":", 1)
+        out[source] = rest
+    return out
+
+
+def flags(argv: list[str]) -> set[str]:
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
+@pytest.fixture(scope="module")
+def flower_help() -> dict[str, str]:
+    """`--help` of each Flower command the deployment uses, from the installed Flower."""
+    out = {}
+    for name, argv in FLOWER.items():
+        done = subprocess.run([venv_bin(argv[0]), *argv[1:], "--help"], capture_output=True, text=True,
+                              timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+        assert done.returncode == 0, (name, done.stderr[-500:])
+        out[name] = done.stdout + done.stderr
+    return out
+
+
+def test_committed_compose_is_the_generated_one():
+    assert (ROOT / "docker-compose.yml").read_text() == compose.render(), \
+        "docker-compose.yml is stale: run `bridgepool deploy compose`"
+
+
+def test_every_service_can_be_built_or_pulled():
+    for name, svc in SERVICES.items():
+        if "build" in svc:
+            assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file(), name
+        else:  # pulled: pinned to a version, never `latest`
+            image = svc["image"]
+            assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+", image), (name, image)
+        for source in mounts(name):
+            if source.startswith("."):
+                assert (ROOT / source).exists(), (name, source)
+            else:
+                assert source in COMPOSE["volumes"], (name, source)
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pin in re.findall(r"(?:flwr|torch)==[\d.]+", pyproject):  # the image installs the same pins
+        assert pin in dockerfile or pin.startswith("flwr"), pin
+    assert "pip install ." in dockerfile and '"flwr==1.41.0"' in pyproject
+
+
+def test_centre_volumes_stay_with_their_centre_and_data_is_read_only():
+    for centre in CENTRES:
+        for kind in ("data", "state", "pki"):
+            volume = f"{kind}-{centre}"
+            users = {name for name in SERVICES if volume in mounts(name)}
+            allowed = set(centre_services(centre)) | ({"pki"} if kind == "pki" else set())  # pki: its writer
+            assert users and users <= allowed, (volume, users)
+        data = f"data-{centre}"
+        assert not mounts(f"prep-{centre}")[data].endswith(":ro")  # the one writer
+        assert mounts(f"worker-{centre}")[data].endswith(":ro")
+        assert data not in mounts(f"supernode-{centre}")  # the ClientApp relays; it never reads data
+    for name in SERVER_SIDE:
+        assert not any(v.startswith(("data-", "state-")) for v in mounts(name)), name
+    assert not any(v.startswith("pki-") and v[4:] in CENTRES for v in mounts("superlink"))  # no centre keys
+
+
+def test_each_centre_network_holds_only_that_centre_and_the_superlink():
+    networks = COMPOSE["networks"]
+    for centre in CENTRES:
+        net = f"centre-{centre}"
+        assert networks[net] == {"internal": True}
+        members = {name for name, svc in SERVICES.items() if net in svc.get("networks", [])}
+        assert members == {"superlink", f"worker-{centre}", f"supernode-{centre}"}, members
+        assert SERVICES[f"prep-{centre}"]["network_mode"] == "none"
+        for name in centre_services(centre)[1:]:
+            assert SERVICES[name]["networks"] == [net], name
+    assert SERVICES["prometheus"]["network_mode"] == SERVICES["grafana"]["network_mode"] == "service:superlink"
+
+
+def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
+    checked = set()
+    for name, svc in SERVICES.items():
+        argv = svc.get("command")
+        if argv is None:
+            continue
+        if argv[0] == "bridgepool":
+            _parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag or value
+            checked.add("bridgepool")
+        elif argv[0] == "sh":
+            assert argv[1] == "/app/deploy/pki.sh" and (ROOT / "deploy" / "pki.sh").is_file()
+        else:
+            which = next(k for k, v in FLOWER.items() if argv[: len(v)] == v)
+            unknown = {f for f in flags(argv) if not re.search(rf"{re.escape(f)}\b", flower_help[which])}
+            assert not unknown, (name, which, unknown)
+            checked.add(which)
+    register = commands.register_supernode("k.pub")  # run by `bridgepool deploy register`
+    assert not {f for f in flags(register) if f not in flower_help["flwr supernode register"]}
+    assert checked >= {"bridgepool", "flower-superlink", "flower-supernode", "flwr run"}
+
+
+def test_ports_agree_across_services():
+    port = commands.SUPERLINK_PORT
+    superlink = SERVICES["superlink"]["command"]
+    assert superlink[superlink.index("--port") + 1] == str(port)
+    assert f"{port}" in SERVICES["superlink"]["healthcheck"]["test"][-1]
+    for centre in CENTRES:
+        node = SERVICES[f"supernode-{centre}"]["command"]
+        assert node[node.index("--superlink") + 1] == f"superlink:{port}"
+    assert f'address = "superlink:{port}"' in COMPOSE["configs"]["flwr-cli"]["content"]
+    prom = yaml.safe_load(COMPOSE["configs"]["prometheus"]["content"])
+    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    worker_ports = {f"worker-{c}:" + (w := SERVICES[f"worker-{c}"]["command"])[w.index("--metrics-port") + 1]
+                    for c in CENTRES}
+    assert targets == {f"127.0.0.1:{compose.SERVER_METRICS_PORT}"} | worker_ports
+    assert f"metrics-port={compose.SERVER_METRICS_PORT}" in SERVICES["submit"]["command"][-1]
+    demo = yaml.safe_load(scrape_config(1, {"a": 2}))  # the demo's jobs: the dashboard queries both alike
+    assert [j["job_name"] for j in demo["scrape_configs"]] == [j["job_name"] for j in prom["scrape_configs"]]
+
+
+def test_launchers_and_compose_use_the_same_command_lines(tmp_path):
+    """The netns launcher's SuperLink/SuperNode flags are compose's: both come from deploy/commands.py."""
+    c = Centre(CENTRES[0], tmp_path / "data", tmp_path / "state")
+    fed = NetnsFederation(tmp_path / "run", [c], pki_dir=tmp_path / "pki")
+    node = fed.supernode_argv(c, 9094)
+    assert flags(node) == flags(SERVICES[f"supernode-{c.name}"]["command"])
+    assert node[node.index("--superlink") + 1].startswith("10.77.0.1:")
+    wrapped = fed._wrap(c.name, ["true"])
+    assert wrapped[:4] == ["ip", "netns", "exec", fed.namespaces[c.name]] and "unshare" in wrapped
+    local = LocalFederation(tmp_path / "run", [c])  # loopback demo: insecure, explicitly
+    assert "--insecure" in local.supernode_argv(c, 9094)
+
+
+def test_insecure_is_an_explicit_opt_in():
+    with pytest.raises(commands.InsecureRefused, match="insecure=True"):
+        commands.superlink(9093, "db")
+    with pytest.raises(commands.InsecureRefused):
+        commands.supernode("c", "h:1", "s", 2)
+    assert "--insecure" in commands.superlink(9093, "db", insecure=True)
+    secure = commands.superlink(9093, "db", commands.Pki(Path("/pki")))
+    assert "--insecure" not in secure and "--enable-supernode-auth" in secure
+
+
+def test_refusals_are_named():
+    assert "not registered" in supernode_refusal("Exit Code: 305\n[code: 2004] Failed to activate SuperNode.")
+    insecure = "Option `--insecure` was set.\n...\nServer disconnected without sending a response."
+    assert "without TLS" in supernode_refusal(insecure)
+    assert supernode_refusal("SuperNode ID: 42") is None

@@ -1,0 +1,46 @@
+"""A restarted coordinator re-sends a round the centre has already trained: the centre must
+start it from the inner-optimiser state saved after the previous round, not from what it
+holds in memory (pure torch, tiny model, no Flower)."""
+
+from __future__ import annotations
+
+import torch
+
+from clients.training import CentreTrainer
+from models.config import RunConfig, load_defaults
+
+
+def _cfg(run_dir) -> RunConfig:
+    return RunConfig.from_mapping({**load_defaults(), "model": "tiny", "rounds": 4, "inner-steps": 3,
+                                   "batch-size": 4, "inner-warmup-steps": 2, "threads": 1, "eval-batches": 1,
+                                   "run-dir": str(run_dir), "run-name": "inner"})
+
+
+def _train(trainer: CentreTrainer, global_state: dict, rnd: int) -> dict[str, torch.Tensor]:
+    trainer.load_global(global_state)
+    return {k: v.clone() for k, v in trainer.train_round(rnd).state.items()}  # state aliases the live model
+
+
+def test_a_re_sent_round_starts_from_the_saved_state(tmp_path, corpora):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check(tmp_path, corpora)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check(tmp_path, corpora) -> None:
+    cfg, data = _cfg(tmp_path), corpora["fr-genci"]
+    warm = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
+    g1 = {k: v.clone() for k, v in warm.model.state_dict().items()}
+    g2 = _train(warm, g1, 1)
+    g3 = _train(warm, g2, 2)
+    first = _train(warm, g3, 3)  # the warm worker now holds the state after round 3
+
+    again = _train(warm, g3, 3)  # the coordinator restarted and sends round 3 again
+    cold = _train(CentreTrainer("fr-genci", data, tmp_path / "state", cfg), g3, 3)  # a restarted worker
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+        assert torch.equal(first[k], cold[k]), k
+    assert any(not torch.equal(first[k], g3[k]) for k in first)  # round 3 did train

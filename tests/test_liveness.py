@@ -1,0 +1,95 @@
+"""A dead node that Flower still lists holds up one round at most (server/liveness.py),
+checked with the real `exchange` loop against a scripted in-memory grid."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from server import messaging
+from server.liveness import Liveness
+from server.messaging import exchange
+
+STATE = {"w": torch.zeros(3)}
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """What Flower sets inside a ServerApp process, so Messages can be built here; fast polls."""
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    monkeypatch.setattr(messaging, "POLL_SECONDS", 0.01)
+
+
+class ScriptedGrid:
+    """Answers a message once `ready(node, round, pulls)` is true (pulls counted from 1 per round)."""
+
+    def __init__(self, ready: Callable[[int, int, int], bool]):
+        self.ready, self.sent, self.pulls, self.pushed = ready, {}, 0, 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.pulls, ids = 0, []
+        for msg in messages:
+            mid, self.pushed = f"m{self.pushed}", self.pushed + 1
+            msg.metadata.__dict__["_message_id"] = mid
+            self.sent[mid] = msg
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.pulls += 1
+        out = []
+        for mid in ids:
+            msg = self.sent[mid]
+            if self.ready(msg.metadata.dst_node_id, int(msg.metadata.group_id), self.pulls):
+                del self.sent[mid]
+                content = RecordDict({"metrics": MetricRecord({"tokens": 1.0}),
+                                      "centre": ConfigRecord({"name": f"c{msg.metadata.dst_node_id}"})})
+                out.append(Message(content=content, reply_to=msg))
+        return out
+
+
+def test_a_node_that_missed_a_round_is_not_waited_for_again():
+    live, grid = Liveness(), ScriptedGrid(lambda node, rnd, pulls: node != 4)
+    first = exchange(grid, [1, 2, 3, 4], "train", STATE, 1, timeout=0.3, liveness=live, quorum=3)
+    assert sorted(r.node_id for r in first.replies) == [1, 2, 3]
+    assert first.codes == {"node-4": ("node-4", "no-reply")} and "0s round deadline" in first.failures["node-4"]
+    assert live.suspects == {4}
+
+    second = exchange(grid, [1, 2, 3, 4], "train", STATE, 2, timeout=60.0, liveness=live, quorum=3)
+    assert grid.pulls == 1  # closed as soon as the quorum replied: no wait for node 4
+    assert "not waited for" in second.failures["node-4"]
+
+    live.listed([1, 2, 3])  # Flower stopped listing it: forgotten
+    assert live.suspects == set() and live.stale == {}
+
+
+def test_a_suspect_that_answers_late_is_trusted_again():
+    # Node 3 is slow, not dead: it misses round 1, answers it during round 2 (pull 2) before
+    # the others finish round 2 (pull 3), and answers round 2 itself at pull 5.
+    now = {"round": 1}
+
+    def ready(node: int, rnd: int, pulls: int) -> bool:
+        if node != 3:
+            return pulls >= (1 if rnd == 1 else 3)
+        return now["round"] == 2 and pulls >= (2 if rnd == 1 else 5)
+
+    live, grid = Liveness(), ScriptedGrid(ready)
+    exchange(grid, [1, 2, 3], "train", STATE, 1, timeout=0.2, liveness=live, quorum=2)
+    assert live.suspects == {3}
+    now["round"] = 2
+    second = exchange(grid, [1, 2, 3], "train", STATE, 2, timeout=60.0, liveness=live, quorum=2)
+    assert sorted(r.node_id for r in second.replies) == [1, 2, 3]  # its late reply lifted the suspicion
+    assert live.suspects == set() and live.names[3] == "c3"
+
+
+def test_quorum_not_met_waits_for_suspects_until_the_deadline():
+    live, grid = Liveness(), ScriptedGrid(lambda node, rnd, pulls: node == 1)
+    live.suspects = {2, 3}
+    ex = exchange(grid, [1, 2, 3], "train", STATE, 1, timeout=0.2, liveness=live, quorum=2)
+    assert [r.node_id for r in ex.replies] == [1] and grid.pulls > 3  # kept pulling to the deadline
+    assert set(ex.failures) == {"node-2", "node-3"}

@@ -1,0 +1,134 @@
+"""Security and topology, end to end with real processes (tiny model, one round each):
+
+- loopback, TLS + SuperNode authentication: an unregistered key is refused, a SuperNode without
+  TLS is refused, the registered centres join and train; the refusals are told apart;
+- network namespaces (root): the run completes across hosts; a centre cannot connect to another
+  centre or read its data; the server holds no data; everything is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from deploy import commands
+from deploy.local import Centre, LaunchError, LocalFederation
+from deploy.netns import NetnsFederation, netns_available
+from deploy.processes import ProcessGroup
+from deploy.register import supernode_refusal
+from models.config import RunConfig, load_defaults
+from tests.conftest import free_base_port, make_centres
+
+PKI_SCRIPT = str(Path(__file__).resolve().parent.parent / "deploy" / "pki.sh")
+
+
+def one_round(run_dir: Path, **over) -> RunConfig:
+    values = {**load_defaults(), "model": "tiny", "rounds": 1, "inner-steps": 3, "batch-size": 4,
+              "inner-warmup-steps": 1, "expected-centres": 2, "threads": 1, "eval-batches": 1,
+              "connect-timeout": 120.0, "round-timeout": 180.0, "run-dir": str(run_dir),
+              "run-name": run_dir.name, **over}
+    return RunConfig.from_mapping(values)
+
+
+def make_pki(root: Path, centres: list[str]) -> commands.Pki:
+    argv, env = commands.make_pki(PKI_SCRIPT, str(root), centres, ["DNS:localhost", "IP:127.0.0.1"])
+    subprocess.run(argv, env={**os.environ, **env}, check=True, capture_output=True)
+    return commands.Pki(root)
+
+
+def test_tls_and_supernode_auth_admit_only_registered_centres(tmp_path, corpora):
+    run_dir = tmp_path / "run"
+    centres = make_centres(run_dir, corpora, 2)
+    pki = make_pki(tmp_path / "pki", [c.name for c in centres] + ["rogue"])  # rogue: a key nobody registered
+    base = free_base_port(5)
+    with LocalFederation(run_dir, centres, base_port=base, pki=pki) as fed:
+        assert "insecure = true" not in (fed.server_home / "config.toml").read_text()
+        rogue = Centre("rogue", tmp_path / "rogue" / "data", tmp_path / "rogue" / "state")
+        attempts = {
+            "unregistered": fed.supernode_argv(rogue, base + 3, max_retries=1),
+            "no-tls": fed.supernode_argv(centres[0], base + 4, pki=None, insecure=True, max_retries=1),
+        }
+        refused = ProcessGroup()  # their SuperExec children outlive them: stopped with the group
+        try:
+            procs = {k: refused.start(k, argv, tmp_path / "logs" / f"{k}.log", fed._env(tmp_path / "homes" / k))
+                     for k, argv in attempts.items()}
+            run = fed.wait(fed.submit(one_round(run_dir).to_mapping()), timeout=600)
+            for k, proc in procs.items():
+                assert proc.popen.wait(120) not in (0, None), (k, proc.tail())
+            logs = {k: proc.log.read_text(errors="replace") for k, proc in procs.items()}
+        finally:
+            refused.stop_all()
+        fed.register([pki.public_key(centres[0].name)])  # again (a compose restart): not an error
+
+    assert run["status"] == "finished", run.get("message")
+    assert run["rounds"][0]["replied"] == 2 and set(run["final"]["centres"]) == {c.name for c in centres}
+    assert "not registered" in supernode_refusal(logs["unregistered"]), logs["unregistered"][-800:]
+    assert "without TLS" in supernode_refusal(logs["no-tls"]), logs["no-tls"][-800:]
+    superlink_log = (run_dir / "logs" / "superlink.log").read_text()
+    assert "https://" in superlink_log and "http://127.0.0.1" not in superlink_log
+
+
+def nsenter(pid: int, argv: list[str]) -> subprocess.CompletedProcess:
+    """Run argv inside the network and mount namespaces of the running process `pid`."""
+    return subprocess.run(["nsenter", "--target", str(pid), "--net", "--mount", "--", *argv],
+                          capture_output=True, text=True, timeout=30)
+
+
+def connects(pid: int, host: str, port: int) -> subprocess.CompletedProcess:
+    code = f"import socket; socket.create_connection(({host!r}, {port}), 3).close(); print('connected')"
+    return nsenter(pid, [sys.executable, "-c", code])
+
+
+def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
+    assert netns_available() is None, netns_available()
+    run_dir = tmp_path / "run"
+    a, b = make_centres(run_dir, corpora, 2)
+    span = free_base_port(3)
+    fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3))
+    with fed:
+        proc = fed.submit(one_round(run_dir).to_mapping())
+        pid = {p.name: p.popen.pid for p in fed.group.procs}
+        b_addr, b_metrics = fed.addresses[b.name], fed.centre_metrics_ports()[b.name]
+
+        # Network: the server reaches centre b's metrics endpoint; centre a cannot.
+        assert "connected" in connects(pid["SuperLink"], b_addr, b_metrics).stdout
+        blocked = connects(pid[f"worker {a.name}"], b_addr, b_metrics)
+        assert blocked.returncode != 0 and "connected" not in blocked.stdout, blocked
+        assert "connected" in connects(pid[f"worker {a.name}"], fed.addresses["server"], span).stdout
+
+        # Files: a centre reads its own data (read-only), never another centre's or its key.
+        for name in (f"worker {a.name}", f"SuperNode {a.name}"):
+            assert nsenter(pid[name], ["cat", str(a.data_dir / "manifest.json")]).returncode == 0
+            for path in (b.data_dir / "manifest.json", b.state_dir, Path(fed.pki.private_key(b.name))):
+                assert nsenter(pid[name], ["ls", str(path)]).returncode != 0, (name, path)
+        assert nsenter(pid[f"worker {a.name}"], ["touch", str(a.data_dir / "x")]).returncode != 0
+
+        # The server namespace holds no data files (the host does: the check is not vacuous).
+        find = ["find", str(run_dir), "-name", "*.arrow"]
+        assert subprocess.run(find, capture_output=True, text=True).stdout.strip()
+        seen = nsenter(pid["SuperLink"], find)
+        assert seen.returncode == 0 and seen.stdout.strip() == "", seen.stdout
+
+        run = fed.wait(proc, timeout=600)
+        pids = [p.popen.pid for p in fed.group.procs]
+
+    assert run["status"] == "finished", run.get("message")
+    assert run["rounds"][0]["replied"] == 2
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in listed for ns in fed.namespaces.values()), listed
+    for p in pids:
+        assert not Path(f"/proc/{p}").exists() or "zombie" in Path(f"/proc/{p}/status").read_text().lower()
+
+
+def test_netns_is_torn_down_when_start_fails(tmp_path):
+    broken = Centre("fr-genci", tmp_path / "missing-data", tmp_path / "state")  # the worker exits at start-up
+    fed = NetnsFederation(tmp_path / "run", [broken], base_port=free_base_port(2))
+    try:
+        with fed:
+            raise AssertionError("started without data")
+    except LaunchError as err:
+        assert "worker fr-genci" in str(err)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in listed for ns in fed.namespaces.values()), listed

@@ -1,0 +1,86 @@
+"""A real Prometheus (Debian's binary) scrapes a real 2-centre federation of the tiny model.
+
+What it scraped must match what the run itself reports in run.json and in
+`bridgepool report`, and every Grafana dashboard query must run on it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from deploy.local import LocalFederation
+from deploy.prometheus import Prometheus
+from deploy.report import plot_run, summary_rows
+from tests.conftest import free_base_port, make_centres
+from tests.test_dashboard import dashboard_queries
+from tests.test_federation import tiny_config
+
+PROMETHEUS = "/usr/bin/prometheus"  # Debian package `prometheus` (deploy/install-system-packages.sh)
+
+
+def scalar(prom: Prometheus, expr: str) -> float | None:
+    result = prom.query(expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def test_prometheus_scrapes_what_the_run_reports(tmp_path, corpora):
+    run_dir = tmp_path / "run"
+    centres = make_centres(run_dir, corpora, 2)
+    # SuperLink, 2 SuperNodes, server + 2 centre metrics endpoints, Prometheus.
+    base = free_base_port(7)
+    cfg = tiny_config(run_dir)
+    with LocalFederation(run_dir, centres, base_port=base, metrics_port=base + 3) as fed, \
+            Prometheus(run_dir / "prometheus.yml", tmp_path / "tsdb", base + 6, fed.logs / "prometheus.log",
+                       binary=PROMETHEUS) as prom:
+        centre_urls = {f"http://127.0.0.1:{p}/metrics" for p in fed.centre_metrics_ports().values()}
+        assert wait_until(lambda: all(prom.targets_up().get(u) == "up" for u in centre_urls), 60), \
+            prom.targets_up()
+        run = fed.wait(fed.submit(cfg.to_mapping()), timeout=600)
+        assert run["status"] == "finished", run.get("message")
+
+        # The workers outlive the run, so the last round's figures are still being scraped.
+        expected = sum(r["tokens"] for r in run["rounds"])
+        wait_until(lambda: scalar(prom, "sum(bridgepool_tokens_total)") == expected, 60)
+        scraped = scalar(prom, "sum(bridgepool_tokens_total)")
+        print(f"\nscraped sum(bridgepool_tokens_total) = {scraped}; run.json tokens = {expected}")
+        assert scraped == expected == 3 * 2 * 15 * 8 * 32
+
+        report = {row["centre"]: row["tokens"] for row in summary_rows(run)}
+        for name, tokens in report.items():
+            assert scalar(prom, f'bridgepool_tokens_total{{centre="{name}"}}') == tokens
+            assert scalar(prom, f'bridgepool_rounds_completed_total{{centre="{name}"}}') == 3
+            assert scalar(prom, f'bridgepool_bytes_received_total{{centre="{name}"}}') > 0
+        assert {r["metric"]["peak_source"] for r in prom.query("bridgepool_mfu > 0")} == {"estimate:cpu"}
+
+        # While training (between the run's start and its last round), the token rate was positive.
+        started, last_round = run["started"], run["rounds"][-1]["time"]
+        series = prom.query_range("sum(rate(bridgepool_tokens_total[15s]))", started, last_round + 1)
+        rates = [float(v) for _, v in series[0]["values"]] if series else []
+        assert rates and max(rates) > 0 and min(rates) >= 0, rates
+
+        # The ServerApp's endpoint lived as long as the run; what it last served is in Prometheus' history.
+        server = scalar(prom, "max_over_time(bridgepool_federation_tokens_total[10m])")
+        assert server == expected
+        assert scalar(prom, "max_over_time(bridgepool_round_centres_replied[10m])") == 2
+        assert 0 < scalar(prom, "max_over_time(bridgepool_utilisation[10m])") <= 1
+
+        # Every Grafana query is valid PromQL and each panel finds data from this run.
+        found: dict[str, bool] = {}
+        for where, query in dashboard_queries():
+            if where.startswith("variable"):
+                continue
+            expr = query.replace("$__rate_interval", "15s").replace("$run", ".*")
+            result = prom.query_range(expr, started, time.time())  # raises on a PromQL error
+            found[where] = found.get(where, False) or bool(result)
+        assert all(found.values()), [w for w, ok in found.items() if not ok]
+
+    assert all(p.stat().st_size > 0 for p in plot_run(run_dir))  # the report's plots of the same run
