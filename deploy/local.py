@@ -63,6 +63,7 @@ class LocalFederation:
         self.logs = self.run_dir / "logs"
         self.server_home = self.run_dir / "server" / "flwr-home"
         self._stopped: dict[str, list[Proc]] = {}  # killed by kill_centre / kill_server, for restarts
+        self._previous_end: float | None = None  # run.json's "finished" before the last submit (a resume)
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalFederation:
@@ -110,6 +111,7 @@ class LocalFederation:
         `app_dir`: another app bundle's directory (the egress tests submit a leaking one)."""
         if self.metrics_port:  # the ServerApp serves where prometheus.yml points
             run_config = {**run_config, "metrics-port": self.metrics_port}
+        self._previous_end = _read_json(self.run_dir / "run.json").get("finished")
         argv = commands.flwr_run(str(app_dir), run_config, exe=venv_bin("flwr"))
         proc = self._spawn("server", "flwr run", argv, self.logs / "flwr-run.log", self._env(self.server_home),
                            cwd=self.run_dir)
@@ -132,12 +134,12 @@ class LocalFederation:
             data = _read_json(run_json)
             if on_tick is not None:
                 on_tick(data)
-            if data.get("status") in ("finished", "failed"):
+            if self._ended(data):
                 return data
             if flwr_run.poll() is not None:
                 time.sleep(0.5)
                 data = _read_json(run_json)
-                if data.get("status") in ("finished", "failed"):
+                if self._ended(data):
                     return data
                 raise LaunchError(self._why_no_result())
             for proc in self.group.procs:
@@ -148,6 +150,10 @@ class LocalFederation:
             if time.monotonic() > deadline:
                 raise LaunchError(f"run did not finish within {timeout:.0f}s")
             time.sleep(0.5)
+
+    def _ended(self, run: dict) -> bool:
+        """Finished or failed, and not the earlier run a resumed one was submitted after."""
+        return run.get("status") in ("finished", "failed") and run.get("finished") != self._previous_end
 
     # --------------------------------------------------------------- faults
     # Crash and restart parts of the federation, as the fault tests and an operator's
