@@ -5,6 +5,8 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
+# Flower's processes start each other by name (flower-superexec): the venv goes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test system-packages lint clean
 

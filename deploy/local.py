@@ -233,6 +233,9 @@ class LocalFederation:
     def _env(self, flwr_home: Path) -> dict[str, str]:
         flwr_home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        # Flower's SuperLink and SuperNode start `flower-superexec` by name: the running
+        # environment's scripts must be on PATH even when the venv is not activated.
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update({"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": str(APP_DIR) + os.pathsep + env.get("PYTHONPATH", ""),
                     "FLWR_TELEMETRY_ENABLED": "0",
