@@ -104,7 +104,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
     try:
         corpora = {n: prepare_centre(s, work / "corpora" / n, max_bytes=plan.max_bytes) and work / "corpora" / n
                    for n, s in DEFAULT_CENTRES[: plan.centres]}
-        scen: dict[str, dict[str, Any]] = {}
+        scen: dict[str, dict[str, Any]] = _Progress()
         base_cfg = run_config(plan, work / "base")
         scen["local loop (no federation)"] = baselines.local_loop(corpora, base_cfg, work)
         for name, fn in (("centralised", lambda: baselines.centralised(corpora, base_cfg, plan.steps, 2)),
@@ -126,6 +126,20 @@ def run_all(plan: Plan) -> dict[str, Any]:
         return {"plan": plan.__dict__, "scenarios": scen, "fixed-cost": fixed, "environment": _environment()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+class _Progress(dict):
+    """The scenarios dict, printing a line as each scenario finishes (live progress)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t0 = time.monotonic()
+
+    def __setitem__(self, name: str, res: dict[str, Any]) -> None:
+        super().__setitem__(name, res)
+        rate = res["tokens"] / res.get("round-wall", res["wall"])
+        print(f"[{time.monotonic() - self.t0:7.1f}s] {name}: {res['tokens']:,} tokens, {rate:,.0f} tokens/s, "
+              f"{res['bytes']:,} bytes", flush=True)
 
 
 def _free_port() -> int:
