@@ -15,7 +15,6 @@ the loopback interface of a network namespace holding only the DDP processes.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import tempfile
@@ -102,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(plan: Plan) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bridgepool-bench-"))
     try:
-        corpora = {n: prepare_centre(s, work / "corpora" / n, max_bytes=plan.max_bytes) and work / "corpora" / n
-                   for n, s in DEFAULT_CENTRES[: plan.centres]}
+        corpora: dict[str, Path] = {}
+        for name, source in DEFAULT_CENTRES[: plan.centres]:
+            corpora[name] = work / "corpora" / name
+            prepare_centre(source, corpora[name], max_bytes=plan.max_bytes)
         scen: dict[str, dict[str, Any]] = _Progress()
         base_cfg = run_config(plan, work / "base")
         scen["local loop (no federation)"] = baselines.local_loop(corpora, base_cfg, work)
@@ -166,4 +167,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["FULL", "QUICK", "Plan", "json", "main", "run_all"]
+__all__ = ["FULL", "QUICK", "Plan", "main", "run_all"]

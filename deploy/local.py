@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -293,4 +292,4 @@ def _read(path: Path) -> str:
         return ""
 
 
-__all__ = ["Centre", "LocalFederation", "LaunchError", "centre_dirs", "shlex"]
+__all__ = ["Centre", "LocalFederation", "LaunchError", "centre_dirs"]
