@@ -6,6 +6,7 @@
     bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
     bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
+    bridgepool centre supernode --superlink HOST:PORT ...  # flower-supernode's flags; warm ClientApp runtime
     bridgepool report RUN_DIR               # PNG plots from run.json
     bridgepool deploy compose | register | netns   # multi-node (deploy/multinode.py, README)
     bridgepool audit RUN_DIR                # residency report: what left each centre (residency.json/.md)
@@ -34,6 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.federation import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:2] == ["centre", "supernode"]:  # Flower's own flags pass through unparsed
+        from clients.supernode import main as supernode_main
+
+        supernode_main(argv[2:])
+        return 0
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -93,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
     serve.set_defaults(func=cmd_centre_serve)
+    # `bridgepool centre supernode ARGS` goes to clients/supernode.py (see main()).
+    centre.add_parser("supernode", help="Flower's SuperNode with a warm ClientApp runtime; takes "
+                      "flower-supernode's flags plus --idle-poll, --reply-poll, --no-warm")
 
     # `bridgepool bench ARGS` hands ARGS to benchmarks/federation.py (see main()).
     sub.add_parser("bench", help="federation-overhead benchmark; `bridgepool bench --help`")

@@ -96,16 +96,22 @@ def node_config(centre: str, worker_socket: str) -> str:
 
 
 def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int, pki: Pki | None = None, *,
-              insecure: bool = False, max_retries: int | None = None, exe: str = "flower-supernode") -> list[str]:
-    """A centre's SuperNode; its ClientApp relays to the centre worker over `worker_socket`."""
+              insecure: bool = False, max_retries: int | None = None, warm: bool = True,
+              exe: str = "flower-supernode", prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+    """A centre's SuperNode; its ClientApp relays to the centre worker over `worker_socket`.
+
+    `warm` (default): `bridgepool centre supernode` (clients/supernode.py), i.e. Flower's SuperNode
+    with process isolation, one long-lived ClientApp runtime and short polls; otherwise stock
+    `exe` with a new `flwr-clientapp` process per message. Every other flag is Flower's.
+    """
     _security(pki, insecure, f"SuperNode {centre}")
-    argv = [exe]
+    argv = [*prog, "centre", "supernode"] if warm else [exe]
     if pki is None:
         argv += ["--insecure"]
     else:
         argv += ["--root-certificates", pki.centre_ca_cert(centre),
                  "--auth-supernode-private-key", pki.private_key(centre)]
-    argv += ["--superlink", superlink, "--port", str(runtime_port), "--isolation", "subprocess",
+    argv += ["--superlink", superlink, "--port", str(runtime_port), "--isolation", "process" if warm else "subprocess",
              "--node-config", node_config(centre, worker_socket)]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]

@@ -14,6 +14,7 @@ Run directory layout (nothing is written outside it):
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,8 @@ from deploy.processes import LaunchError, Proc, ProcessGroup, check_port_free, p
 from deploy.prometheus import scrape_config
 from deploy.register import register_keys, supernode_refusal
 from models.config import APP_DIR
+
+log = logging.getLogger("bridgepool.launcher")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,10 @@ class LocalFederation:
     """Context manager: start everything on enter, stop everything on exit."""
 
     def __init__(self, run_dir: Path, centres: list[Centre], base_port: int = 9200,
-                 threads_per_centre: int = 0, metrics_port: int = 0, pki: Pki | None = None):
+                 threads_per_centre: int = 0, metrics_port: int = 0, pki: Pki | None = None,
+                 warm_supernodes: bool = True):
         self.run_dir, self.centres = Path(run_dir).resolve(), centres
+        self.warm = warm_supernodes  # False: stock flower-supernode, a new ClientApp process per message
         # With a Pki (deploy/pki.sh): HTTPS and SuperNode authentication, each centre's key registered
         # before its SuperNode starts. Without: plain HTTP on loopback, the explicit opt-in below.
         self.pki = pki
@@ -63,6 +68,7 @@ class LocalFederation:
         self.server_home = self.run_dir / "server" / "flwr-home"
         self._stopped: dict[str, list[Proc]] = {}  # killed by kill_centre / kill_server, for restarts
         self._previous_end: float | None = None  # run.json's "finished" before the last submit (a resume)
+        self._min_centres = 0  # the submitted run's quorum (min-centres); 0 = every centre
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalFederation:
@@ -111,6 +117,7 @@ class LocalFederation:
         if self.metrics_port:  # the ServerApp serves where prometheus.yml points
             run_config = {**run_config, "metrics-port": self.metrics_port}
         self._previous_end = _read_json(self.run_dir / "run.json").get("finished")
+        self._min_centres = int(run_config.get("min-centres") or 0)
         argv = commands.flwr_run(str(app_dir), run_config, exe=venv_bin("flwr"))
         proc = self._spawn("server", "flwr run", argv, self.logs / "flwr-run.log", self._env(self.server_home),
                            cwd=self.run_dir)
@@ -122,7 +129,8 @@ class LocalFederation:
 
     def supernode_argv(self, c: Centre, runtime_port: int, **over: Any) -> list[str]:
         """Centre `c`'s SuperNode command line; `over` replaces arguments (the tests' refused variants)."""
-        kwargs: dict[str, Any] = {"pki": self.pki, "insecure": self.pki is None, "exe": venv_bin("flower-supernode")}
+        kwargs: dict[str, Any] = {"pki": self.pki, "insecure": self.pki is None, "warm": self.warm,
+                                  "exe": venv_bin("flower-supernode"), "prog": (venv_bin("bridgepool"),)}
         return commands.supernode(c.name, self.superlink_address, str(c.socket), runtime_port, **{**kwargs, **over})
 
     def wait(self, flwr_run: subprocess.Popen, on_tick=None, timeout: float = 24 * 3600) -> dict:
@@ -141,14 +149,34 @@ class LocalFederation:
                 if self._ended(data):
                     return data
                 raise LaunchError(self._why_no_result())
-            for proc in self.group.procs:
-                if proc.name != "flwr run" and not proc.alive():
-                    why = supernode_refusal(_read(proc.log)) if proc.name.startswith("SuperNode") else None
-                    raise LaunchError(f"{proc.name} exited with code {proc.popen.returncode}"
-                                      f"{f' ({why})' if why else ''}; last lines of {proc.log}:\n{proc.tail()}")
+            for proc in list(self.group.procs):
+                if proc.name != "flwr run" and proc in self.group.procs and not proc.alive():
+                    self._process_died(proc)  # may stop (and remove) the centre's other process
             if time.monotonic() > deadline:
                 raise LaunchError(f"run did not finish within {timeout:.0f}s")
             time.sleep(0.5)
+
+    def _process_died(self, proc: Proc) -> None:
+        """A process exited during a run. A centre's (worker or SuperNode) is left to the server's
+        quorum logic when the quorum still holds without that centre: warn, stop the centre's other
+        process (as `kill_centre`; `restart_centre` brings it back) and go on. Anything else
+        (the SuperLink, a centre below the quorum or with every centre required) stops the run."""
+        why = supernode_refusal(_read(proc.log)) if proc.name.startswith("SuperNode") else None
+        what = (f"{proc.name} exited with code {proc.popen.returncode}{f' ({why})' if why else ''}; "
+                f"last lines of {proc.log}:\n{proc.tail()}")
+        centre = next((c.name for c in self.centres if proc.name in (f"worker {c.name}", f"SuperNode {c.name}")),
+                      None)
+        if centre is None:
+            raise LaunchError(what)
+        left = len(self.centres) - len({n for n in self._stopped if n != "server"} | {centre})
+        if not self._min_centres:
+            raise LaunchError(f"centre {centre} died and min-centres = 0 (every centre) cannot be met: {what}")
+        if left < self._min_centres:
+            raise LaunchError(f"centre {centre} died: {left} centres left, below min-centres = {self._min_centres}; "
+                              f"resume from {self.run_dir / 'checkpoints'} once it is back: {what}")
+        log.warning("centre %s is down: %s; the run goes on with %d centres (min-centres = %d), "
+                    "the server closes rounds without it", centre, what, left, self._min_centres)
+        self.kill_centre(centre)
 
     def _ended(self, run: dict) -> bool:
         """Finished or failed, and not the earlier run a resumed one was submitted after."""

@@ -37,7 +37,10 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
         if done.returncode == 0:
             report.append(f"{key}: registered")
         elif ALREADY.lower() in out.lower():
-            report.append(f"{key}: already registered")
+            # Flower answers the same for a key that was unregistered (revoked): such a key can
+            # never join again, and nothing here can tell the two apart without its node id.
+            report.append(f"{key}: already registered (if it was revoked with `flwr supernode unregister`, "
+                          "it can never join again: issue a new key with deploy/pki.sh)")
         else:
             raise LaunchError(f"registering SuperNode key {key} at connection '{connection}' failed "
                               f"(exit {done.returncode}):\n{out.strip()[-2000:]}")
@@ -47,8 +50,9 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
 # What a SuperNode's log says when the SuperLink will not admit it (Flower 1.41 exit code 305 and
 # the API error inside it), and what it means for an operator.
 _REFUSALS = (
-    (("Failed to activate SuperNode",), "refused: its public key is not registered at the SuperLink "
-     "(SuperNode authentication is on); register it with `bridgepool deploy register KEY.pub`"),
+    (("Failed to activate SuperNode",), "refused at activation: its public key is not registered at the "
+     "SuperLink, or a SuperNode with this key is already online (the SuperLink log says which); register "
+     "it with `bridgepool deploy register KEY.pub`, or stop the other SuperNode holding the key"),
     (("All SuperNodes must be registered",), "refused: SuperNode authentication is on and this SuperNode "
      "has no key; pass --auth-supernode-private-key"),
     (("Option `--insecure` was set", "Server disconnected without sending a response"),

@@ -1,0 +1,167 @@
+"""A warm ClientApp runtime: one long-lived process per centre in place of a process per message.
+
+Stock Flower 1.41 runs a centre's ClientApp like this: the SuperNode starts
+`flower-superexec`, which polls the SuperNode's Runtime API for tasks and starts a
+fresh `flwr-clientapp` process for every message (Python start, flwr import, app
+bundle install, app import: ~1-1.5 s of a round on these machines). This process
+does the same steps, with Flower's own functions for each (so the wire protocol
+and the task life cycle are Flower's), but stays up between messages:
+
+    acquire a task (token) -> pull message + context + run + bundle -> install
+    the bundle (once per bundle hash) -> load its ClientApp -> run it -> push the
+    reply -> push the task's final status and context
+
+The SuperNode runs with `--isolation process`, i.e. it expects exactly such an
+outside process; clients/supernode.py starts this one as its child.
+
+    python -m clients.runtime --runtime-api-address 127.0.0.1:9094 --parent-pid PID
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.app.error import Error
+from flwr.cli.install import install_from_fab
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.clientapp.utils import get_load_client_app_fn
+from flwr.common.config import get_project_dir
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.app_utils import start_parent_process_monitor
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+log = logging.getLogger("bridgepool.runtime")
+POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while idle
+# Fast polls matter right after a task (the next round's message follows within seconds);
+# after this long without one, poll every SLOW_POLL_SECONDS so an idle centre costs ~nothing.
+FAST_WINDOW_SECONDS = 30.0
+SLOW_POLL_SECONDS = 0.5
+
+
+@dataclass
+class _Loaded:
+    fab_hash: str
+    project_dir: Path
+    app: ClientApp
+
+
+class WarmRuntime:
+    """Runs the tasks a SuperNode hands out, one at a time, in this process."""
+
+    def __init__(self, runtime_api_address: str, root_certificates: bytes | None = None):
+        self.address, self.certificates = runtime_api_address, root_certificates
+        self._control = self._client("SuperExec")
+        self._loaded: _Loaded | None = None
+
+    def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
+        interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(RuntimeTokenHttpInterceptor(token))
+        return RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.certificates is None,
+            root_certificates=self.certificates, interceptors=interceptors,
+            retry_invoker=make_simple_http_retry_invoker())
+
+    def serve_forever(self, poll: float = POLL_SECONDS) -> None:
+        log.info("warm ClientApp runtime polling %s every %.2fs", self.address, poll)
+        last_task = time.monotonic()
+        while True:
+            if self.run_one():
+                last_task = time.monotonic()
+            else:
+                time.sleep(poll if time.monotonic() - last_task < FAST_WINDOW_SECONDS else max(poll, SLOW_POLL_SECONDS))
+
+    def run_one(self) -> bool:
+        """Run the next pending ClientApp task, if any; True if one ran."""
+        res = self._control.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if not (res.HasField("task") and res.token):
+            return False
+        self._run_task(res.token)
+        return True
+
+    def _run_task(self, token: str) -> None:
+        # What flwr-clientapp does for one task (flwr/supernode/runtime/run_clientapp.py),
+        # minus the process start and the exit at the end.
+        client = self._client("flwr-clientapp", token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message: Message | None = None
+        context: Context | None = None
+        reply: Message | None = None
+        status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+        except Exception as ex:  # reported to the server as Flower reports it, the runtime stays up
+            code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError)
+                    else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+            details = f"{type(ex)}:<'{ex}'>"
+            log.error("ClientApp raised an exception", exc_info=ex)
+            if message is not None:
+                reply = Message(Error(code=code, reason=details), reply_to=message)
+        finally:
+            try:
+                if reply is not None and context is not None:
+                    push_message(client, reply, context)
+            finally:
+                push_task_output(client=client, context=context, sub_status=status, details=details)
+                heartbeat.stop()
+                client.close()
+
+    def _app(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
+        """The run's ClientApp, installed and imported once per app bundle."""
+        if self._loaded is not None and self._loaded.fab_hash == fab_hash:
+            return self._loaded.app
+        if self._loaded is not None:
+            _forget_modules(self._loaded.project_dir)  # another bundle: import its code, not the old one's
+        install_from_fab(fab_content, skip_prompt=True)
+        app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(fab_id, fab_version, fab_hash)
+        self._loaded = _Loaded(fab_hash, Path(get_project_dir(fab_id, fab_version, fab_hash)), app)
+        log.info("loaded ClientApp of bundle %s (%s %s)", fab_hash[:12], fab_id, fab_version)
+        return app
+
+
+def _forget_modules(project_dir: Path) -> None:
+    root = str(project_dir.resolve())
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", "") or "").startswith(root):
+            del sys.modules[name]
+    if root in sys.path:
+        sys.path.remove(root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m clients.runtime", description=__doc__.split("\n")[0])
+    parser.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API, HOST:PORT")
+    parser.add_argument("--root-certificates", default=None,
+                        help="CA certificate of the Runtime API's TLS certificate (omit for plain HTTP on loopback)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    parser.add_argument("--poll", type=float, default=POLL_SECONDS, help="seconds between task polls while idle")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)  # SIGINT here when the SuperNode is gone
+    certificates = Path(args.root_certificates).read_bytes() if args.root_certificates else None
+    try:
+        WarmRuntime(args.runtime_api_address, certificates).serve_forever(args.poll)
+    except KeyboardInterrupt:
+        log.info("warm ClientApp runtime stopping")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""A centre's SuperNode: Flower's own `flower-supernode`, with its per-round waits cut.
+
+Measured on 2 cores (benchmarks/results/), stock Flower 1.41 spends ~6 s of every
+round outside any computation. Two causes, both in the SuperNode's side:
+
+1. After it pushes a reply, the SuperNode's loop pulls for the next message at once;
+   the server has not sent it yet (it is still collecting the other centres'
+   replies), so the pull is empty and the loop sleeps a hard-coded 3 s
+   (flwr/supernode/start_client_internal.py) before it looks again. Waiting for a
+   reply polls every 0.5 s. Neither is a flag; here both are (`--idle-poll`,
+   `--reply-poll`), by replacing the `time.sleep` that module calls. Each idle
+   poll is one small HTTP request to the SuperLink.
+2. Every message starts SuperExec's fresh `flwr-clientapp` process. With `--warm`
+   (the default) the SuperNode runs with `--isolation process` and this launcher
+   starts clients/runtime.py as its child instead: one process that stays up.
+
+Everything else is Flower's SuperNode, unchanged, taking all of its own flags:
+
+    bridgepool centre supernode [--idle-poll S] [--reply-poll S] [--no-warm] FLOWER-SUPERNODE-FLAGS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Sequence
+
+log = logging.getLogger("bridgepool.supernode")
+IDLE_POLL_SECONDS = 0.2  # stock: 3.0
+REPLY_POLL_SECONDS = 0.05  # stock: 0.5
+# Fast idle pulls matter between rounds (the server is aggregating; seconds at most). After
+# this long without a message the node is between runs or waiting on a straggler: pull
+# every SLOW_IDLE_SECONDS instead, so an idle federation costs the SuperLink ~1 request/s/node.
+FAST_IDLE_WINDOW_SECONDS = 30.0
+SLOW_IDLE_SECONDS = 1.0
+_STOCK_IDLE, _STOCK_REPLY = 3, 0.5  # the literals in flwr 1.41's start_client_internal.py
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bridgepool centre supernode", add_help=False,
+                                description="Flower's SuperNode with a warm ClientApp runtime and short polls")
+    p.add_argument("--idle-poll", type=float, default=IDLE_POLL_SECONDS,
+                   help=f"seconds between pulls while no message waits (stock Flower: {_STOCK_IDLE})")
+    p.add_argument("--reply-poll", type=float, default=REPLY_POLL_SECONDS,
+                   help=f"seconds between checks for the ClientApp's reply (stock Flower: {_STOCK_REPLY})")
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                   help="run ClientApps in one long-lived runtime process (clients/runtime.py) instead of a "
+                        "new flwr-clientapp process per message")
+    return p
+
+
+def main(argv: Sequence[str]) -> None:
+    ours, flower_args = parser().parse_known_args(list(argv))
+    for name in ("idle_poll", "reply_poll"):
+        if not 0.01 <= getattr(ours, name) <= 60:
+            raise SystemExit(f"--{name.replace('_', '-')} must be between 0.01 and 60 seconds")
+    flower_args = _isolation(flower_args, "process" if ours.warm else None)
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    start_client_internal.time = _clock(ours.idle_poll, ours.reply_poll)  # type: ignore[attr-defined]
+    if ours.warm:
+        _start_runtime(flower_args)
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+def _clock(idle: float, reply: float) -> types.SimpleNamespace:
+    """The `time` module as start_client_internal.py sees it, with its two fixed waits replaced."""
+    stock_sleep, clock = time.sleep, time.monotonic
+    last_busy = [clock()]  # when the node last waited on a ClientApp (i.e. handled a message)
+
+    def sleep(seconds: float) -> None:
+        if seconds == _STOCK_IDLE:
+            slow = clock() - last_busy[0] > FAST_IDLE_WINDOW_SECONDS
+            seconds = max(idle, SLOW_IDLE_SECONDS) if slow else idle
+        elif seconds == _STOCK_REPLY:
+            last_busy[0], seconds = clock(), reply
+        stock_sleep(seconds)
+
+    names = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
+    return types.SimpleNamespace(**{**names, "sleep": sleep})
+
+
+def _isolation(args: list[str], mode: str | None) -> list[str]:
+    """`args` with `--isolation mode` (replacing any given), or unchanged when mode is None."""
+    if mode is None:
+        return args
+    out, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+            continue
+        if arg == "--isolation":
+            skip = i + 1 < len(args)
+            continue
+        if arg.startswith("--isolation="):
+            continue
+        out.append(arg)
+    return [*out, "--isolation", mode]
+
+
+def _flag(args: list[str], name: str, default: str | None) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return default
+
+
+def _start_runtime(flower_args: list[str]) -> subprocess.Popen:
+    """clients/runtime.py as this process's child, on the Runtime API the SuperNode is about to serve."""
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
+
+    host = _flag(flower_args, "--host", UVICORN_DEFAULT_HOST) or UVICORN_DEFAULT_HOST
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    port = _flag(flower_args, "--port", str(SUPERNODE_UVICORN_DEFAULT_PORT))
+    argv = [sys.executable, "-m", "clients.runtime", "--runtime-api-address",
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "--parent-pid", str(os.getpid())]
+    ca = _flag(flower_args, "--ssl-ca-certfile", None)
+    if ca:
+        argv += ["--root-certificates", ca]
+    return subprocess.Popen(argv)  # noqa: S603 - our own module, no shell
