@@ -11,12 +11,18 @@ Flower 1.41 sends protobuf over HTTP/1.1 without compression (its client sets no
 content-encoding and its server has no compression middleware); `find_compressed`
 still inflates any gzip/zlib stream found, and `http_messages` reports every
 content-encoding seen, so a later Flower that compresses is caught, not missed.
+
+For the network-namespace topology (TLS on), `read_packets` and `stray_packets` check
+who talked to whom on a centre's link, and deploy/tls13.py decrypts the captured TLS
+with the session keys the processes logged, so the same search runs on the plaintext.
 """
 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
+import secrets
 import signal
 import struct
 import subprocess
@@ -28,12 +34,38 @@ from pathlib import Path
 
 import numpy as np
 
+from clients.data import prepare_centre
+from deploy.local import Centre, centre_dirs
+
 
 @dataclass(frozen=True)
 class Hit:
     canary: str  # the planting centre's label
     encoding: str
     where: str
+
+
+# ------------------------------------------------------------------- planting
+FILLER = ("Ordinary prose follows so that the tiny model has something to learn from. " * 4).strip()
+
+
+def plant_canaries(run_dir: Path, src: Path, names: Iterable[str],
+                   docs: int = 30) -> tuple[list[Centre], dict[str, str]]:
+    """Each centre's corpus (prepared into `run_dir`'s layout, deploy/local.py): `docs` small
+    documents written under `src/NAME`, each holding that centre's own random canary once.
+    Returns the centres and their canaries (centre name -> canary)."""
+    centres, canaries = [], {}
+    for name in names:
+        canary = f"canary{secrets.token_hex(12)}"
+        folder = Path(src) / name
+        folder.mkdir(parents=True)
+        for i in range(docs):
+            (folder / f"{i:03d}.txt").write_text(f"Record {i} of {name}: reference {canary}. {FILLER}\n")
+        c = centre_dirs(run_dir, name)
+        prepare_centre(str(folder), c.data_dir)
+        centres.append(c)
+        canaries[name] = canary
+    return centres, canaries
 
 
 # ------------------------------------------------------------------ encodings
@@ -72,21 +104,24 @@ def files_under(root: Path, exclude: Iterable[Path] = ()) -> dict[str, bytes]:
 # -------------------------------------------------------------------- capture
 @dataclass
 class Capture:
-    """`tcpdump -i IFACE -w PCAP` on the given TCP ports, for the lifetime of a `with` block."""
+    """`tcpdump -i IFACE -w PCAP` on the given TCP ports (none given: every frame), inside
+    network namespace `netns` if set, for the lifetime of a `with` block."""
 
     pcap: Path
     ports: list[int]
     iface: str = "lo"
+    netns: str | None = None
     dropped: int | None = None  # packets the kernel dropped (read from tcpdump's summary)
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def __enter__(self) -> Capture:
         self.pcap.parent.mkdir(parents=True, exist_ok=True)
         log = self.pcap.with_suffix(".log")
-        expr = "tcp and (" + " or ".join(f"port {p}" for p in self.ports) + ")"
+        expr = ["tcp and (" + " or ".join(f"port {p}" for p in self.ports) + ")"] if self.ports else []
+        where = ["ip", "netns", "exec", self.netns] if self.netns else []
         with log.open("wb") as fh:  # -U: write each packet at once; -s 0: whole packets
-            self._proc = subprocess.Popen(["tcpdump", "-i", self.iface, "-U", "-s", "0", "-n",
-                                           "-w", str(self.pcap), expr], stdout=fh, stderr=fh)
+            self._proc = subprocess.Popen([*where, "tcpdump", "-i", self.iface, "-U", "-s", "0", "-n",
+                                           "-w", str(self.pcap), *expr], stdout=fh, stderr=fh)
         deadline = time.monotonic() + 20
         while b"listening on" not in log.read_bytes():
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -118,6 +153,13 @@ class Segment:
 
 def read_pcap(path: Path) -> Iterator[Segment]:
     """TCP segments of a classic pcap file (Ethernet, Linux cooked v1/v2; IPv4 and IPv6)."""
+    for frame, linktype, link_len in _frames(path):
+        if seg := _tcp(frame, linktype, link_len):
+            yield seg
+
+
+def _frames(path: Path) -> Iterator[tuple[bytes, int, int]]:
+    """Every frame of a classic pcap file, with the link type and link-header length."""
     data = Path(path).read_bytes()
     magic = data[:4]
     if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1"):
@@ -137,13 +179,15 @@ def read_pcap(path: Path) -> Iterator[Segment]:
             raise ValueError(f"{path}: a packet was truncated ({incl} of {orig} bytes); capture with -s 0")
         frame = data[pos + 16:pos + 16 + incl]
         pos += 16 + incl
-        if seg := _tcp(frame, linktype, link_len):
-            yield seg
+        yield frame, linktype, link_len
+
+
+def _ethertype(frame: bytes, linktype: int, link_len: int) -> int:
+    return struct.unpack(">H", frame[link_len - 2:link_len] if linktype != 276 else frame[0:2])[0]
 
 
 def _tcp(frame: bytes, linktype: int, link_len: int) -> Segment | None:
-    ethertype = struct.unpack(">H", frame[link_len - 2:link_len])[0] if linktype != 276 else \
-        struct.unpack(">H", frame[0:2])[0]
+    ethertype = _ethertype(frame, linktype, link_len)
     ip = frame[link_len:]
     if ethertype == 0x0800:
         ihl, proto = (ip[0] & 0x0F) * 4, ip[9]
@@ -182,6 +226,81 @@ def tcp_streams(segments: Iterable[Segment]) -> dict[str, bytes]:
                 buf.extend(b"\0" * (off - len(buf)))  # a gap (lost packet): the test fails on drops
             buf[off:off + len(parts[off])] = parts[off]
         out[name] = bytes(buf)
+    return out
+
+
+# --------------------------------------------------------- who talked to whom
+@dataclass(frozen=True)
+class Packet:
+    """One captured frame: protocol ("tcp", "udp", "icmp", "icmpv6", "arp", "ip-proto-N",
+    "ethertype-0xNNNN"), addresses (ARP: sender and target IP), ports (ICMP: type in dport)."""
+
+    proto: str
+    src: str = ""
+    dst: str = ""
+    sport: int = 0
+    dport: int = 0
+
+
+def read_packets(path: Path) -> Iterator[Packet]:
+    """Every frame of a capture, TCP or not, as a Packet."""
+    for frame, linktype, link_len in _frames(path):
+        yield _packet(_ethertype(frame, linktype, link_len), frame[link_len:])
+
+
+def _packet(ethertype: int, ip: bytes) -> Packet:
+    if ethertype == 0x0806:  # ARP (Ethernet/IPv4): sender IP at 14, target IP at 24
+        return Packet("arp", str(ipaddress.ip_address(ip[14:18])), str(ipaddress.ip_address(ip[24:28])))
+    if ethertype == 0x0800:
+        proto, body = ip[9], ip[(ip[0] & 0x0F) * 4:]
+        src, dst = str(ipaddress.ip_address(ip[12:16])), str(ipaddress.ip_address(ip[16:20]))
+        names = {1: "icmp", 2: "igmp", 6: "tcp", 17: "udp"}
+    elif ethertype == 0x86DD:
+        proto, body = ip[6], ip[40:]
+        while proto in (0, 43, 60):  # hop-by-hop (MLD's router alert), routing, destination options
+            proto, body = body[0], body[(body[1] + 1) * 8:]
+        src, dst = str(ipaddress.ip_address(ip[8:24])), str(ipaddress.ip_address(ip[24:40]))
+        names = {58: "icmpv6", 6: "tcp", 17: "udp"}
+    else:
+        return Packet(f"ethertype-{ethertype:#06x}")
+    name = names.get(proto, f"ip-proto-{proto}")
+    if name in ("tcp", "udp"):
+        sport, dport = struct.unpack(">HH", body[:4])
+        return Packet(name, src, dst, sport, dport)
+    return Packet(name, src, dst, 0, body[0] if body else 0)
+
+
+# Link housekeeping the kernel does on any link that comes up: IPv6 multicast listener reports
+# (MLD: 130-132, 143), router and neighbour discovery (133-136, including duplicate-address
+# detection from ::), IPv4 IGMP reports to 224.0.0.x. Addresses and flags only, no application data.
+_ICMPV6_LINK = {130, 131, 132, 133, 134, 135, 136, 143}
+_V6_LINK_SRC = (ipaddress.ip_network("fe80::/10"), ipaddress.ip_network("::/128"))
+_V6_LINK_DST = (ipaddress.ip_network("fe80::/10"), ipaddress.ip_network("ff02::/16"))
+_V4_LINK_MULTICAST = ipaddress.ip_network("224.0.0.0/24")
+
+
+def stray_packets(packets: Iterable[Packet], centre: str, server: str, port: int) -> list[Packet]:
+    """The packets on a centre's link that are not (a) TCP between the centre and `server:port`
+    (the SuperLink), (b) ARP between those two addresses, or (c) link housekeeping: IPv6
+    link-local MLD/neighbour discovery, IGMP from either address to 224.0.0.x. That is: any
+    traffic to or from anything else, and any other protocol."""
+    def within(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+        return any(ipaddress.ip_address(addr) in net for net in nets)
+
+    out = []
+    for p in packets:
+        if p.proto == "tcp":
+            ok = (p.src, p.dst, p.dport) == (centre, server, port) or (p.src, p.dst, p.sport) == (server, centre, port)
+        elif p.proto == "arp":
+            ok = {p.src, p.dst} == {centre, server}
+        elif p.proto == "icmpv6":
+            ok = p.dport in _ICMPV6_LINK and within(p.src, _V6_LINK_SRC) and within(p.dst, _V6_LINK_DST)
+        elif p.proto == "igmp":
+            ok = p.src in (centre, server) and within(p.dst, [_V4_LINK_MULTICAST])
+        else:
+            ok = False
+        if not ok:
+            out.append(p)
     return out
 
 
@@ -245,14 +364,21 @@ def find_compressed(data: bytes, limit: int = 64 << 20) -> list[bytes]:
 
 def capture_haystacks(pcap: Path) -> tuple[dict[str, bytes], set[str]]:
     """Everything in a capture worth searching: raw streams, HTTP bodies, inflated streams."""
-    hay: dict[str, bytes] = {"pcap file": Path(pcap).read_bytes()}
+    hay, codings = stream_haystacks(tcp_streams(read_pcap(pcap)), "tcp")
+    return {"pcap file": Path(pcap).read_bytes(), **hay}, codings
+
+
+def stream_haystacks(streams: Mapping[str, bytes], kind: str) -> tuple[dict[str, bytes], set[str]]:
+    """Each byte stream (`kind`: "tcp", or "tls" for decrypted ones), its HTTP bodies and any
+    inflated stream in it, and the content-encodings its HTTP messages declared."""
+    hay: dict[str, bytes] = {}
     codings: set[str] = set()
-    for name, stream in tcp_streams(read_pcap(pcap)).items():
-        hay[f"tcp {name}"] = stream
+    for name, stream in streams.items():
+        hay[f"{kind} {name}"] = stream
         bodies, seen = http_messages(stream)
         codings |= seen
         for i, body in enumerate(bodies):
-            hay[f"http body {i} of {name}"] = body
+            hay[f"http body {i} of {kind} {name}"] = body
         for i, inflated in enumerate(find_compressed(stream)):
-            hay[f"inflated stream {i} of {name}"] = inflated
+            hay[f"inflated stream {i} of {kind} {name}"] = inflated
     return hay, codings

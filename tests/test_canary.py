@@ -15,40 +15,26 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 import shutil
 from pathlib import Path
 
 from safetensors.torch import load_file
 
-from clients.data import prepare_centre
 from clients.egress import read_ledger
 from deploy.audit import write_report
-from deploy.canary import Capture, capture_haystacks, files_under, search
-from deploy.local import Centre, LocalFederation, centre_dirs
+from deploy.canary import Capture, capture_haystacks, files_under, plant_canaries, search
+from deploy.local import Centre, LocalFederation
 from deploy.processes import free_base_port
 from models.config import APP_DIR, RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import pack
 
 CENTRES = ("fr-genci", "de-lrz")
-FILLER = ("Ordinary prose follows so that the tiny model has something to learn from. " * 4).strip()
 
 
 def _centres(run_dir: Path, src: Path) -> tuple[list[Centre], dict[str, str]]:
     """Each centre's corpus: 30 small documents, each holding that centre's canary once."""
-    centres, canaries = [], {}
-    for name in CENTRES:
-        canary = f"canary{secrets.token_hex(12)}"
-        docs = src / name
-        docs.mkdir(parents=True)
-        for i in range(30):
-            (docs / f"{i:03d}.txt").write_text(f"Record {i} of {name}: reference {canary}. {FILLER}\n")
-        c = centre_dirs(run_dir, name)
-        prepare_centre(str(docs), c.data_dir)
-        centres.append(c)
-        canaries[name] = canary
-    return centres, canaries
+    return plant_canaries(run_dir, src, CENTRES)
 
 
 def _config(run_dir: Path, rounds: int) -> RunConfig:
