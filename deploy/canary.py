@@ -13,8 +13,8 @@ still inflates any gzip/zlib stream found, and `http_messages` reports every
 content-encoding seen, so a later Flower that compresses is caught, not missed.
 
 For the network-namespace topology (TLS on), `read_packets` and `stray_packets` check
-who talked to whom on a centre's link, and deploy/tls13.py decrypts the captured TLS
-with the session keys the processes logged, so the same search runs on the plaintext.
+who talked to whom on a centre's link, and deploy/tls_decrypt.py (Wireshark's tshark) decrypts
+the captured TLS with the session keys the processes logged, so the same search runs on the plaintext.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 #!/bin/sh
 # Debian packages bridgepool uses: man pages in several languages are the default
 # centre corpora (real human prose, no download at run time); Prometheus and
-# tcpdump serve the metrics and egress tests; openssl and openssh-client (ssh-keygen) make the
-# TLS certificates and SuperNode keys (deploy/pki.sh); iproute2 and util-linux the namespace
-# hosts (deploy/netns.py). Installs only what is missing.
+# tcpdump serve the metrics and egress tests, tshark decrypts the captured TLS of the
+# network-namespace canary test (deploy/tls_decrypt.py); openssl and openssh-client (ssh-keygen)
+# make the TLS certificates and SuperNode keys (deploy/pki.sh); iproute2 and util-linux the
+# namespace hosts (deploy/netns.py). Installs only what is missing.
 set -eu
-PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump iproute2 openssl openssh-client util-linux"
+PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump tshark iproute2 openssl openssh-client util-linux"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -18,6 +19,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "installing Debian packages:$missing"
 export DEBIAN_FRONTEND=noninteractive
+# tshark's wireshark-common asks whether non-root users may capture: no (nothing here needs it).
+echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing >/dev/null

@@ -16,8 +16,8 @@ nothing. What makes the capture evidence:
     itself re-reads each capture and must count the same frames).
 (b) What was said. Every Python process of the run logs its TLS session secrets (a
     `sitecustomize` put on PYTHONPATH for this test only sets `keylog_filename` on every
-    SSLContext; the bytes sent are unchanged), deploy/tls13.py decrypts every captured
-    connection (any it cannot decrypt fails the test), and the canary search of
+    SSLContext; the bytes sent are unchanged), Wireshark's tshark decrypts every captured
+    connection (deploy/tls_decrypt.py; any it cannot decrypt fails the test), and the canary search of
     deploy/canary.py runs on the plaintext (raw streams, HTTP bodies, inflated streams; every
     encoding). The plaintext must hold the round-1 global model byte for byte, so the
     decryption is shown to reach Flower's messages, which is where a leak would travel.
@@ -28,7 +28,7 @@ canary to the SuperLink over TLS, (b) dials the other centre and (c) a second po
 server. The same checks must then report exactly those: the probe in the decrypted capture,
 the ARP for the other centre and the TCP to the other port as strays, and nothing else.
 tests/test_canary.py shows a leaking ClientApp's canary in a Flower message is found by the
-same search; `test_tls13_decrypts_what_was_sent` below, that decryption is exact and strict.
+same search; `test_tshark_decrypts_what_was_sent` below, that decryption is exact and strict.
 Run once by hand in this topology with tests/leaky_clientapp.py as the app (2026-11-22):
 de-lrz's unguarded leak was found in the decrypted capture (UTF-8, int64 token ids) and in
 the SuperLink's database (WAL), not in the raw ciphertext; fr-genci's (guard on) nowhere.
@@ -40,7 +40,9 @@ import datetime
 import json
 import os
 import secrets
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +64,7 @@ from deploy.canary import (
 )
 from deploy.netns import BRIDGE, NetnsFederation, netns_available
 from deploy.processes import free_base_port
-from deploy.tls13 import TlsError, read_keylog, tls_plaintexts
+from deploy.tls_decrypt import TlsError, tls_plaintexts
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import pack
@@ -209,8 +211,11 @@ def test_netns_canaries_stay_home_and_centres_reach_only_the_superlink(tmp_path,
         streams.update(tcp_streams(read_pcap(cap.pcap)))
 
     # (b) What was said: every connection on both links decrypts (else TlsError), then the search.
-    plain = tls_plaintexts(streams, read_keylog(keylog))
-    assert len(plain) == len([s for s in streams.values() if s])
+    plain: dict[str, bytes] = {}
+    for c in centres:
+        plain.update(tls_plaintexts(fed.captures[c.name].pcap, keylog))
+    # tshark and our own reassembly agree on every direction of every connection that carried payload.
+    assert sorted(n.split("#")[0] for n in plain) == sorted(n.split("#")[0] for n, d in streams.items() if d)
     hay, codings = stream_haystacks(plain, "tls")
     assert codings == {"identity"}  # Flower 1.41 does not compress; a change must be looked at
     ckpt = load_file(run_dir / "checkpoints" / "round-0001" / "model.safetensors")
@@ -231,24 +236,26 @@ def test_netns_canaries_stay_home_and_centres_reach_only_the_superlink(tmp_path,
     assert search(files_under(run_dir, exclude=[run_dir / "centres"]), canaries) == []
 
 
-def test_tls13_decrypts_what_was_sent(tmp_path):
-    """tls_plaintexts on an in-memory TLS 1.3 connection: exact plaintext both ways; a missing
-    secret or a flipped bit fails loudly instead of leaving a connection unsearched."""
+def test_tshark_decrypts_what_was_sent(tmp_path):
+    """tls_plaintexts on a capture of a real TLS 1.3 exchange (Python's ssl, secrets logged):
+    exact plaintext both ways; a missing secret, a flipped bit, a stream cut off or a connection
+    that is not TLS fails loudly instead of leaving a connection unsearched."""
     cert, key = _self_signed(tmp_path)
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(cert, key)
     client_ctx = ssl.create_default_context(cafile=cert)
-    client_ctx.keylog_filename = str(tmp_path / "keys.log")
+    keylog = tmp_path / "keys.log"
+    client_ctx.keylog_filename = str(keylog)
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
     server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
-    sent = {"c": bytearray(), "s": bytearray()}
+    sent: list[tuple[bool, bytes]] = []  # (from the client, bytes), in the order sent
 
     def pump() -> None:
-        for src, dst, tag in ((c_out, s_in, "c"), (s_out, c_in, "s")):
-            data = src.read()
-            sent[tag] += data
-            dst.write(data)
+        for src, dst, from_client in ((c_out, s_in, True), (s_out, c_in, False)):
+            if data := src.read():
+                sent.append((from_client, data))
+                dst.write(data)
 
     for _ in range(10):  # the handshake
         for side in (client, server):
@@ -267,18 +274,48 @@ def test_tls13_decrypts_what_was_sent(tmp_path):
     pump()
     assert client.read(1 << 16) == down and client.version() == "TLSv1.3"
 
-    streams = {"10.0.0.2:40000->10.0.0.1:443#0": bytes(sent["c"]), "10.0.0.1:443->10.0.0.2:40000#1": bytes(sent["s"])}
-    plain = tls_plaintexts(streams, read_keylog(tmp_path / "keys.log"))
-    assert plain == {"10.0.0.2:40000->10.0.0.1:443#0": up, "10.0.0.1:443->10.0.0.2:40000#1": down}
-    with pytest.raises(TlsError, match="no TLS 1.3 secrets"):
-        tls_plaintexts(streams, {})
-    flipped = bytearray(sent["c"])
+    tls = (("10.0.0.2", 40000), ("10.0.0.1", 443), sent)
+    pcap = _write_pcap(tmp_path / "tls.pcap", [tls])
+    plain = tls_plaintexts(pcap, keylog)
+    assert plain == {"10.0.0.2:40000->10.0.0.1:443#0": up, "10.0.0.1:443->10.0.0.2:40000#0": down}
+    assert sorted(n.split("#")[0] for n in plain) == sorted(n.split("#")[0] for n, d in
+                                                           tcp_streams(read_pcap(pcap)).items() if d)
+    (tmp_path / "other.log").write_text("")
+    with pytest.raises(TlsError, match="no session secrets"):
+        tls_plaintexts(pcap, tmp_path / "other.log")
+    last = max(i for i, (from_client, _) in enumerate(sent) if from_client)  # the client's data records
+    flipped = bytearray(sent[last][1])
     flipped[-20] ^= 1
-    keys = read_keylog(tmp_path / "keys.log")
-    with pytest.raises(TlsError, match="does not authenticate"):
-        tls_plaintexts({**streams, "10.0.0.2:40000->10.0.0.1:443#0": bytes(flipped)}, keys)
-    with pytest.raises(TlsError, match="not TLS connections"):
-        tls_plaintexts({**streams, "10.0.0.2:40001->10.0.0.1:80#2": b"GET / HTTP/1.1\r\n\r\n"}, keys)
+    for changed, match in ((bytes(flipped), "does not authenticate"), (sent[last][1][:-100], "cut off")):
+        bad = (tls[0], tls[1], [*sent[:last], (True, changed), *sent[last + 1:]])
+        with pytest.raises(TlsError, match=match):
+            tls_plaintexts(_write_pcap(tmp_path / "bad.pcap", [bad]), keylog)
+    http = (("10.0.0.2", 40001), ("10.0.0.1", 80), [(True, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")])
+    with pytest.raises(TlsError, match="0 of them in whole TLS records"):
+        tls_plaintexts(_write_pcap(tmp_path / "mixed.pcap", [tls, http]), keylog)
+
+
+def _write_pcap(path: Path, conns: list[tuple[tuple[str, int], tuple[str, int], list[tuple[bool, bytes]]]]) -> Path:
+    """A classic pcap (Ethernet, IPv4, TCP) of each (client, server, [(from client, bytes)]) connection:
+    the TCP handshake, then the bytes in segments of at most 1448 in the order sent (checksums 0)."""
+    frames = []
+    for client, server, chunks in conns:
+        seq = {True: 1000, False: 5000}
+        segments = [(True, 0x02, b""), (False, 0x12, b""), (True, 0x10, b"")]  # SYN; SYN, ACK; ACK
+        segments += [(c, 0x18, data[i:i + 1448]) for c, data in chunks for i in range(0, len(data), 1448)]  # PSH, ACK
+        for from_client, flags, payload in segments:
+            (src, sport), (dst, dport) = (client, server) if from_client else (server, client)
+            tcp = struct.pack(">HHIIBBHHH", sport, dport, seq[from_client], seq[not from_client] if flags & 0x10 else 0,
+                              5 << 4, flags, 65535, 0, 0)
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0, 64, 6, 0,
+                             socket.inet_aton(src), socket.inet_aton(dst))
+            frames.append(b"\2\0\0\0\0\1\2\0\0\0\0\2\x08\x00" + ip + tcp + payload)
+            seq[from_client] += len(payload) + bool(flags & 0x02)  # a SYN takes one sequence number
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))  # link type 1: Ethernet
+        for i, frame in enumerate(frames):
+            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(frame), len(frame)) + frame)
+    return path
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
