@@ -41,10 +41,11 @@ class Plan:
     hs: tuple[int, ...]
     max_bytes: int
     fixed_rounds: int
+    dp_clip: float = 10.0  # L2 clip of each centre's pseudo-gradient in the DP row
 
 
 FULL = Plan(model="small", centres=2, steps=200, hs=(10, 50, 200), max_bytes=1_500_000, fixed_rounds=5)
-QUICK = Plan(model="tiny", centres=2, steps=8, hs=(4, 8), max_bytes=60_000, fixed_rounds=2)
+QUICK = Plan(model="tiny", centres=2, steps=8, hs=(4, 8), max_bytes=60_000, fixed_rounds=2, dp_clip=1.0)
 
 
 def run_config(plan: Plan, run_dir: Path, **over: Any) -> RunConfig:
@@ -54,7 +55,10 @@ def run_config(plan: Plan, run_dir: Path, **over: Any) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
-def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, **over: Any) -> dict[str, Any]:
+def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bool = True,
+           **over: Any) -> dict[str, Any]:
+    """One scenario over the Deployment Engine; `warm=False`: stock `flower-supernode` (a new
+    ClientApp process per message, Flower's own 3 s idle pull), for the fixed-cost comparison."""
     run_dir = work / name
     centres = []
     for cname, path in corpora.items():
@@ -62,7 +66,7 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, **over: 
         shutil.copytree(path, c.data_dir)
         centres.append(c)
     cfg = run_config(plan, run_dir, **over)
-    with LocalFederation(run_dir, centres, base_port=_free_port()) as fed:
+    with LocalFederation(run_dir, centres, base_port=_free_port(), warm_supernodes=warm) as fed:
         t0 = time.perf_counter()
         run = fed.wait(fed.submit(cfg.to_mapping()))
         wall = time.perf_counter() - t0
@@ -79,6 +83,7 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, **over: 
             "payload-bytes": sum(r["bytes-sent"] + r["bytes-received"] for r in rounds),
             "overhead-per-round": (round_wall - compute) / len(rounds),
             "eval": {k: v["eval-loss"] for k, v in run["final"]["centres"].items()},
+            "dp": rounds[-1].get("dp"),  # epsilon after the last round, when DP is on
             "curve": [(sum(x["tokens"] for x in rounds[:i]), r["eval-loss-mean"], r["time"] - run["started"])
                       for i, r in enumerate(rounds)]
             + [(sum(x["tokens"] for x in rounds), run["final"]["eval-loss-mean"], run["finished"] - run["started"])]}
@@ -122,9 +127,16 @@ def run_all(plan: Plan) -> dict[str, Any]:
                                               **{"inner-steps": mid, "strategy": "diloco", "compression": "int8"})
         scen[f"FedAvg H={mid}"] = flower(plan, corpora, work, f"fedavg-h{mid}", rounds=plan.steps // mid,
                                          **{"inner-steps": mid, "strategy": "fedavg"})
-        fixed = flower(plan, corpora, work, "fixed-cost", rounds=plan.fixed_rounds, model="tiny",
-                       **{"inner-steps": 1, "batch-size": 1, "eval-batches": 1})
-        return {"plan": plan.__dict__, "scenarios": scen, "fixed-cost": fixed, "environment": _environment()}
+        # Centre-level DP (server/privacy.py): clip ~ the measured pseudo-gradient norm at H=50
+        # (8-17 for the small model), noise multiplier 1. Its epsilon is in the row's "dp".
+        scen[f"DiLoCo H={mid} DP"] = flower(plan, corpora, work, f"diloco-h{mid}-dp", rounds=plan.steps // mid,
+                                            **{"inner-steps": mid, "strategy": "diloco", "dp-clip": plan.dp_clip,
+                                               "dp-noise-multiplier": 1.0})
+        trivial = {"rounds": plan.fixed_rounds, "model": "tiny", "inner-steps": 1, "batch-size": 1, "eval-batches": 1}
+        fixed = flower(plan, corpora, work, "fixed-cost", **trivial)
+        fixed_stock = flower(plan, corpora, work, "fixed-cost-stock", warm=False, **trivial)
+        return {"plan": plan.__dict__, "scenarios": scen, "fixed-cost": fixed, "fixed-cost-stock": fixed_stock,
+                "environment": _environment()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -50,10 +50,26 @@ def serverapp_pid(superlink_pid: int) -> int | None:
     return None
 
 
-def sample(label: str, rnd: int, superlink: int, run_dir: Path) -> dict:
+def runtime_pid(supernode_pid: int) -> int | None:
+    """The warm ClientApp runtime (clients/runtime.py) a centre's SuperNode launcher started."""
+    for pid in descendants([supernode_pid]):
+        try:
+            if b"clients.runtime" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def sample(label: str, rnd: int, superlink: int, run_dir: Path, centre: dict[str, int] | None = None) -> dict:
+    """`centre`: one centre's long-lived processes (SuperNode, worker) by role -> pid."""
     app = serverapp_pid(superlink)
     db = run_dir / "server" / "superlink.db"
-    return {"when": label, "round": rnd, "superlink-rss-mib": rss_kib(superlink) / 1024,
+    centre = centre or {}
+    runtime = runtime_pid(centre["supernode"]) if "supernode" in centre else None
+    rss = {f"{role}-rss-mib": rss_kib(pid) / 1024 for role, pid in
+           {**centre, **({"runtime": runtime} if runtime else {})}.items()}
+    return {"when": label, "round": rnd, **rss, "superlink-rss-mib": rss_kib(superlink) / 1024,
             "superlink-fds": open_fds(superlink),
             "serverapp-rss-mib": rss_kib(app) / 1024 if app else float("nan"),
             "serverapp-fds": open_fds(app) if app else 0,
@@ -74,17 +90,20 @@ def soak(rounds: int, centres_n: int, run_dir: Path, warmup: int) -> dict:
     t0 = time.monotonic()
     with LocalFederation(run_dir, centres, base_port=free_base_port(1 + centres_n)) as fed:
         superlink = next(p.popen.pid for p in fed.group.procs if p.name == "SuperLink")
-        samples.append(sample("start (idle SuperLink)", 0, superlink, run_dir))
+        first = centres[0].name
+        centre = {role: next(p.popen.pid for p in fed.group.procs if p.name == f"{name} {first}")
+                  for role, name in (("supernode", "SuperNode"), ("worker", "worker"))}
+        samples.append(sample("start (idle SuperLink)", 0, superlink, run_dir, centre))
 
         def tick(run: dict) -> None:
             done = run["rounds"][-1]["round"] if run.get("rounds") else 0
             for mark, label in ((1, "after round 1"), (warmup, "after warm-up"), (rounds, "end")):
                 if done >= mark and mark not in seen and serverapp_pid(superlink):
                     seen.add(mark)
-                    samples.append(sample(label, done, superlink, run_dir))
+                    samples.append(sample(label, done, superlink, run_dir, centre))
             if done and done % 25 == 0 and done not in seen:
                 seen.add(done)
-                samples.append(sample("periodic", done, superlink, run_dir))
+                samples.append(sample("periodic", done, superlink, run_dir, centre))
 
         run = fed.wait(fed.submit(cfg.to_mapping()), on_tick=tick, timeout=24 * 3600)
         tree = descendants([p.popen.pid for p in fed.group.procs]) | {p.popen.pid for p in fed.group.procs}
@@ -103,7 +122,7 @@ def report(result: dict, command: str) -> str:
     end = next((x for x in s if x["when"] == "end"), s[-1])
 
     def growth(key: str) -> str:
-        return f"{100 * (end[key] - warm[key]) / warm[key]:+.1f} %" if warm[key] else "n/a"
+        return f"{100 * (end[key] - warm[key]) / warm[key]:+.1f} %" if warm.get(key) and key in end else "n/a"
 
     walls = result["round-walls"]
     run = result["run"]
@@ -117,13 +136,18 @@ def report(result: dict, command: str) -> str:
         f"- round wall time: mean {sum(walls) / max(1, len(walls)):.2f} s, min {min(walls, default=0):.2f} s, "
         f"max {max(walls, default=0):.2f} s",
         "",
-        "| when | round | SuperLink RSS MiB | SuperLink fds | ServerApp RSS MiB | ServerApp fds | superlink.db MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| when | round | SuperLink RSS MiB | SuperLink fds | ServerApp RSS MiB | ServerApp fds | superlink.db MiB "
+        "| centre SuperNode / runtime / worker RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
         *[f"| {x['when']} | {x['round']} | {x['superlink-rss-mib']:.1f} | {x['superlink-fds']} | "
-          f"{x['serverapp-rss-mib']:.1f} | {x['serverapp-fds']} | {x['db-mib']:.2f} |" for x in s],
+          f"{x['serverapp-rss-mib']:.1f} | {x['serverapp-fds']} | {x['db-mib']:.2f} | "
+          + " / ".join(f"{x.get(f'{role}-rss-mib', 0):.1f}" for role in ("supernode", "runtime", "worker")) + " |"
+          for x in s],
         "",
         f"Growth after warm-up (round {warm['round']} -> {end['round']}): "
-        f"SuperLink RSS {growth('superlink-rss-mib')}, ServerApp RSS {growth('serverapp-rss-mib')}; "
+        f"SuperLink RSS {growth('superlink-rss-mib')}, ServerApp RSS {growth('serverapp-rss-mib')}, "
+        f"centre SuperNode {growth('supernode-rss-mib')}, warm ClientApp runtime {growth('runtime-rss-mib')}, "
+        f"worker {growth('worker-rss-mib')}; "
         f"SuperLink fds {warm['superlink-fds']} -> {end['superlink-fds']}, "
         f"ServerApp fds {warm['serverapp-fds']} -> {end['serverapp-fds']}.",
         "",

@@ -54,11 +54,15 @@ def describe_reply(content: RecordDict) -> egress.Described:
 def _relay(op: str, msg: Message, context: Context) -> Message:
     node = context.node_config
     centre = str(node.get("centre", f"node-{context.node_id}"))
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    # No arrays when the model is to be built from the run's seed (models/packing.py SEED).
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()} if "arrays" in msg.content else {}
+    config = msg.content["config"]
     header = {
         "op": op,
-        "round": int(msg.content["config"]["server-round"]),
+        "round": int(config["server-round"]),
         "run-config": dict(context.run_config),
+        # How the model travelled and the hashes to check (clients/broadcast.py reads them).
+        "broadcast": {k: str(v) for k, v in config.items() if k != "server-round"},
     }
     reply, out = _ask(context, header, arrays)
     content = RecordDict({

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from flwr.app import Context, Message
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
@@ -33,14 +34,29 @@ from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.config import get_project_dir
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,  # pylint: disable=E0611
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.app_utils import start_parent_process_monitor
 from flwr.supercore.constant import TaskType
+from flwr.supercore.fab import Fab
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry.http_retry import _RETRYABLE_STATUS_CODES, _RETRYABLE_TRANSPORT_ERRORS
+from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 log = logging.getLogger("bridgepool.runtime")
 POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while idle
@@ -48,6 +64,9 @@ POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while id
 # after this long without one, poll every SLOW_POLL_SECONDS so an idle centre costs ~nothing.
 FAST_WINDOW_SECONDS = 30.0
 SLOW_POLL_SECONDS = 0.5
+# The task is handed out before the SuperNode has stored the message's objects, so the
+# first object pull usually races it; Flower's own back-off starts at 1 s (see clients/supernode.py).
+PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
 
 
 @dataclass
@@ -72,13 +91,18 @@ class WarmRuntime:
         return RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=self.certificates is None,
             root_certificates=self.certificates, interceptors=interceptors,
-            retry_invoker=make_simple_http_retry_invoker())
+            retry_invoker=_retry_invoker())
 
     def serve_forever(self, poll: float = POLL_SECONDS) -> None:
         log.info("warm ClientApp runtime polling %s every %.2fs", self.address, poll)
         last_task = time.monotonic()
         while True:
-            if self.run_one():
+            try:
+                ran = self.run_one()
+            except (httpx.HTTPError, RunNotRunningException) as err:  # the SuperNode restarting, a stopped run
+                log.warning("task poll failed (%s); retrying", err)
+                ran = False
+            if ran:
                 last_task = time.monotonic()
             else:
                 time.sleep(poll if time.monotonic() - last_task < FAST_WINDOW_SECONDS else max(poll, SLOW_POLL_SECONDS))
@@ -101,10 +125,14 @@ class WarmRuntime:
         context: Context | None = None
         reply: Message | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+        t0 = time.perf_counter()
+        t_pulled = t_ran = t0
         try:
             message, context, run, fab = pull_task_input(client)
+            t_pulled = time.perf_counter()
             app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
             reply = app(message=message, context=context)
+            t_ran = time.perf_counter()
             status, details = SubStatus.COMPLETED, ""
         except Exception as ex:  # reported to the server as Flower reports it, the runtime stays up
             code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError)
@@ -121,6 +149,9 @@ class WarmRuntime:
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 heartbeat.stop()
                 client.close()
+                t1 = time.perf_counter()
+                log.info("task %s: pull %.2fs, ClientApp %.2fs, push %.2fs", status, t_pulled - t0,
+                         t_ran - t_pulled, t1 - max(t_ran, t_pulled))
 
     def _app(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
         """The run's ClientApp, installed and imported once per app bundle."""
@@ -133,6 +164,43 @@ class WarmRuntime:
         self._loaded = _Loaded(fab_hash, Path(get_project_dir(fab_id, fab_version, fab_hash)), app)
         log.info("loaded ClientApp of bundle %s (%s %s)", fab_hash[:12], fab_id, fab_version)
         return app
+
+
+def _retry_invoker() -> RetryInvoker:
+    """Flower's HTTP retry policy for its runtime clients, minus what only suits a one-task process.
+
+    flwr-clientapp's invoker answers HTTP 401 (e.g. the task's token revoked when its run
+    stopped, or a coordinator restart) by sending SIGINT to its own process: right for a
+    process per task, fatal for this one, which must outlive any single task. Here a 401
+    or 403 ends only the task (the exception reaches _run_task's handler); transport errors
+    and 502/503/504 are retried with back-off as Flower does, for at most a minute.
+    """
+
+    def give_up(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError):
+            return exc.response.status_code not in _RETRYABLE_STATUS_CODES
+        return any(term in str(exc).lower() for term in ("certificate", "ssl", "tls"))
+
+    return RetryInvoker(wait_gen_factory=lambda: exponential(base_delay=0.1, max_delay=5),
+                        recoverable_exceptions=(*_RETRYABLE_TRANSPORT_ERRORS, httpx.HTTPStatusError),
+                        max_tries=None, max_time=60.0, should_giveup=give_up)
+
+
+def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, Fab]:
+    """flwr-clientapp's pull_task_input (flwr/supernode/runtime/run_clientapp.py), with a short back-off."""
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_BACKOFF_SECONDS, backoff_cap=PULL_BACKOFF_CAP_SECONDS)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the deflated message lacks it
+    return message, context, run, fab
 
 
 def _forget_modules(project_dir: Path) -> None:

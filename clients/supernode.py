@@ -1,7 +1,7 @@
 """A centre's SuperNode: Flower's own `flower-supernode`, with its per-round waits cut.
 
 Measured on 2 cores (benchmarks/results/), stock Flower 1.41 spends ~6 s of every
-round outside any computation. Two causes, both in the SuperNode's side:
+round outside any computation. Three causes, all on the centre's side:
 
 1. After it pushes a reply, the SuperNode's loop pulls for the next message at once;
    the server has not sent it yet (it is still collecting the other centres'
@@ -10,7 +10,8 @@ round outside any computation. Two causes, both in the SuperNode's side:
    reply polls every 0.5 s. Neither is a flag; here both are (`--idle-poll`,
    `--reply-poll`), by replacing the `time.sleep` that module calls. Each idle
    poll is one small HTTP request to the SuperLink.
-2. Every message starts SuperExec's fresh `flwr-clientapp` process. With `--warm`
+2. An object not yet stored when first pulled costs a 1 s back-off (see fast_pull).
+3. Every message starts SuperExec's fresh `flwr-clientapp` process. With `--warm`
    (the default) the SuperNode runs with `--isolation process` and this launcher
    starts clients/runtime.py as its child instead: one process that stays up.
 
@@ -22,13 +23,16 @@ Everything else is Flower's SuperNode, unchanged, taking all of its own flags:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 log = logging.getLogger("bridgepool.supernode")
 IDLE_POLL_SECONDS = 0.2  # stock: 3.0
@@ -37,6 +41,8 @@ REPLY_POLL_SECONDS = 0.05  # stock: 0.5
 # this long without a message the node is between runs or waiting on a straggler: pull
 # every SLOW_IDLE_SECONDS instead, so an idle federation costs the SuperLink ~1 request/s/node.
 FAST_IDLE_WINDOW_SECONDS = 30.0
+RUNTIME_RESTART_SECONDS = 1.0
+PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0  # stock: 1 s doubling to 10 s
 SLOW_IDLE_SECONDS = 1.0
 _STOCK_IDLE, _STOCK_REPLY = 3, 0.5  # the literals in flwr 1.41's start_client_internal.py
 
@@ -60,14 +66,27 @@ def main(argv: Sequence[str]) -> None:
         if not 0.01 <= getattr(ours, name) <= 60:
             raise SystemExit(f"--{name.replace('_', '-')} must be between 0.01 and 60 seconds")
     flower_args = _isolation(flower_args, "process" if ours.warm else None)
+    from flwr.common.logger import update_console_handler
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    update_console_handler(timestamps=True, colored=False)  # its log is a file an operator reads: when, not colour
     start_client_internal.time = _clock(ours.idle_poll, ours.reply_poll)  # type: ignore[attr-defined]
+    start_client_internal.pull_objects = fast_pull(start_client_internal.pull_objects)  # type: ignore[attr-defined]
     if ours.warm:
         _start_runtime(flower_args)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
+
+
+def fast_pull(pull_objects: Callable[..., Any]) -> Callable[..., Any]:
+    """Flower's `pull_objects` with a short first retry.
+
+    A message is announced before its objects are stored, so the first pull of an
+    object often finds it missing; Flower then backs off 1 s, doubling to 10 s
+    (PULL_INITIAL_BACKOFF): ~1 s lost per hop per round for a few-millisecond race.
+    """
+    return functools.partial(pull_objects, initial_backoff=PULL_BACKOFF_SECONDS, backoff_cap=PULL_BACKOFF_CAP_SECONDS)
 
 
 def _clock(idle: float, reply: float) -> types.SimpleNamespace:
@@ -127,4 +146,16 @@ def _start_runtime(flower_args: list[str]) -> subprocess.Popen:
     ca = _flag(flower_args, "--ssl-ca-certfile", None)
     if ca:
         argv += ["--root-certificates", ca]
-    return subprocess.Popen(argv)  # noqa: S603 - our own module, no shell
+    proc = subprocess.Popen(argv)  # noqa: S603 - our own module, no shell
+    threading.Thread(target=_supervise, args=(proc, argv), daemon=True, name="runtime-supervisor").start()
+    return proc
+
+
+def _supervise(proc: subprocess.Popen, argv: list[str]) -> None:
+    """Start the runtime again if it dies while the SuperNode lives: without it no ClientApp runs,
+    and the centre would silently miss every round. (It exits by itself when the SuperNode does.)"""
+    while True:
+        code = proc.wait()
+        log.warning("warm ClientApp runtime exited with %s; starting it again", code)
+        time.sleep(RUNTIME_RESTART_SECONDS)
+        proc = subprocess.Popen(argv)  # noqa: S603

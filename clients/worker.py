@@ -26,17 +26,17 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from clients import wire
+from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
 from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.training import CentreTrainer, autocast_dtype
 from models.config import RunConfig
-from models.gpt import parameter_manifest
-from models.packing import INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY, pack, quantize_int8, unpack
+from models.gpt import build_model, parameter_manifest
+from models.packing import INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY, STALE_BASE_METRIC, pack, quantize_int8, unpack
 
 log = logging.getLogger("bridgepool.centre")
 
@@ -58,6 +58,7 @@ class CentreWorker:
             os.nice(nice)
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
+        self.held = HeldBase()  # the broadcast model the server last delivered (clients/broadcast.py)
         # Fail at start-up, naming the centre, rather than in round 1.
         for split in ("train", "validation"):
             load_split(self.data_dir, split, centre)
@@ -71,9 +72,14 @@ class CentreWorker:
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
         trainer = self._trainer_for(header["run-config"])
-        if set(arrays) != {PARAMS_KEY}:
-            raise ValueError(f"expected one '{PARAMS_KEY}' array, got {sorted(arrays)[:5]}")
-        trainer.load_global(unpack(arrays[PARAMS_KEY], trainer.model.state_dict()))
+        try:
+            sent = self.held.receive(header.get("broadcast", {}), arrays,
+                                     lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
+        except StaleBase as err:  # the server sends the full weights in reply
+            log.warning("[%s] %s round %s: %s; asking the server for the full weights", self.centre, op,
+                        header["round"], err)
+            return self._reply(trainer, header, {STALE_BASE_METRIC: 1.0}, {})
+        trainer.load_global(unpack(sent, trainer.model.state_dict()))
         metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
         self.metrics.record_eval(trainer.cfg.run_name, metrics)
         out: wire.Arrays = {}
@@ -82,14 +88,18 @@ class CentreWorker:
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
             if trainer.cfg.compression == "int8":
-                # Send the pseudo-gradient (old - new), quantised: ~0.25 x the bytes.
-                out = quantize_int8(np.asarray(arrays[PARAMS_KEY]) - pack(result.state))
+                # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
+                out = quantize_int8(sent - pack(result.state))
             else:
                 out = {PARAMS_KEY: pack(result.state)}
+        return self._reply(trainer, header, metrics, out)
+
+    def _reply(self, trainer: CentreTrainer, header: dict[str, Any], metrics: dict[str, float],
+               out: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
         reply = {"status": "ok", "centre": self.centre, "metrics": metrics}
         # Raises EgressBlocked (so nothing but the error is sent) if the reply breaks a rule.
         self.egress.check(describe_worker_reply(reply, out), self._manifest, run=trainer.cfg.run_name,
-                          round=int(header["round"]), op=str(op), stage="worker-reply")
+                          round=int(header["round"]), op=str(header.get("op")), stage="worker-reply")
         return reply, out
 
     def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +118,7 @@ class CentreWorker:
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
             self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
             self._config = dict(run_config)
+            self.held = HeldBase()  # a new run (or a resumed one): the server sends what it needs
             self._manifest = wire_manifest(parameter_manifest(self._trainer.model))
             device = self._trainer.device
             self._peak = device_peak(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",

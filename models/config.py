@@ -40,7 +40,7 @@ class RunConfig:
     inner_warmup_steps: int
     inner_weight_decay: float
     strategy: str
-    compression: str  # none | int8: what a centre's reply carries (models/packing.py)
+    compression: str  # none | int8: how the model and the updates travel (server/broadcast.py)
     outer_lr: float
     outer_momentum: float
     eval_batches: int

@@ -9,6 +9,7 @@ sides know the layout from the model name, so nothing but numbers is sent.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -57,7 +58,8 @@ def num_values(like: Mapping[str, torch.Tensor]) -> int:
 # Pseudo-gradients (old - new) quantised per block of values with one fp32 scale
 # each (symmetric, round to nearest), as INTELLECT-1 does with uint8: 1 byte per
 # value plus 4 bytes per block, i.e. 0.254 x fp32 at 1024-value blocks. The
-# server dequantises and accumulates in fp32.
+# server dequantises and accumulates in fp32. The broadcast uses the same format
+# for the change of the global model (see "broadcast" below).
 INT8_KEY, SCALE_KEY = "delta-int8", "delta-scale"
 INT8_BLOCK = 1024
 
@@ -83,3 +85,41 @@ def dequantize_int8(arrays: dict[str, np.ndarray], size: int, block: int = INT8_
         raise PackingError(f"{SCALE_KEY} contains NaN or Inf")
     pad = np.zeros((-size) % block, np.int8)
     return (np.concatenate([q, pad]).reshape(blocks, block).astype(np.float32) * scale[:, None]).reshape(-1)[:size]
+
+
+
+# -------------------------------------------------------------- broadcast
+# What a server->centre message carries (config key FORM_KEY; server/broadcast.py
+# chooses, clients/broadcast.py applies): FULL, the flat fp32 model; DELTA, the int8
+# change from the base the centre holds (BASE_SHA_KEY) to the new one; SEED, no
+# weights at all: the new model is the run's initial one, built from the seed.
+# NEW_SHA_KEY is the SHA-256 of the model the centre must end up with. A centre
+# that cannot produce it replies only the metric STALE_BASE_METRIC = 1.
+FORM_KEY, BASE_SHA_KEY, NEW_SHA_KEY = "form", "base-sha256", "new-sha256"
+FULL, DELTA, SEED = "full", "delta", "seed"
+STALE_BASE_METRIC = "stale-base"
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """SHA-256 of a flat fp32 vector's bytes (the label both sides compare)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(vector, dtype=np.float32)).cast("B")).hexdigest()
+
+
+def apply_int8_delta(base: np.ndarray, delta: Mapping[str, np.ndarray]) -> np.ndarray:
+    """base + dequantised delta: the one place the server and a centre compute the new broadcast
+    model. numpy fp32 on the CPU, element-wise (IEEE rounding, no FMA, no reduction), so both
+    sides get the same bits on any x86/ARM machine. Values whose int8 code is 0 keep base's
+    exact bits (b + 0.0 would turn -0.0 into +0.0), so a zero delta leaves base unchanged."""
+    base = np.asarray(base)
+    if base.dtype != np.float32 or base.ndim != 1:
+        raise PackingError(f"base must be a flat float32 vector, got {base.dtype} {base.shape}")
+    out = base + dequantize_int8({k: np.asarray(v) for k, v in delta.items()}, base.size)
+    np.copyto(out, base, where=np.asarray(delta[INT8_KEY]) == 0)
+    return out
+
+
+def int8_broadcast_step(master: np.ndarray, base: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(q, b_new): q = int8(master - base), b_new = apply_int8_delta(base, q). What q leaves out,
+    master - b_new, stays in the server's master - base and is sent next time (error feedback)."""
+    q = quantize_int8(np.asarray(master, np.float32) - base)
+    return q, apply_int8_delta(base, q)

@@ -1,7 +1,9 @@
 """Aggregation maths: token-weighted averaging and the DiLoCo outer step.
 
 Pure torch, no Flower. The server keeps the global model as an fp32 CPU copy;
-every centre's reply is a full state dict of the model it trained locally.
+every centre's reply is a full state dict of the model it trained locally, from
+the model it was sent (equal to the global one unless the broadcast is int8:
+server/broadcast.py).
 
 DiLoCo (Douillard et al. 2023): pseudo-gradient g_i = theta_global - theta_i,
 averaged with token weights, then applied by a real
@@ -174,10 +176,15 @@ def aggregate(
     method: str = "mean",
     dp_clip: float = 0.0,
     dp_noise_multiplier: float = 0.0,
+    reference: Mapping[str, torch.Tensor] | None = None,
 ) -> StateDict:
     """One outer round: pseudo-gradients, combined by `method` (or privately when `dp_clip` > 0),
-    outer step. Returns new global."""
-    current = outer.state()
+    outer step. Returns new global.
+
+    `reference` is the model the centres trained from, i.e. what they were sent (with an
+    int8 broadcast, server/broadcast.py's b_new, not the master weights); pseudo-gradients are
+    taken against it and applied to the master weights. Default: the master weights (fp32)."""
+    current = outer.state() if reference is None else reference
     grads = [pseudo_gradient(current, s) for s in local_states]
     if dp_clip > 0:
         return outer.step(private_mean(grads, dp_clip, dp_noise_multiplier))

@@ -1,8 +1,9 @@
 """Flower ServerApp: the coordination server. It holds no data at all.
 
-Each round: send the global model to every connected centre, collect their
-locally trained models, reject malformed ones, aggregate (DiLoCo or FedAvg),
-checkpoint, and record the round in RUN_DIR/run.json. Centres evaluate the model
+Each round: send the global model to every connected centre (in full, as an
+int8 delta or as the seed's hash: server/broadcast.py), collect their locally
+trained models, reject malformed ones, aggregate (DiLoCo or FedAvg), checkpoint,
+and record the round in RUN_DIR/run.json. Centres evaluate the model
 they receive on their own held-out split before training, so every round carries
 a federated evaluation of the previous global model; a final evaluate message
 scores the last one.
@@ -21,7 +22,9 @@ from safetensors.torch import save_file
 
 from models.config import ConfigError, RunConfig
 from models.gpt import build_model
+from models.packing import pack, unpack
 from server.aggregation import OuterOptimizer, aggregate
+from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
 from server.liveness import Liveness
 from server.messaging import Exchange, exchange, wait_for_centres
@@ -60,15 +63,15 @@ def main(grid: Grid, context: Context) -> None:
 def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
              metrics: ServerMetrics | None = None) -> dict:
     metrics = metrics or ServerMetrics(cfg.run_name)  # recorded, not served
-    outer, start = start_point(cfg, run_dir, runlog)
-    reference = outer.state()
+    outer, start, broadcast = start_point(cfg, run_dir, runlog)
     liveness = Liveness()
 
     wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
-        ex = exchange(grid, nodes, "train", reference, rnd, cfg.round_timeout, liveness, cfg.quorum)
+        reference = _sent(broadcast, outer)  # what the centres train from
+        ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum)
         accepted = _accept(ex, reference, cfg.max_norm_factor)
         for centre, code in ex.codes.values():
             metrics.reject(centre, code)
@@ -82,10 +85,11 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
                    if rnd > 1 else "; restart the missing centres and start again")
             )
         t_agg = time.perf_counter()
-        reference = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
-                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
+        model = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
+                          cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, reference=reference)
         agg_seconds = time.perf_counter() - t_agg
-        save_checkpoint(run_dir, rnd, reference, outer.optimizer_state(), cfg.to_mapping())
+        save_checkpoint(run_dir, rnd, model, outer.optimizer_state(), cfg.to_mapping(),
+                        broadcast=broadcast.base if cfg.compression == "int8" else None)
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
         if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
             record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
@@ -95,18 +99,21 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
                  record["train-loss-mean"], record["eval-loss-mean"], len(accepted), len(nodes),
                  record["wall-seconds"])
 
-    final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", reference, cfg.rounds,
+    # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
+    _sent(broadcast, outer)
+    final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", broadcast, cfg.rounds,
                         cfg.round_timeout, liveness)
     final_model = run_dir / "final_model.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in reference.items()}, final_model)
+    save_file({k: v.contiguous().clone() for k, v in outer.state().items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}
     return {"model": str(final_model), "centres": centres,
             "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values()]),
             "failures": final_ex.failures}
 
 
-def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int]:
-    """The outer optimiser to start from and the first round to run.
+def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int, Broadcast]:
+    """The outer optimiser to start from, the first round to run, and the broadcast state
+    (the copy b the centres hold: the initial model, or the checkpoint's).
 
     With `resume`, the newest checkpoint that verifies (a corrupted or truncated
     one is refused with its file named, and the previous round is used); with
@@ -114,8 +121,10 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
     rather than silently restart from scratch.
     """
     state = {k: v.float() for k, v in build_model(cfg.model, seed=cfg.seed).state_dict().items()}
+    initial = pack(state)
     if not cfg.resume:
-        return OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1
+        return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
+                Broadcast(initial, cfg.compression))
     ckpt = latest_checkpoint(run_dir, on_refused=lambda err: runlog.event("checkpoint-refused", error=str(err)))
     if ckpt is None:
         found = sorted(checkpoint_dir(run_dir).glob("round-*"))
@@ -123,12 +132,20 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
             raise CheckpointError(f"resume: none of the {len(found)} checkpoints in {checkpoint_dir(run_dir)} "
                                   "verifies (see the errors above); refusing to start again from round 1")
         log.info("resume: no checkpoint in %s yet; starting at round 1", run_dir)
-        return OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1
+        return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
+                Broadcast(initial, cfg.compression))
     outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
     outer.load_optimizer_state(ckpt.outer)
     log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
     runlog.event("resumed-from", round=ckpt.round, path=str(ckpt.path))
-    return outer, ckpt.round + 1
+    base = ckpt.broadcast if ckpt.broadcast is not None else pack(ckpt.model)  # older checkpoints: b = m
+    return outer, ckpt.round + 1, Broadcast(initial, cfg.compression, base=base)
+
+
+def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
+    """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
+    master = outer.state()
+    return unpack(broadcast.advance(pack(master)), master)
 
 
 def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float) -> list:
@@ -156,6 +173,7 @@ def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wa
         "failed": ex.failures,
         "bytes-received": sum(r.nbytes for r in ex.replies),
         "bytes-sent": ex.bytes_sent,
+        **({"stale-base": ex.resent} if ex.resent else {}),  # centre -> form it could not apply
         "tokens": sum(r.metrics["tokens"] for r in accepted),
         "train-loss-mean": _mean([r.metrics["train-loss"] for r in accepted]),
         "eval-loss-mean": _mean([r.metrics["eval-loss"] for r in accepted]),

@@ -1,6 +1,9 @@
 """Round-boundary checkpoints on disk: weights, outer-optimiser state, round, config.
 
-Layout: RUN_DIR/checkpoints/round-0003/{model.safetensors, outer.safetensors, meta.json}.
+Layout: RUN_DIR/checkpoints/round-0003/{model.safetensors, outer.safetensors, meta.json},
+plus broadcast.safetensors with an int8 broadcast: the copy b the centres hold
+(server/broadcast.py), so a resumed run sends the same deltas as an unbroken one.
+A checkpoint without it (fp32 runs, older checkpoints) means b = the model.
 A checkpoint is written into a temporary directory and renamed into place, so a
 crash never leaves a half-written round; meta.json records each file's SHA-256,
 so a corrupted or truncated file is detected on load and the previous good round
@@ -19,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger("bridgepool.checkpoint")  # under the ServerApp's logger: lands in server.log
 FILES = ("model.safetensors", "outer.safetensors")
+BROADCAST_FILE = "broadcast.safetensors"  # optional: {"params": flat fp32 b}
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +43,7 @@ class Checkpoint:
     outer: dict[str, torch.Tensor]
     config: dict[str, Any]
     path: Path
+    broadcast: np.ndarray | None = None  # the broadcast copy b, if stored; None: b = model
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -51,6 +57,7 @@ def save_checkpoint(
     outer: dict[str, torch.Tensor],
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
+    broadcast: np.ndarray | None = None,
 ) -> Path:
     root = checkpoint_dir(run_dir)
     final = root / f"round-{round_:04d}"
@@ -60,10 +67,14 @@ def save_checkpoint(
     # safetensors refuses tensors that share memory (tied embeddings): store copies.
     save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, tmp / FILES[0])
     save_file({k: v.detach().contiguous().clone() for k, v in outer.items()}, tmp / FILES[1])
+    files = FILES
+    if broadcast is not None:
+        save_file({"params": torch.from_numpy(np.array(broadcast, dtype=np.float32))}, tmp / BROADCAST_FILE)
+        files = (*FILES, BROADCAST_FILE)
     meta = {
         "round": round_,
         "config": config,
-        "sha256": {name: _sha256(tmp / name) for name in FILES},
+        "sha256": {name: _sha256(tmp / name) for name in files},
         **(extra or {}),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -84,7 +95,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has no meta.json") from err
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint file {meta_path} is corrupted: {err}") from err
-    for name in FILES:
+    stored = (*FILES, BROADCAST_FILE) if BROADCAST_FILE in meta.get("sha256", {}) else FILES
+    for name in stored:
         file = path / name
         if not file.exists():
             raise CheckpointError(f"checkpoint file {file} is missing")
@@ -96,9 +108,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
             )
     try:
         model, outer = load_file(path / FILES[0]), load_file(path / FILES[1])
-    except (SafetensorError, OSError) as err:
+        broadcast = load_file(path / BROADCAST_FILE)["params"].numpy() if BROADCAST_FILE in stored else None
+    except (SafetensorError, OSError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} cannot be read: {err}") from err
-    return Checkpoint(int(meta["round"]), model, outer, meta.get("config", {}), path)
+    return Checkpoint(int(meta["round"]), model, outer, meta.get("config", {}), path, broadcast)
 
 
 def latest_checkpoint(run_dir: Path,

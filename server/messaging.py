@@ -1,5 +1,9 @@
 """Sending the global model to centres and collecting replies through Flower's Grid.
 
+What each centre is sent (full weights, an int8 delta, or only the seed's hash) is
+server/broadcast.py's choice; a centre that answers `stale-base` gets the full
+weights within the same round.
+
 Our own push/pull loop instead of `Grid.send_and_receive`: that one sleeps 3 s
 between pulls and knows no quorum. Here a round closes as soon as every centre
 has replied, or at the user's deadline with whatever replied by then, or, when
@@ -9,6 +13,7 @@ replied, right away (server/liveness.py explains why).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,11 +24,27 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
-from models.packing import PARAMS_KEY, pack
+from models.packing import FULL, STALE_BASE_METRIC
+from server.broadcast import Broadcast
 from server.liveness import Liveness
 
 log = logging.getLogger("bridgepool.server")
-POLL_SECONDS = 0.5  # each pull is an HTTP request the SuperLink must serve
+POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
+PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
+
+
+def _fast_reply_pulls() -> None:
+    """A centre's reply is announced before its objects are stored, so the Grid's first pull of
+    an object often races it and Flower backs off 1 s, doubling to 10 s: ~1 s lost per round.
+    Start that back-off at 20 ms instead (the same change the centres' SuperNodes make)."""
+    from flwr.superlink.grid import http_grid
+
+    if not isinstance(http_grid.pull_objects, functools.partial):
+        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS,
+                                                   backoff_cap=PULL_BACKOFF_CAP_SECONDS)
+
+
+_fast_reply_pulls()
 
 
 @dataclass
@@ -42,6 +63,7 @@ class Exchange:
     failures: dict[str, str] = field(default_factory=dict)  # node/centre -> reason
     codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # same keys -> (centre, reason code)
     bytes_sent: int = 0
+    resent: dict[str, str] = field(default_factory=dict)  # centre -> form it answered stale-base to
 
     def fail(self, key: str, centre: str, code: str, message: str) -> None:
         self.failures[key] = message
@@ -67,33 +89,43 @@ def exchange(
     grid: Grid,
     node_ids: list[int],
     message_type: str,
-    state: dict[str, torch.Tensor],
+    broadcast: Broadcast,
     server_round: int,
     timeout: float,
     liveness: Liveness | None = None,
     quorum: int = 0,
 ) -> Exchange:
-    """Send `state` to every node and gather replies until all answer or the deadline.
+    """Send the current broadcast model (`broadcast.advance` was called) to every node and
+    gather replies until all answer or the deadline.
 
+    Each node gets the form `broadcast.payload` picks (full, int8 delta or seed); a node
+    that answers `stale-base` is sent the full weights at once, within the same deadline.
     With `liveness`, suspects (nodes that missed a round) are not waited for once
     `quorum` replies are in, and late replies to earlier rounds clear suspicion.
     """
     live = liveness or Liveness()
     live.listed(node_ids)
-    arrays = ArrayRecord({PARAMS_KEY: Array(pack(state))})
-    payload = int(arrays.count_bytes())
-    messages = [
-        Message(
-            content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
-            dst_node_id=nid,
-            message_type=message_type,
-            group_id=str(server_round),
-            ttl=timeout + 60.0,
-        )
-        for nid in node_ids
-    ]
-    pending = {mid: nid for mid, nid in zip(grid.push_messages(messages), node_ids, strict=True)}
-    result = Exchange(bytes_sent=payload * len(node_ids))
+    result = Exchange()
+    records: dict[str, ArrayRecord] = {}  # one per form, shared by every message of that form
+    pending: dict[str, tuple[int, str]] = {}  # message id -> (node, form sent)
+
+    def push(nodes: list[int], full: bool = False) -> None:
+        messages, forms = [], []
+        for nid in nodes:
+            p = broadcast.payload(nid, full)
+            if p.form not in records:
+                records[p.form] = ArrayRecord({k: Array(v) for k, v in p.arrays.items()})
+            result.bytes_sent += int(records[p.form].count_bytes())
+            content = RecordDict({"config": ConfigRecord({"server-round": server_round, **p.config})})
+            if p.arrays:
+                content["arrays"] = records[p.form]
+            messages.append(Message(content=content, dst_node_id=nid, message_type=message_type,
+                                    group_id=str(server_round), ttl=timeout + 60.0))
+            forms.append(p.form)
+        for mid, nid, form in zip(grid.push_messages(messages), nodes, forms, strict=True):
+            pending[mid] = (nid, form)
+
+    push(node_ids)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
         for msg in grid.pull_messages(list(pending) + list(live.stale)):
@@ -104,19 +136,29 @@ def exchange(
                     log.info("%s answered an earlier round late; waiting for it again", live.name(late))
                     live.replied(late)
                 continue
-            nid = pending.pop(mid, None)
+            nid, form = pending.pop(mid, (None, ""))
             if nid is None:
                 continue
-            _collect(msg, nid, result, live)
-        if live.can_close(pending.values(), len(result.replies), quorum):
+            if _stale_base(msg) and form != FULL:
+                live.replied(nid, _centre(msg, nid))
+                broadcast.forget(nid)
+                result.resent[live.name(nid)] = form
+                log.warning("%s could not rebuild the %s model of round %d (stale-base: its copy differs, "
+                            "e.g. a restarted worker or another torch version); sending it the full weights",
+                            live.name(nid), form, server_round)
+                push([nid], full=True)
+                continue
+            _collect(msg, nid, result, live, broadcast)
+        if live.can_close((n for n, _ in pending.values()), len(result.replies), quorum):
             log.info("closing round %d without %s: it missed a previous round and the quorum of %d "
-                     "has replied", server_round, ", ".join(live.name(n) for n in pending.values()), quorum)
+                     "has replied", server_round, ", ".join(live.name(n) for n, _ in pending.values()), quorum)
             break
         if pending:
             time.sleep(POLL_SECONDS)
-    for mid, nid in pending.items():
+    for mid, (nid, _) in pending.items():
         was_suspect = nid in live.suspects
         live.missed(nid, mid)
+        broadcast.forget(nid)
         why = ("no reply; not waited for, it also missed an earlier round" if was_suspect
                else f"no reply within the {timeout:.0f}s round deadline")
         result.fail(_key(live, nid), live.name(nid), "no-reply", why)
@@ -128,14 +170,28 @@ def _key(live: Liveness, nid: int) -> str:
     return f"{live.names[nid]} (node {nid})" if nid in live.names else f"node-{nid}"
 
 
-def _collect(msg: Message, nid: int, result: Exchange, live: Liveness) -> None:
+def _stale_base(msg: Message) -> bool:
+    return not msg.has_error() and "metrics" in msg.content and STALE_BASE_METRIC in msg.content["metrics"]
+
+
+def _centre(msg: Message, nid: int) -> str:
+    return str(msg.content["centre"]["name"]) if "centre" in msg.content else f"node-{nid}"
+
+
+def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast: Broadcast) -> None:
     if msg.has_error():
+        broadcast.forget(nid)
         code = "node-unavailable" if msg.error.code == ErrorCode.NODE_UNAVAILABLE else "centre-error"
         result.fail(_key(live, nid), live.name(nid), code, f"centre error: {msg.error.reason}")
         return
     content = msg.content
-    centre = str(content["centre"]["name"]) if "centre" in content else f"node-{nid}"
+    centre = _centre(msg, nid)
     live.replied(nid, centre)
+    if _stale_base(msg):  # to the full weights: nothing more to send it (the worker never does this)
+        broadcast.forget(nid)
+        result.fail(_key(live, nid), centre, "stale-base", "answered stale-base to the full weights")
+        return
+    broadcast.delivered(nid)
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
     arrays, nbytes = {}, 0
     if "arrays" in content:

@@ -47,12 +47,12 @@ def poison(kind: str, trained: np.ndarray, sent: np.ndarray) -> wire.Arrays:
 class HostileWorker(CentreWorker):
     def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
         reply, out = super().handle(header, arrays)
-        if header.get("op") != "train":
+        if header.get("op") != "train" or PARAMS_KEY not in out:
             return reply, out
         kind = POISONS[(int(header["round"]) - 1) % len(POISONS)]
         logging.getLogger("bridgepool.centre").warning("[%s] round %s: sending a %s update",
                                                       self.centre, header["round"], kind)
-        return reply, poison(kind, out[PARAMS_KEY], arrays[PARAMS_KEY])
+        return reply, poison(kind, out[PARAMS_KEY], self.held.vector)  # held: the model it was sent
 
     def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "centre": self.centre}  # a hostile centre has switched its egress guard off

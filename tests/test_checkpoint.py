@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,16 @@ def test_round_trip(tmp_path):
     assert ck.round == 3 and ck.config == {"rounds": 5}
     assert all(torch.equal(ck.model[k], v) for k, v in _state(1.5).items())
     assert torch.equal(ck.outer["a"], torch.ones(2, 3))
+
+
+def test_broadcast_copy_round_trip_and_verified(tmp_path):
+    b = np.arange(5, dtype=np.float32) - 0.5
+    path = save_checkpoint(tmp_path, 1, _state(1.0), {}, {}, broadcast=b)
+    assert load_checkpoint(path).broadcast.tobytes() == b.tobytes()
+    assert load_checkpoint(save_checkpoint(tmp_path, 2, _state(1.0), {}, {})).broadcast is None  # b = model
+    (path / "broadcast.safetensors").write_bytes(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match="broadcast.safetensors"):
+        load_checkpoint(path)
 
 
 def test_tied_tensors_are_saved(tmp_path):

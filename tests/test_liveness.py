@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
-import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from server import messaging
+from server.broadcast import Broadcast
 from server.liveness import Liveness
 from server.messaging import exchange
 
-STATE = {"w": torch.zeros(3)}
+STATE = Broadcast(np.zeros(3, np.float32), "none")
+STATE.advance(np.ones(3, np.float32))
 
 
 @pytest.fixture(autouse=True)

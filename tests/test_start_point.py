@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
+from models.packing import pack
 from server.app import start_point
 from server.checkpoint import CheckpointError, save_checkpoint
 from server.runlog import RunLog
@@ -41,9 +43,10 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, caplog, how):
     runlog = RunLog(tmp_path, cfg.to_mapping(), resume=True)
 
     with caplog.at_level(logging.ERROR, logger="bridgepool"):
-        outer, start = start_point(cfg, tmp_path, runlog)
+        outer, start, broadcast = start_point(cfg, tmp_path, runlog)
 
     assert start == 2  # round 2 is re-run from round 1's weights and momentum
+    assert np.array_equal(broadcast.base, pack(good))  # a checkpoint without b: b = the model
     assert all(torch.equal(outer.state()[k], v) for k, v in good.items())
     assert all(torch.equal(b, torch.ones_like(b)) for b in outer.optimizer_state().values())
     assert bad_file in caplog.text and "corrupted or truncated" in caplog.text
@@ -65,5 +68,5 @@ def test_fresh_start_and_resume_without_checkpoints(tmp_path):
     assert start_point(cfg, tmp_path, RunLog(tmp_path, cfg.to_mapping()))[1] == 1
     _save(tmp_path, 1, cfg)
     fresh = _cfg(tmp_path, resume=False)
-    outer, start = start_point(fresh, tmp_path, RunLog(tmp_path, fresh.to_mapping()))
+    outer, start, _ = start_point(fresh, tmp_path, RunLog(tmp_path, fresh.to_mapping()))
     assert start == 1 and outer.optimizer_state() == {}  # resume off: checkpoints ignored
