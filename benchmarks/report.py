@@ -32,7 +32,7 @@ def figures(s: dict[str, Any]) -> dict[str, float]:
 def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     sc = {k: figures(v) for k, v in res["scenarios"].items()}
     central, ddp, local = sc["centralised"], sc["all-reduce (DDP gloo)"], sc["local loop (no federation)"]
-    dilocos = {k: v for k, v in sc.items() if k.startswith("DiLoCo") and not k.endswith("int8")}
+    dilocos = {k: v for k, v in sc.items() if k.startswith("DiLoCo H=") and k.split("=")[1].isdigit()}  # fp32
     best = max(dilocos, key=lambda k: int(k.split("=")[1]))
     fixed = res["fixed-cost"]["overhead-per-round"]
     rows = [
@@ -44,7 +44,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
          ", ".join(f"{k}: {100 * (v['eval-mean'] / central['eval-mean'] - 1):+.1f} %" for k, v in dilocos.items()),
          _ok(min(v["eval-mean"] for v in dilocos.values()) <= 1.05 * central["eval-mean"])),
     ]
-    for k, v in ((k, v) for k, v in sc.items() if k.startswith("DiLoCo")):  # fp32 and int8
+    for k, v in ((k, v) for k, v in sc.items() if k in dilocos or (k.startswith("DiLoCo") and k.endswith(" int8"))):
         h = int(k.split("=")[1].split()[0])
         ratio = ddp["bytes-per-token"] / max(v["bytes-per-token"], 1e-12)
         rows.append((f"{k}: bytes/token <= 1/H of DDP's", f"{ratio:.0f}x less than DDP",
@@ -92,10 +92,19 @@ def markdown(res: dict[str, Any], stem: str) -> str:
         lines.append(f"| {name} | {f['tokens']:,.0f} | {f['wall']:.1f} | {f['tokens-per-second']:,.0f} | "
                      f"{100 * f['utilisation']:.0f} % | {f['bytes']:,.0f} | {f['bytes-per-round']:,.0f} | "
                      f"{f['bytes-per-token']:.1f} | {f['overhead-per-round']:.2f} | {per} | {f['eval-mean']:.3f} |")
-    fixed = res["fixed-cost"]
+    fixed, stock = res["fixed-cost"], res.get("fixed-cost-stock")
     lines += ["", f"Fixed cost: tiny model, 1 inner step, {fixed['rounds']} rounds: "
-              f"{fixed['overhead-per-round']:.2f} s per round of wall time not spent computing.", "",
-              "## Targets", "", "| target | measured | |", "|---|---|---|"]
+              f"{fixed['overhead-per-round']:.2f} s per round of wall time not spent computing"
+              + (f" (stock `flower-supernode`, a new ClientApp process per message, same run: "
+                 f"{stock['overhead-per-round']:.2f} s)." if stock else "."), ""]
+    for name, s in res["scenarios"].items():
+        if s.get("dp"):
+            dp = s["dp"]
+            eps = f"{dp['epsilon']:.2f}" if dp.get("epsilon") is not None else "unbounded"
+            lines += [f"{name}: centre-level DP, clip {dp['clip']:g}, noise multiplier {dp['noise-multiplier']:g}, "
+                      f"epsilon {eps} at delta {dp['delta']:g} after {dp['rounds']} rounds; noise std on the mean "
+                      f"update {dp['noise-std']:g} per coordinate.", ""]
+    lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(res)]
     lines += ["", "Bytes are measured: Flower rows are the traffic the SuperLink counted on its Fleet API "
               "(centres <-> coordinator, HTTP payloads, from `flwr ls`); the DDP row is the loopback of a network "

@@ -61,10 +61,9 @@ def runtime_pid(supernode_pid: int) -> int | None:
     return None
 
 
-def sample(label: str, rnd: int, superlink: int, run_dir: Path, centre: dict[str, int] | None = None) -> dict:
+def sample(label: str, rnd: int, superlink: int, db: Path, centre: dict[str, int] | None = None) -> dict:
     """`centre`: one centre's long-lived processes (SuperNode, worker) by role -> pid."""
     app = serverapp_pid(superlink)
-    db = run_dir / "server" / "superlink.db"
     centre = centre or {}
     runtime = runtime_pid(centre["supernode"]) if "supernode" in centre else None
     rss = {f"{role}-rss-mib": rss_kib(pid) / 1024 for role, pid in
@@ -90,20 +89,21 @@ def soak(rounds: int, centres_n: int, run_dir: Path, warmup: int) -> dict:
     t0 = time.monotonic()
     with LocalFederation(run_dir, centres, base_port=free_base_port(1 + centres_n)) as fed:
         superlink = next(p.popen.pid for p in fed.group.procs if p.name == "SuperLink")
+        db = run_dir / "server" / "superlink.db"  # absent with the in-memory SuperLink (the default)
         first = centres[0].name
         centre = {role: next(p.popen.pid for p in fed.group.procs if p.name == f"{name} {first}")
                   for role, name in (("supernode", "SuperNode"), ("worker", "worker"))}
-        samples.append(sample("start (idle SuperLink)", 0, superlink, run_dir, centre))
+        samples.append(sample("start (idle SuperLink)", 0, superlink, db, centre))
 
         def tick(run: dict) -> None:
             done = run["rounds"][-1]["round"] if run.get("rounds") else 0
             for mark, label in ((1, "after round 1"), (warmup, "after warm-up"), (rounds, "end")):
                 if done >= mark and mark not in seen and serverapp_pid(superlink):
                     seen.add(mark)
-                    samples.append(sample(label, done, superlink, run_dir, centre))
+                    samples.append(sample(label, done, superlink, db, centre))
             if done and done % 25 == 0 and done not in seen:
                 seen.add(done)
-                samples.append(sample("periodic", done, superlink, run_dir, centre))
+                samples.append(sample("periodic", done, superlink, db, centre))
 
         run = fed.wait(fed.submit(cfg.to_mapping()), on_tick=tick, timeout=24 * 3600)
         tree = descendants([p.popen.pid for p in fed.group.procs]) | {p.popen.pid for p in fed.group.procs}

@@ -72,11 +72,12 @@ def _security(pki: Pki | None, insecure: bool, who: str) -> None:
         raise ValueError(f"{who}: both certificates and insecure=True given; choose one")
 
 
-def superlink(port: int, database: str, pki: Pki | None = None, *, insecure: bool = False,
+def superlink(port: int, database: str | None, pki: Pki | None = None, *, insecure: bool = False,
               host: str = "0.0.0.0", exe: str = "flower-superlink") -> list[str]:
     """The SuperLink; its own SuperExec runs each ServerApp in a subprocess (`--isolation subprocess`).
 
     With certificates: HTTPS and `--enable-supernode-auth` (only registered keys may join).
+    `database`: its SQLite state file, kept across restarts; None: Flower's in-memory state.
     """
     _security(pki, insecure, "SuperLink")
     argv = [exe]
@@ -87,7 +88,7 @@ def superlink(port: int, database: str, pki: Pki | None = None, *, insecure: boo
                  "--ssl-keyfile", pki.server_key, "--enable-supernode-auth"]
     # No network at run time: app dependencies are installed in the image/venv up front.
     return argv + ["--disable-runtime-dependency-installation", "--isolation", "subprocess",
-                   "--host", host, "--port", str(port), "--database", database]
+                   "--host", host, "--port", str(port)] + (["--database", database] if database else [])
 
 
 def node_config(centre: str, worker_socket: str) -> str:

@@ -88,9 +88,11 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
         model = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
                           cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, reference=reference)
         agg_seconds = time.perf_counter() - t_agg
+        t_ckpt = time.perf_counter()
         save_checkpoint(run_dir, rnd, model, outer.optimizer_state(), cfg.to_mapping(),
                         broadcast=broadcast.base if cfg.compression == "int8" else None)
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
+        record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
         if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
             record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
         runlog.add_round(record)
@@ -169,6 +171,8 @@ def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wa
         "time": time.time(),
         "wall-seconds": wall,
         "aggregation-seconds": agg_seconds,
+        "push-seconds": ex.push_seconds,
+        "replied-after-seconds": ex.replied_after,  # per centre, from the push to its reply at the server
         "replied": len(accepted),
         "failed": ex.failures,
         "bytes-received": sum(r.nbytes for r in ex.replies),

@@ -64,6 +64,8 @@ class Exchange:
     codes: dict[str, tuple[str, str]] = field(default_factory=dict)  # same keys -> (centre, reason code)
     bytes_sent: int = 0
     resent: dict[str, str] = field(default_factory=dict)  # centre -> form it answered stale-base to
+    push_seconds: float = 0.0  # building and handing the round's messages to the SuperLink
+    replied_after: dict[str, float] = field(default_factory=dict)  # centre -> seconds from push to its reply here
 
     def fail(self, key: str, centre: str, code: str, message: str) -> None:
         self.failures[key] = message
@@ -125,8 +127,10 @@ def exchange(
         for mid, nid, form in zip(grid.push_messages(messages), nodes, forms, strict=True):
             pending[mid] = (nid, form)
 
+    t_push = time.monotonic()
     push(node_ids)
-    deadline = time.monotonic() + timeout
+    result.push_seconds = time.monotonic() - t_push
+    deadline = t_push + timeout
     while pending and time.monotonic() < deadline:
         for msg in grid.pull_messages(list(pending) + list(live.stale)):
             mid = msg.metadata.reply_to_message_id
@@ -149,6 +153,7 @@ def exchange(
                 push([nid], full=True)
                 continue
             _collect(msg, nid, result, live, broadcast)
+            result.replied_after[live.name(nid)] = time.monotonic() - t_push
         if live.can_close((n for n, _ in pending.values()), len(result.replies), quorum):
             log.info("closing round %d without %s: it missed a previous round and the quorum of %d "
                      "has replied", server_round, ", ".join(live.name(n) for n, _ in pending.values()), quorum)

@@ -48,7 +48,7 @@ def _run_captured(run_dir: Path, centres: list[Centre], cfg: RunConfig, pcap: Pa
                   app_dir: Path = APP_DIR) -> tuple[dict, Capture]:
     base = free_base_port(1 + len(centres))
     with Capture(pcap, list(range(base, base + 1 + len(centres)))) as cap:
-        with LocalFederation(run_dir, centres, base_port=base) as fed:
+        with LocalFederation(run_dir, centres, base_port=base, durable_superlink=True) as fed:  # DB searched too
             run = fed.wait(fed.submit(cfg.to_mapping(), app_dir=app_dir), timeout=600)
     assert cap.dropped == 0, "tcpdump dropped packets: the capture is incomplete"
     return run, cap

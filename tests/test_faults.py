@@ -125,7 +125,7 @@ def test_hostile_centre_rejected_and_coordinator_restart_keeps_weights(tmp_path,
     cfg = tiny_config(run_dir, rounds=len(POISONS), **{"inner-steps": 5, "expected-centres": 3,
                                                       "min-centres": 2})
     kill_after = 2
-    fed = _HostileFederation(run_dir, centres, base_port=free_base_port(1 + len(centres)))
+    fed = _HostileFederation(run_dir, centres, base_port=free_base_port(1 + len(centres)), durable_superlink=True)
     fed.hostile = hostile
     with fed:
         def tick(run: dict) -> None:
