@@ -42,9 +42,11 @@ class Plan:
     max_bytes: int
     fixed_rounds: int
     dp_clip: float = 10.0  # L2 clip of each centre's pseudo-gradient in the DP row
+    demo_h: int = 0  # the demo's default H: a utilisation row at it (0 = none)
 
 
-FULL = Plan(model="small", centres=2, steps=200, hs=(10, 50, 200), max_bytes=1_500_000, fixed_rounds=5)
+FULL = Plan(model="small", centres=2, steps=200, hs=(10, 50, 200), max_bytes=1_500_000, fixed_rounds=5,
+            demo_h=int(load_defaults()["inner-steps"]))
 QUICK = Plan(model="tiny", centres=2, steps=8, hs=(4, 8), max_bytes=60_000, fixed_rounds=2, dp_clip=1.0)
 
 
@@ -82,6 +84,9 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
             "tokens": sum(r["tokens"] for r in rounds), "bytes": moved, "rounds": len(rounds),
             "payload-bytes": sum(r["bytes-sent"] + r["bytes-received"] for r in rounds),
             "overhead-per-round": (round_wall - compute) / len(rounds),
+            # Without round 1 (bundle install, model build, first data reads on every centre).
+            "overhead-steady": (sum(r["wall-seconds"] - max(m["compute-seconds"] for m in r["centres"].values())
+                                    for r in rounds[1:]) / (len(rounds) - 1)) if len(rounds) > 1 else None,
             "eval": {k: v["eval-loss"] for k, v in run["final"]["centres"].items()},
             "dp": rounds[-1].get("dp"),  # epsilon after the last round, when DP is on
             "curve": [(sum(x["tokens"] for x in rounds[:i]), r["eval-loss-mean"], r["time"] - run["started"])
@@ -122,6 +127,10 @@ def run_all(plan: Plan) -> dict[str, Any]:
         for h in plan.hs:
             scen[f"DiLoCo H={h}"] = flower(plan, corpora, work, f"diloco-h{h}", rounds=plan.steps // h,
                                             **{"inner-steps": h, "strategy": "diloco"})
+        if plan.demo_h:  # the utilisation target is stated for the demo's default configuration
+            scen[f"DiLoCo H={plan.demo_h} (demo default)"] = flower(
+                plan, corpora, work, f"diloco-demo-h{plan.demo_h}", rounds=max(1, plan.steps // plan.demo_h),
+                **{"inner-steps": plan.demo_h, "strategy": "diloco"})
         mid = plan.hs[len(plan.hs) // 2]
         scen[f"DiLoCo H={mid} int8"] = flower(plan, corpora, work, f"diloco-h{mid}-int8", rounds=plan.steps // mid,
                                               **{"inner-steps": mid, "strategy": "diloco", "compression": "int8"})

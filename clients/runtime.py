@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class WarmRuntime:
         self.address, self.certificates = runtime_api_address, root_certificates
         self._control = self._client("SuperExec")
         self._loaded: _Loaded | None = None
+        self._loading = threading.Lock()  # tasks run in threads; a bundle is installed and imported once
 
     def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
         interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
@@ -98,7 +100,7 @@ class WarmRuntime:
         last_task = time.monotonic()
         while True:
             try:
-                ran = self.run_one()
+                ran = self.run_one(wait=False)
             except (httpx.HTTPError, RunNotRunningException) as err:  # the SuperNode restarting, a stopped run
                 log.warning("task poll failed (%s); retrying", err)
                 ran = False
@@ -107,13 +109,28 @@ class WarmRuntime:
             else:
                 time.sleep(poll if time.monotonic() - last_task < FAST_WINDOW_SECONDS else max(poll, SLOW_POLL_SECONDS))
 
-    def run_one(self) -> bool:
-        """Run the next pending ClientApp task, if any; True if one ran."""
+    def run_one(self, wait: bool = True) -> bool:
+        """Start the next pending ClientApp task, if any; True if there was one.
+
+        Each task runs in a thread of its own, as SuperExec gives each its own process: a
+        task stuck on a message that will never arrive (its SuperLink died mid-transfer, and
+        Flower retries a missing object for minutes) must not hold up the next run's tasks.
+        """
         res = self._control.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (res.HasField("task") and res.token):
             return False
-        self._run_task(res.token)
+        task = threading.Thread(target=self._run_task_logged, args=(res.token,), daemon=True,
+                                name=f"task-{res.task.task_id}")
+        task.start()
+        if wait:
+            task.join()
         return True
+
+    def _run_task_logged(self, token: str) -> None:
+        try:
+            self._run_task(token)
+        except Exception as err:  # e.g. the reply could not be pushed: the SuperNode is gone or restarting
+            log.error("task ended without delivering its reply: %s", err)
 
     def _run_task(self, token: str) -> None:
         # What flwr-clientapp does for one task (flwr/supernode/runtime/run_clientapp.py),
@@ -155,6 +172,10 @@ class WarmRuntime:
 
     def _app(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
         """The run's ClientApp, installed and imported once per app bundle."""
+        with self._loading:
+            return self._load(fab_id, fab_version, fab_hash, fab_content)
+
+    def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
         if self._loaded is not None and self._loaded.fab_hash == fab_hash:
             return self._loaded.app
         if self._loaded is not None:

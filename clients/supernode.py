@@ -156,6 +156,8 @@ def _supervise(proc: subprocess.Popen, argv: list[str]) -> None:
     and the centre would silently miss every round. (It exits by itself when the SuperNode does.)"""
     while True:
         code = proc.wait()
+        if code < 0:  # killed by a signal: stopped on purpose (with the SuperNode's process tree)
+            return
         log.warning("warm ClientApp runtime exited with %s; starting it again", code)
         time.sleep(RUNTIME_RESTART_SECONDS)
         proc = subprocess.Popen(argv)  # noqa: S603

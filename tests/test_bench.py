@@ -4,6 +4,7 @@ output files present and figures consistent (not timings: those go in results)."
 from __future__ import annotations
 
 import json
+import math
 
 from benchmarks.federation import QUICK, run_all
 from benchmarks.report import figures, write_outputs
@@ -23,8 +24,12 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
         assert 0 < f["utilisation"] <= 1, name
         if name != "centralised" and not name.startswith("local"):
             assert f["bytes"] > 0, name  # measured traffic, not computed
-        if "eval" in s:
+        if s.get("dp"):  # DP's noise is the cost this row shows: finite, and its epsilon reported
+            assert all(math.isfinite(v) and v > 0 for v in s["eval"].values()), (name, s["eval"])
+            assert s["dp"]["epsilon"] > 0 and s["dp"]["noise-multiplier"] > 0, s["dp"]
+        elif "eval" in s:
             assert all(2.0 < v < 6.0 for v in s["eval"].values()), (name, s["eval"])
-    assert res["fixed-cost"]["overhead-per-round"] > 0
+    assert any(s.get("dp") for s in res["scenarios"].values())
+    assert res["fixed-cost"]["overhead-per-round"] > 0 and res["fixed-cost-stock"]["overhead-per-round"] > 0
     md = paths[1].read_text()
     assert "| centralised |" in md and "## Targets" in md

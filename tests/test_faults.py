@@ -43,7 +43,9 @@ def test_centre_death_rejoin_then_quorum_loss_and_resume(tmp_path, corpora):
     run_dir = tmp_path / "run"
     centres = make_centres(run_dir, corpora, 4)
     victim, second = centres[3].name, centres[2].name
-    cfg = tiny_config(run_dir, rounds=7, **{"inner-steps": 5, "expected-centres": 4, "min-centres": 3,
+    # Rounds take ~1-2 s: enough of them that the run is still going when the victim is back
+    # (it stops at the quorum loss after the rejoin; the resumed run finishes the rest).
+    cfg = tiny_config(run_dir, rounds=30, **{"inner-steps": 5, "expected-centres": 4, "min-centres": 3,
                                             "round-timeout": 45.0})
     seen: dict = {}
 
