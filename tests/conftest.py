@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from clients.data import DEFAULT_CENTRES, prepare_centre
+from clients.worker import CentreWorker
 from deploy.local import Centre, centre_dirs
 from deploy.processes import free_base_port  # noqa: F401  (re-exported for tests)
 
@@ -34,3 +35,14 @@ def make_centres(run_dir: Path, corpora: dict[str, Path], n: int) -> list[Centre
         shutil.copytree(corpora[name], c.data_dir)
         centres.append(c)
     return centres
+
+
+@pytest.fixture()
+def worker(tmp_path) -> CentreWorker:
+    """A real centre worker (in this process) on a small prepared corpus."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(12):
+        (docs / f"{i:02d}.txt").write_text(f"Document {i}. " + "Some ordinary prose for a tiny model. " * 20)
+    prepare_centre(str(docs), tmp_path / "data")
+    return CentreWorker("fr-genci", tmp_path / "data", tmp_path / "state")

@@ -12,9 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from safetensors.torch import load_file
 
 from clients.broadcast import HeldBase, StaleBase
-from clients.data import prepare_centre
 from clients.egress import read_ledger
-from clients.worker import CentreWorker
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import (
@@ -120,14 +118,7 @@ def test_centre_refuses_what_it_cannot_rebuild():
 
 
 # -------------------------------------------------------------- the real worker
-@pytest.fixture()
-def worker(tmp_path) -> CentreWorker:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(12):
-        (docs / f"{i:02d}.txt").write_text(f"Document {i}. " + "Some ordinary prose for a tiny model. " * 20)
-    prepare_centre(str(docs), tmp_path / "data")
-    return CentreWorker("fr-genci", tmp_path / "data", tmp_path / "state")
+# the `worker` fixture (a CentreWorker on a small prepared corpus) is in tests/conftest.py
 
 
 def test_worker_builds_round_one_from_the_seed_and_answers_stale_base(worker, tmp_path):

@@ -10,7 +10,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients import app as shell
-from clients.data import prepare_centre
 from clients.egress import (
     ALLOWED_METRICS,
     EgressBlocked,
@@ -92,14 +91,7 @@ def test_packed_manifest_is_one_flat_vector_of_all_parameters():
 
 
 # ------------------------------------------------------------------ in the worker
-@pytest.fixture()
-def worker(tmp_path) -> CentreWorker:
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    for i in range(12):
-        (docs / f"{i:02d}.txt").write_text(f"Document {i}. " + "Some ordinary prose for a tiny model. " * 20)
-    prepare_centre(str(docs), tmp_path / "data")
-    return CentreWorker("fr-genci", tmp_path / "data", tmp_path / "state")
+# the `worker` fixture (a CentreWorker on a small prepared corpus) is in tests/conftest.py
 
 
 def _run_config(tmp_path: Path) -> dict:
