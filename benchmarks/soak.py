@@ -40,32 +40,27 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def descendant_running(root: int, marker: bytes) -> int | None:
+    """A process below `root` whose command line contains `marker`, e.g. the ServerApp a
+    SuperLink started (b"flwr-serverapp") or a centre's warm runtime (b"clients.runtime")."""
+    for pid in descendants([root]):
+        try:
+            if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    return None
+
+
 def serverapp_pid(superlink_pid: int) -> int | None:
-    for pid in descendants([superlink_pid]):
-        try:
-            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
-
-
-def runtime_pid(supernode_pid: int) -> int | None:
-    """The warm ClientApp runtime (clients/runtime.py) a centre's SuperNode launcher started."""
-    for pid in descendants([supernode_pid]):
-        try:
-            if b"clients.runtime" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    return None
+    return descendant_running(superlink_pid, b"flwr-serverapp")
 
 
 def sample(label: str, rnd: int, superlink: int, db: Path, centre: dict[str, int] | None = None) -> dict:
     """`centre`: one centre's long-lived processes (SuperNode, worker) by role -> pid."""
     app = serverapp_pid(superlink)
     centre = centre or {}
-    runtime = runtime_pid(centre["supernode"]) if "supernode" in centre else None
+    runtime = descendant_running(centre["supernode"], b"clients.runtime") if "supernode" in centre else None
     rss = {f"{role}-rss-mib": rss_kib(pid) / 1024 for role, pid in
            {**centre, **({"runtime": runtime} if runtime else {})}.items()}
     return {"when": label, "round": rnd, **rss, "superlink-rss-mib": rss_kib(superlink) / 1024,

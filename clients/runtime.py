@@ -59,15 +59,16 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+# The task is handed out before the SuperNode has stored the message's objects, so the first
+# object pull usually races it: the SuperNode's own short back-off (see fast_pull) applies here too.
+from clients.supernode import PULL_BACKOFF_CAP_SECONDS, PULL_BACKOFF_SECONDS
+
 log = logging.getLogger("bridgepool.runtime")
 POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while idle
 # Fast polls matter right after a task (the next round's message follows within seconds);
 # after this long without one, poll every SLOW_POLL_SECONDS so an idle centre costs ~nothing.
 FAST_WINDOW_SECONDS = 30.0
 SLOW_POLL_SECONDS = 0.5
-# The task is handed out before the SuperNode has stored the message's objects, so the
-# first object pull usually races it; Flower's own back-off starts at 1 s (see clients/supernode.py).
-PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
 
 
 @dataclass
@@ -78,7 +79,7 @@ class _Loaded:
 
 
 class WarmRuntime:
-    """Runs the tasks a SuperNode hands out, one at a time, in this process."""
+    """Runs the tasks a SuperNode hands out, each in a thread of this process."""
 
     def __init__(self, runtime_api_address: str, root_certificates: bytes | None = None):
         self.address, self.certificates = runtime_api_address, root_certificates
@@ -100,7 +101,7 @@ class WarmRuntime:
         last_task = time.monotonic()
         while True:
             try:
-                ran = self.run_one(wait=False)
+                ran = self.run_one()
             except (httpx.HTTPError, RunNotRunningException) as err:  # the SuperNode restarting, a stopped run
                 log.warning("task poll failed (%s); retrying", err)
                 ran = False
@@ -109,7 +110,7 @@ class WarmRuntime:
             else:
                 time.sleep(poll if time.monotonic() - last_task < FAST_WINDOW_SECONDS else max(poll, SLOW_POLL_SECONDS))
 
-    def run_one(self, wait: bool = True) -> bool:
+    def run_one(self) -> bool:
         """Start the next pending ClientApp task, if any; True if there was one.
 
         Each task runs in a thread of its own, as SuperExec gives each its own process: a
@@ -119,11 +120,8 @@ class WarmRuntime:
         res = self._control.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (res.HasField("task") and res.token):
             return False
-        task = threading.Thread(target=self._run_task_logged, args=(res.token,), daemon=True,
-                                name=f"task-{res.task.task_id}")
-        task.start()
-        if wait:
-            task.join()
+        threading.Thread(target=self._run_task_logged, args=(res.token,), daemon=True,
+                         name=f"task-{res.task.task_id}").start()
         return True
 
     def _run_task_logged(self, token: str) -> None:
