@@ -65,10 +65,14 @@ from clients.supernode import PULL_BACKOFF_CAP_SECONDS, PULL_BACKOFF_SECONDS
 
 log = logging.getLogger("bridgepool.runtime")
 POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while idle
-# Fast polls matter right after a task (the next round's message follows within seconds);
-# after this long without one, poll every SLOW_POLL_SECONDS so an idle centre costs ~nothing.
-FAST_WINDOW_SECONDS = 30.0
+# Each poll costs the SuperNode a few ms of CPU that the centre's training needs (2 cores here).
+# Fast polls matter right after a task ends: the next round's message follows within seconds.
+# So the wait grows with the time since the last task ended (at most BACKOFF_FRACTION of it,
+# i.e. <= 5 % added to an idle gap) up to SLOW_POLL_SECONDS; while a task runs, the next one
+# can only be another run's, and BUSY_POLL_SECONDS is soon enough.
+BACKOFF_FRACTION = 0.05
 SLOW_POLL_SECONDS = 0.5
+BUSY_POLL_SECONDS = 1.0
 
 
 @dataclass
@@ -86,6 +90,9 @@ class WarmRuntime:
         self._control = self._client("SuperExec")
         self._loaded: _Loaded | None = None
         self._loading = threading.Lock()  # tasks run in threads; a bundle is installed and imported once
+        self._tasks_lock = threading.Lock()
+        self._running = 0  # tasks in flight
+        self._last_ended = time.monotonic()  # when the last task ended (start-up counts as one)
 
     def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
         interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
@@ -97,18 +104,23 @@ class WarmRuntime:
             retry_invoker=_retry_invoker())
 
     def serve_forever(self, poll: float = POLL_SECONDS) -> None:
-        log.info("warm ClientApp runtime polling %s every %.2fs", self.address, poll)
-        last_task = time.monotonic()
+        log.info("warm ClientApp runtime polling %s every %.2fs or more", self.address, poll)
         while True:
             try:
                 ran = self.run_one()
             except (httpx.HTTPError, RunNotRunningException) as err:  # the SuperNode restarting, a stopped run
                 log.warning("task poll failed (%s); retrying", err)
                 ran = False
-            if ran:
-                last_task = time.monotonic()
-            else:
-                time.sleep(poll if time.monotonic() - last_task < FAST_WINDOW_SECONDS else max(poll, SLOW_POLL_SECONDS))
+            if not ran:
+                time.sleep(self.poll_wait(poll))
+
+    def poll_wait(self, poll: float = POLL_SECONDS) -> float:
+        """Seconds until the next task poll (see BACKOFF_FRACTION)."""
+        with self._tasks_lock:
+            if self._running:
+                return max(poll, BUSY_POLL_SECONDS)
+            idle = time.monotonic() - self._last_ended
+        return min(max(poll, SLOW_POLL_SECONDS), max(poll, BACKOFF_FRACTION * idle))
 
     def run_one(self) -> bool:
         """Start the next pending ClientApp task, if any; True if there was one.
@@ -125,10 +137,16 @@ class WarmRuntime:
         return True
 
     def _run_task_logged(self, token: str) -> None:
+        with self._tasks_lock:
+            self._running += 1
         try:
             self._run_task(token)
         except Exception as err:  # e.g. the reply could not be pushed: the SuperNode is gone or restarting
             log.error("task ended without delivering its reply: %s", err)
+        finally:
+            with self._tasks_lock:
+                self._running -= 1
+                self._last_ended = time.monotonic()
 
     def _run_task(self, token: str) -> None:
         # What flwr-clientapp does for one task (flwr/supernode/runtime/run_clientapp.py),

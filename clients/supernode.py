@@ -37,10 +37,11 @@ from typing import Any
 log = logging.getLogger("bridgepool.supernode")
 IDLE_POLL_SECONDS = 0.2  # stock: 3.0
 REPLY_POLL_SECONDS = 0.05  # stock: 0.5
-# Fast idle pulls matter between rounds (the server is aggregating; seconds at most). After
-# this long without a message the node is between runs or waiting on a straggler: pull
-# every SLOW_IDLE_SECONDS instead, so an idle federation costs the SuperLink ~1 request/s/node.
-FAST_IDLE_WINDOW_SECONDS = 30.0
+# Fast idle pulls matter between rounds (the server is aggregating; seconds at most). The
+# longer the node has waited, the less a late pull costs: the pause grows to IDLE_BACKOFF_FRACTION
+# of the time since its last message (<= 5 % added to the gap), up to SLOW_IDLE_SECONDS, so a
+# centre waiting on a straggler or between runs costs the SuperLink ~1 request/s.
+IDLE_BACKOFF_FRACTION = 0.05
 REPLY_FAST_FRACTION = 0.8  # of the previous reply wait, before reply polls get fast
 RUNTIME_RESTART_SECONDS = 1.0
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0  # stock: 1 s doubling to 10 s
@@ -104,8 +105,7 @@ def _clock(idle: float, reply: float) -> types.SimpleNamespace:
         if seconds == _STOCK_IDLE:
             if wait["start"] is not None:  # the last wait for a reply is over
                 wait["previous"], wait["start"] = last_busy[0] - wait["start"], None
-            slow = now - last_busy[0] > FAST_IDLE_WINDOW_SECONDS
-            seconds = max(idle, SLOW_IDLE_SECONDS) if slow else idle
+            seconds = min(max(idle, SLOW_IDLE_SECONDS), max(idle, IDLE_BACKOFF_FRACTION * (now - last_busy[0])))
         elif seconds == _STOCK_REPLY:
             if wait["start"] is None:
                 wait["start"] = now

@@ -274,10 +274,9 @@ class LocalFederation:
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
         env.update({"FLWR_HOME": str(flwr_home), "PYTHONUNBUFFERED": "1",
                     "PYTHONPATH": str(APP_DIR) + os.pathsep + env.get("PYTHONPATH", ""),
-                    "FLWR_TELEMETRY_ENABLED": "0",
-                    # Flower's SuperExec polls for new ClientApp/ServerApp tasks every 1 s by
-                    # default; 0.5 s halves that share of the per-round fixed cost without load.
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                    # Flower's SuperExec keeps its default 1 s task poll: with the warm runtime
+                    # (clients/runtime.py) it only starts the ServerApp, once per run.
+                    "FLWR_TELEMETRY_ENABLED": "0", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                     "MPLCONFIGDIR": str(self.run_dir / "server" / "mpl")})
         return env
 

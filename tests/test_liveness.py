@@ -95,3 +95,15 @@ def test_quorum_not_met_waits_for_suspects_until_the_deadline():
     ex = exchange(grid, [1, 2, 3], "train", STATE, 1, timeout=0.2, liveness=live, quorum=2)
     assert [r.node_id for r in ex.replies] == [1] and grid.pulls > 3  # kept pulling to the deadline
     assert set(ex.failures) == {"node-2", "node-3"}
+
+
+def test_server_reply_polls_back_off_with_the_wait():
+    """Each pull costs the SuperLink and the ServerApp CPU: sparse before the replies are
+    expected, fast right after a push or a reply, at most 5 % of the wait later."""
+    wait = messaging._poll_wait
+    assert wait(0.0, {}, 0.0) == messaging.POLL_SECONDS
+    assert wait(4.0, {}, 0.0) == pytest.approx(0.2)
+    assert wait(60.0, {}, 0.0) == messaging.SLOW_POLL_SECONDS
+    assert wait(1.0, {}, 30.0) == messaging.EXPECTED_POLL_SECONDS  # 80 % of the last wait is 24 s away
+    assert wait(23.0, {}, 30.0) == pytest.approx(1.0)
+    assert wait(30.0, {"fr": 29.9}, 30.0) == messaging.POLL_SECONDS  # one replied: the rest follow soon

@@ -34,17 +34,39 @@ def test_clock_replaces_only_the_two_waits(monkeypatch):
     assert clock.time is supernode.time.time and clock.monotonic is supernode.time.monotonic
 
 
-def test_clock_slows_idle_pulls_after_the_fast_window(monkeypatch):
+def test_idle_pulls_back_off_with_the_time_since_the_last_message(monkeypatch):
     now = [100.0]
     slept: list[float] = []
     monkeypatch.setattr(supernode.time, "sleep", slept.append)
     monkeypatch.setattr(supernode.time, "monotonic", lambda: now[0])
     clock = supernode._clock(idle=0.2, reply=0.05)
-    now[0] += supernode.FAST_IDLE_WINDOW_SECONDS + 1
+    clock.sleep(3)  # just started: fast
+    now[0] += 10.0
+    clock.sleep(3)  # 10 s idle: 5 % of it
+    now[0] += 60.0
+    clock.sleep(3)  # long idle: capped
+    clock.sleep(0.5)  # a message is being handled: fast again after it
     clock.sleep(3)
-    clock.sleep(0.5)  # a message is being handled: fast again
-    clock.sleep(3)
-    assert slept == [supernode.SLOW_IDLE_SECONDS, 0.05, 0.2]
+    assert slept == [0.2, pytest.approx(0.5), supernode.SLOW_IDLE_SECONDS, 0.05, 0.2]
+
+
+def test_runtime_polls_fast_only_right_after_a_task(monkeypatch):
+    """The warm runtime's task polls cost the SuperNode CPU the centre's training needs:
+    fast just after a task ends (the next round follows), slower the longer it idles,
+    slow while a task runs."""
+    from clients import runtime
+
+    now = [50.0]
+    monkeypatch.setattr(runtime.time, "monotonic", lambda: now[0])
+    rt = runtime.WarmRuntime.__new__(runtime.WarmRuntime)
+    rt._tasks_lock, rt._running, rt._last_ended = __import__("threading").Lock(), 0, now[0]
+    assert rt.poll_wait() == runtime.POLL_SECONDS
+    now[0] += 4.0
+    assert rt.poll_wait() == pytest.approx(0.2)
+    now[0] += 100.0
+    assert rt.poll_wait() == runtime.SLOW_POLL_SECONDS
+    rt._running = 1
+    assert rt.poll_wait() == runtime.BUSY_POLL_SECONDS
 
 
 @pytest.mark.parametrize("given", [[], ["--isolation", "subprocess"], ["--isolation=subprocess"]])
