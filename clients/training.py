@@ -10,6 +10,14 @@ Determinism: the batch at inner step s depends only on (seed, centre, s) and the
 learning rate only on s, with s = (round - 1) * H + i. The inner optimiser state
 is saved per round on the centre's own disk, so a round can be re-run (after a
 coordinator restart) from exactly the state it started with.
+
+Overlap (`overlap-steps` = k > 0): while the server aggregates round r, the centre
+trains the first k steps of round r + 1 on its own model, where round r ended
+(`train_ahead`). When the global model of round r + 1 arrives, that progress is
+added onto it and the other H - k steps follow (`train_round(..., ahead)`): the
+first k steps of every round see weights one outer step old. Those k steps are a
+fixed number, so runs stay deterministic, and a restarted worker re-trains them
+from the round's end saved on disk.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from clients.data import TokenSampler, load_split
 from models.config import RunConfig
@@ -31,6 +40,19 @@ from models.gpt import GPT, build_model
 
 log = logging.getLogger("bridgepool.centre")
 KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the last one or two)
+
+
+@dataclass
+class Ahead:
+    """The first steps of `round`, trained on the centre's own model before that round's
+    global model arrived (overlap): they started at `base` and ended at `state`."""
+
+    round: int
+    base: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]
+    losses: list[torch.Tensor]
+    step_seconds: list[float]
+    compute: float
 
 
 @dataclass
@@ -84,10 +106,12 @@ class CentreTrainer:
         self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
         self.flops_per_token = self.model.flops_per_token()
         self._optim_round = 0  # round whose inner-optimiser state self.optim holds
+        self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
 
     # ------------------------------------------------------------------ public
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
+        self._local_round = -1
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -102,16 +126,82 @@ class CentreTrainer:
         return {"eval-loss": float(np.mean(losses)), "eval-tokens": float(tokens),
                 "eval-seconds": time.perf_counter() - t0}
 
-    def train_round(self, server_round: int) -> RoundResult:
-        """H inner AdamW steps from the loaded weights; returns new weights and figures."""
-        self._load_optim(server_round - 1)
-        self.model.train()
+    def train_round(self, server_round: int, ahead: Ahead | None = None) -> RoundResult:
+        """H inner AdamW steps from the loaded weights; returns new weights and figures.
+
+        With `ahead` (its round must be this one), its progress is added onto the loaded
+        weights and only the steps after it are trained, continuing its optimiser state.
+        """
+        if ahead is None:
+            self._load_optim(server_round - 1)
+            done: list[torch.Tensor] = []
+            done_seconds: list[float] = []
+            done_compute = 0.0
+        else:
+            if ahead.round != server_round:
+                raise ValueError(f"steps trained ahead for round {ahead.round} offered to round {server_round}")
+            self._rebase(ahead)
+            done, done_seconds, done_compute = ahead.losses, ahead.step_seconds, ahead.compute
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        H, losses, step_seconds = self.cfg.inner_steps, [], []
+        H = self.cfg.inner_steps
         t0 = time.perf_counter()
-        for i in range(H):
-            step = (server_round - 1) * H + i
+        losses, step_seconds = self._steps(server_round, len(done), H)
+        compute = time.perf_counter() - t0 + done_compute
+        losses, step_seconds = done + losses, done_seconds + step_seconds
+        train_loss = float(torch.stack(losses).float().mean())  # one sync, after the loop
+        self._save_optim(server_round)
+        if self.cfg.overlap_steps and server_round < self.cfg.rounds:
+            self._save_local(server_round)  # where the next round's early steps start, also after a restart
+        tokens = H * self.cfg.batch_size * self.seq_len
+        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+        return RoundResult(state, {
+            "train-loss": train_loss,
+            "tokens": float(tokens),
+            "num-examples": float(H * self.cfg.batch_size),
+            "compute-seconds": compute,
+            "tokens-per-second": tokens / compute,
+            "step-seconds-max": max(step_seconds),
+            "step-seconds-mean": float(np.mean(step_seconds)),
+            "steps-ahead": float(len(done)),
+            "flops-per-token": float(self.flops_per_token),
+            "peak-memory-bytes": float(self._peak_memory()),
+        }, step_seconds)
+
+    def train_ahead(self, next_round: int) -> Ahead | None:
+        """The first `overlap-steps` steps of `next_round`, from where round next_round - 1
+        ended: in memory right after train_round, else (a restarted worker, a re-sent round)
+        from that round's end saved on disk. None if there is nothing to start from (round 1,
+        overlap off, or a centre that did not train the previous round): then the round is
+        trained whole from the global model."""
+        k, prev = self.cfg.overlap_steps, next_round - 1
+        if not k or prev < 1:
+            return None
+        if self._local_round != prev:
+            path = self._local_path(prev)
+            if not path.exists() or not self._optim_path(prev).exists():
+                log.warning("[%s] no local model after round %d (%s): round %d starts whole from the global model",
+                            self.centre, prev, path, next_round)
+                return None
+            self.load_global(load_file(path))
+            self._local_round = prev
+        self._load_optim(prev)
+        base = self._snapshot()
+        self._optim_round = self._local_round = -1  # from here memory holds neither a round's end nor its moments
+        t0 = time.perf_counter()
+        losses, step_seconds = self._steps(next_round, 0, k)
+        compute = time.perf_counter() - t0
+        return Ahead(next_round, base, self._snapshot(), losses, step_seconds, compute)
+    def lr_at(self, step: int) -> float:
+        return lr_schedule(step, self.cfg)
+
+    # ----------------------------------------------------------------- private
+    def _steps(self, server_round: int, first: int, last: int) -> tuple[list[torch.Tensor], list[float]]:
+        """Inner steps first..last-1 of `server_round` on the model as it is."""
+        self.model.train()
+        losses, step_seconds = [], []
+        for i in range(first, last):
+            step = (server_round - 1) * self.cfg.inner_steps + i
             for group in self.optim.param_groups:
                 group["lr"] = self.lr_at(step)
             ts = time.perf_counter()
@@ -124,27 +214,32 @@ class CentreTrainer:
             losses.append(loss.detach())
             self._sync()
             step_seconds.append(time.perf_counter() - ts)
-        compute = time.perf_counter() - t0
-        train_loss = float(torch.stack(losses).float().mean())  # one sync, after the loop
-        self._save_optim(server_round)
-        tokens = H * self.cfg.batch_size * self.seq_len
-        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
-        return RoundResult(state, {
-            "train-loss": train_loss,
-            "tokens": float(tokens),
-            "num-examples": float(H * self.cfg.batch_size),
-            "compute-seconds": compute,
-            "tokens-per-second": tokens / compute,
-            "step-seconds-max": max(step_seconds),
-            "step-seconds-mean": float(np.mean(step_seconds)),
-            "flops-per-token": float(self.flops_per_token),
-            "peak-memory-bytes": float(self._peak_memory()),
-        }, step_seconds)
+        return losses, step_seconds
 
-    def lr_at(self, step: int) -> float:
-        return lr_schedule(step, self.cfg)
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    # ----------------------------------------------------------------- private
+    @torch.no_grad()
+    def _rebase(self, ahead: Ahead) -> None:
+        """Add the steps trained ahead onto the global model just loaded: w = global + (end - start)."""
+        seen: set[int] = set()
+        for k, v in self.model.state_dict().items():
+            if v.data_ptr() not in seen:  # tied weights (wte = lm_head) appear twice: add once
+                seen.add(v.data_ptr())
+                v.add_(ahead.state[k] - ahead.base[k])
+
+    def _local_path(self, server_round: int) -> Path:
+        return self.state_dir / f"local-model-round-{server_round:04d}.safetensors"
+
+    def _save_local(self, server_round: int) -> None:
+        path = self._local_path(server_round)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, tmp)  # untie
+        tmp.replace(path)
+        self._local_round = server_round
+        for old in sorted(self.state_dir.glob("local-model-round-*.safetensors"))[:-KEEP_OPTIM_ROUNDS]:
+            old.unlink()
+
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         xt = torch.from_numpy(x).to(self.device, non_blocking=True)
         yt = torch.from_numpy(y).to(self.device, non_blocking=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -33,7 +34,7 @@ from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
 from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
-from clients.training import CentreTrainer, autocast_dtype
+from clients.training import Ahead, CentreTrainer, autocast_dtype
 from models.config import RunConfig
 from models.gpt import build_model, parameter_manifest
 from models.packing import INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY, STALE_BASE_METRIC, pack, quantize_int8, unpack
@@ -59,6 +60,10 @@ class CentreWorker:
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
         self.held = HeldBase()  # the broadcast model the server last delivered (clients/broadcast.py)
+        # The next round's first steps, trained while the server aggregates, and the trainer (run) they belong to.
+        self._ahead: tuple[CentreTrainer, Ahead | None] | None = None
+        self._ahead_thread: threading.Thread | None = None
+        self._next_round = 0  # after a train reply: the round to train ahead for (0 = none)
         # Fail at start-up, naming the centre, rather than in round 1.
         for split in ("train", "validation"):
             load_split(self.data_dir, split, centre)
@@ -71,20 +76,29 @@ class CentreWorker:
             return self._egress_check(header), {}
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
+        ahead_of = self._join_ahead()  # the model is the background steps' until they end
         trainer = self._trainer_for(header["run-config"])
+        ahead = ahead_of[1] if ahead_of is not None and ahead_of[0] is trainer else None
         try:
             sent = self.held.receive(header.get("broadcast", {}), arrays,
                                      lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
         except StaleBase as err:  # the server sends the full weights in reply
             log.warning("[%s] %s round %s: %s; asking the server for the full weights", self.centre, op,
                         header["round"], err)
+            self._ahead = ahead_of  # still good for the same round, once the full weights come
             return self._reply(trainer, header, {STALE_BASE_METRIC: 1.0}, {})
         trainer.load_global(unpack(sent, trainer.model.state_dict()))
         metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
         self.metrics.record_eval(trainer.cfg.run_name, metrics)
         out: wire.Arrays = {}
         if op == "train":
-            result = trainer.train_round(int(header["round"]))
+            rnd = int(header["round"])
+            if ahead is None or ahead.round != rnd:  # not trained ahead (or for another round): do it now
+                ahead = trainer.train_ahead(rnd)
+                if ahead is not None:  # the global model it was sent: train_ahead loaded the round's start
+                    trainer.load_global(unpack(sent, trainer.model.state_dict()))
+            result = trainer.train_round(rnd, ahead)
+            self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
             if trainer.cfg.compression == "int8":
@@ -93,6 +107,31 @@ class CentreWorker:
             else:
                 out = {PARAMS_KEY: pack(result.state)}
         return self._reply(trainer, header, metrics, out)
+
+    def after_reply(self) -> None:
+        """Once a train reply has left: train the next round's first steps in the background
+        (overlap-steps), so the centre computes while the server aggregates. The next train
+        or evaluate request waits for them; pings and egress checks do not."""
+        rnd, self._next_round = self._next_round, 0
+        if rnd and self._trainer is not None:
+            trainer = self._trainer
+            self._ahead_thread = threading.Thread(target=self._train_ahead, args=(trainer, rnd),
+                                                  name=f"ahead-{rnd}", daemon=True)
+            self._ahead_thread.start()
+
+    def _train_ahead(self, trainer: CentreTrainer, rnd: int) -> None:
+        try:
+            self._ahead = (trainer, trainer.train_ahead(rnd))
+        except Exception:  # the round is then trained whole when it comes
+            log.exception("[%s] training ahead for round %d failed", self.centre, rnd)
+            self._ahead = None
+
+    def _join_ahead(self) -> tuple[CentreTrainer, Ahead | None] | None:
+        if self._ahead_thread is not None:
+            self._ahead_thread.join()
+            self._ahead_thread = None
+        ahead, self._ahead = self._ahead, None
+        return ahead
 
     def _reply(self, trainer: CentreTrainer, header: dict[str, Any], metrics: dict[str, float],
                out: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
@@ -165,6 +204,7 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
                     sent = wire.send(conn, reply, out)
+                    worker.after_reply()
                     if "run-config" in header:  # a run's request, not a health check
                         run = str(header["run-config"].get("run-name", ""))
                         worker.metrics.record_exchange(run, t0, time.perf_counter(), received, sent)

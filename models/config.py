@@ -39,6 +39,7 @@ class RunConfig:
     inner_lr: float
     inner_warmup_steps: int
     inner_weight_decay: float
+    overlap_steps: int  # inner steps trained ahead on the centre's own model while the server aggregates
     strategy: str
     compression: str  # none | int8: how the model and the updates travel (server/broadcast.py)
     outer_lr: float
@@ -71,7 +72,8 @@ class RunConfig:
         _choice("aggregator", self.aggregator, AGGREGATORS)
         for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres"):
             _at_least(key, getattr(self, _snake(key)), 1)
-        for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port"):
+        for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port",
+                    "overlap-steps"):
             _at_least(key, getattr(self, _snake(key)), 0)
         for key in ("inner-lr", "outer-lr", "connect-timeout", "round-timeout"):
             if not getattr(self, _snake(key)) > 0:
@@ -86,6 +88,9 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'max-norm-factor' must be 0 (off) or > 1, got {self.max_norm_factor}"
             )
+        if self.overlap_steps > self.inner_steps:
+            raise ConfigError(f"config key 'overlap-steps' ({self.overlap_steps}) exceeds 'inner-steps' "
+                              f"({self.inner_steps}): at most a whole round can be trained ahead")
         if self.inner_weight_decay < 0:
             raise ConfigError("config key 'inner-weight-decay' must be >= 0")
         self._check_dp()

@@ -30,6 +30,12 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
         elif "eval" in s:
             assert all(2.0 < v < 6.0 for v in s["eval"].values()), (name, s["eval"])
     assert any(s.get("dp") for s in res["scenarios"].values())
+    # The optional overlap: each round after the first had its first k steps trained ahead, on every centre.
+    k, demo_rows = QUICK.overlap, [n for n in names if n.startswith(f"DiLoCo H={QUICK.demo_h} ")]
+    assert len(demo_rows) == 3, demo_rows  # demo default, with overlap, with overlap and int8
+    for name in demo_rows:
+        s = res["scenarios"][name]
+        assert s["steps-ahead"] == (k * (QUICK.demo_rounds - 1) * QUICK.centres if " overlap " in name else 0), name
     assert res["fixed-cost"]["overhead-per-round"] > 0 and res["fixed-cost-stock"]["overhead-per-round"] > 0
     md = paths[1].read_text()
-    assert "| centralised |" in md and "## Targets" in md
+    assert "| centralised |" in md and "## Targets" in md and "Overlap: `DiLoCo H=4 overlap 2`" in md

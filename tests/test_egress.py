@@ -123,8 +123,8 @@ def test_worker_blocks_a_reply_that_would_carry_data(worker, tmp_path, monkeypat
 
     real = training.CentreTrainer.train_round
 
-    def leaky(self, server_round):
-        result = real(self, server_round)
+    def leaky(self, server_round, ahead=None):
+        result = real(self, server_round, ahead)
         result.metrics["sample-bytes"] = float(self.train.tokens[0])  # a data byte under a new name
         return result
 
