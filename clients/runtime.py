@@ -71,7 +71,7 @@ POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while id
 # i.e. <= 5 % added to an idle gap) up to SLOW_POLL_SECONDS; while a task runs, the next one
 # can only be another run's, and BUSY_POLL_SECONDS is soon enough.
 BACKOFF_FRACTION = 0.05
-SLOW_POLL_SECONDS = 0.5
+SLOW_POLL_SECONDS = 0.25
 BUSY_POLL_SECONDS = 1.0
 
 
@@ -93,6 +93,7 @@ class WarmRuntime:
         self._tasks_lock = threading.Lock()
         self._running = 0  # tasks in flight
         self._last_ended = time.monotonic()  # when the last task ended (start-up counts as one)
+        self._task_ended = threading.Event()
 
     def _client(self, component: str, token: str | None = None) -> RuntimeHttpClient:
         interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
@@ -112,7 +113,8 @@ class WarmRuntime:
                 log.warning("task poll failed (%s); retrying", err)
                 ran = False
             if not ran:
-                time.sleep(self.poll_wait(poll))
+                self._task_ended.wait(self.poll_wait(poll))  # a task ending cuts the wait short
+                self._task_ended.clear()
 
     def poll_wait(self, poll: float = POLL_SECONDS) -> float:
         """Seconds until the next task poll (see BACKOFF_FRACTION)."""
@@ -147,6 +149,7 @@ class WarmRuntime:
             with self._tasks_lock:
                 self._running -= 1
                 self._last_ended = time.monotonic()
+            self._task_ended.set()  # the next round's message follows soon: poll fast from now
 
     def _run_task(self, token: str) -> None:
         # What flwr-clientapp does for one task (flwr/supernode/runtime/run_clientapp.py),

@@ -40,12 +40,12 @@ REPLY_POLL_SECONDS = 0.05  # stock: 0.5
 # Fast idle pulls matter between rounds (the server is aggregating; seconds at most). The
 # longer the node has waited, the less a late pull costs: the pause grows to IDLE_BACKOFF_FRACTION
 # of the time since its last message (<= 5 % added to the gap), up to SLOW_IDLE_SECONDS, so a
-# centre waiting on a straggler or between runs costs the SuperLink ~1 request/s.
+# centre waiting on a straggler or between runs costs the SuperLink ~2 requests/s.
 IDLE_BACKOFF_FRACTION = 0.05
 REPLY_FAST_FRACTION = 0.8  # of the previous reply wait, before reply polls get fast
 RUNTIME_RESTART_SECONDS = 1.0
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0  # stock: 1 s doubling to 10 s
-SLOW_IDLE_SECONDS = 1.0
+SLOW_IDLE_SECONDS = 0.5
 _STOCK_IDLE, _STOCK_REPLY = 3, 0.5  # the literals in flwr 1.41's start_client_internal.py
 
 

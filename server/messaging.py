@@ -31,13 +31,11 @@ from server.liveness import Liveness
 log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
 # ...and ~10 ms of CPU on the SuperLink and here, taken from the centres' training on a small
-# machine. Until 80 % of the previous round's wait for its first reply, pull every EXPECTED_POLL_SECONDS
-# (only an early reply is missed, by at most that); after it, the pause grows to BACKOFF_FRACTION
-# of the time since the push or the last reply (<= 5 % added to the wait), up to SLOW_POLL_SECONDS.
+# machine. So the pause grows to BACKOFF_FRACTION of the time since the push or the last reply
+# (<= 5 % added to the wait), up to SLOW_POLL_SECONDS. (Sparser pulls "until the replies are
+# expected" were tried: the expectation, measured by these same pulls, fed its own delay back.)
 SLOW_POLL_SECONDS = 0.5
-EXPECTED_POLL_SECONDS = 2.0
 BACKOFF_FRACTION = 0.05
-_first_reply: dict[str, float] = {}  # message type -> seconds from push to the first reply, last exchange
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
 
 
@@ -161,15 +159,13 @@ def exchange(
                 push([nid], full=True)
                 continue
             _collect(msg, nid, result, live, broadcast)
-            if not result.replied_after:
-                _first_reply[message_type] = time.monotonic() - t_push
             result.replied_after[live.name(nid)] = time.monotonic() - t_push
         if live.can_close((n for n, _ in pending.values()), len(result.replies), quorum):
             log.info("closing round %d without %s: it missed a previous round and the quorum of %d "
                      "has replied", server_round, ", ".join(live.name(n) for n, _ in pending.values()), quorum)
             break
         if pending:
-            time.sleep(_poll_wait(time.monotonic() - t_push, result.replied_after, _first_reply.get(message_type, 0.0)))
+            time.sleep(_poll_wait(time.monotonic() - t_push, result.replied_after))
     for mid, (nid, _) in pending.items():
         was_suspect = nid in live.suspects
         live.missed(nid, mid)
@@ -180,12 +176,8 @@ def exchange(
     return result
 
 
-def _poll_wait(elapsed: float, replied_after: dict[str, float], expected_first: float) -> float:
+def _poll_wait(elapsed: float, replied_after: dict[str, float]) -> float:
     """Seconds until the next pull, `elapsed` after the push (see BACKOFF_FRACTION)."""
-    if not replied_after:
-        until_expected = 0.8 * expected_first - elapsed
-        if until_expected > 0:
-            return min(EXPECTED_POLL_SECONDS, until_expected)
     since_event = elapsed - max(replied_after.values(), default=0.0)
     return min(SLOW_POLL_SECONDS, max(POLL_SECONDS, BACKOFF_FRACTION * since_event))
 
