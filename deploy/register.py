@@ -49,13 +49,19 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
 
 # What a SuperNode's log says when the SuperLink will not admit it (Flower 1.41 exit code 305 and
 # the API error inside it), and what it means for an operator.
+_NO_CONNECTION = "Failed to initialize the connection to the SuperLink"
 _REFUSALS = (
     (("Failed to activate SuperNode",), "refused at activation: its public key is not registered at the "
      "SuperLink, or a SuperNode with this key is already online (the SuperLink log says which); register "
      "it with `bridgepool deploy register KEY.pub`, or stop the other SuperNode holding the key"),
     (("All SuperNodes must be registered",), "refused: SuperNode authentication is on and this SuperNode "
      "has no key; pass --auth-supernode-private-key"),
-    (("Option `--insecure` was set", "Server disconnected without sending a response"),
+    # Nothing listens there: said first, so that a plaintext SuperNode is not told TLS is the cause.
+    ((_NO_CONNECTION, "Connection refused"), "could not reach the SuperLink: nothing listens at the "
+     "address given (not started yet, or a wrong --superlink host or port)"),
+    # A TLS SuperLink drops a plaintext request; what the SuperNode then reports depends on timing
+    # ("Server disconnected without sending a response", "Connection reset by peer", or nothing).
+    (("Option `--insecure` was set", _NO_CONNECTION),
      "refused: it connected without TLS (--insecure) to a SuperLink that requires TLS"),
     (("CERTIFICATE_VERIFY_FAILED",), "refused: the SuperLink's certificate does not verify against "
      "--root-certificates (another CA, or a SAN missing for the address dialled)"),

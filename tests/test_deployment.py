@@ -182,6 +182,8 @@ def test_insecure_is_an_explicit_opt_in():
 
 def test_refusals_are_named():
     assert "not registered" in supernode_refusal("Exit Code: 305\n[code: 2004] Failed to activate SuperNode.")
-    insecure = "Option `--insecure` was set.\n...\nServer disconnected without sending a response."
-    assert "without TLS" in supernode_refusal(insecure)
+    insecure = "Option `--insecure` was set.\n...\nFailed to initialize the connection to the SuperLink.\n"
+    for said in ("Server disconnected without sending a response.", "[Errno 104] Connection reset by peer", ""):
+        assert "without TLS" in supernode_refusal(insecure + said), said
+    assert "nothing listens" in supernode_refusal(insecure + "[Errno 111] Connection refused")
     assert supernode_refusal("SuperNode ID: 42") is None
