@@ -34,6 +34,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     return release("evaluate", msg, context, _relay("evaluate", msg, context))
 
 
+@app.query()
+def prepare(msg: Message, context: Context) -> Message:
+    """Before round 1 (server/messaging.py `prepare`): the worker builds the run's model and reads
+    its data, and this runtime installs the app, so that round 1's clock starts with both warm."""
+    return release("prepare", msg, context, _relay("prepare", msg, context))
+
+
 def release(op: str, msg: Message, context: Context, reply: Message) -> Message:
     """`reply`, once the centre's egress guard has checked and recorded it; raises if it blocks it
     (Flower then sends only an error, whose text names no value)."""

@@ -74,6 +74,9 @@ class CentreWorker:
             return {"status": "ok", "centre": self.centre}, {}
         if op == "egress-check":
             return self._egress_check(header), {}
+        if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
+            trainer = self._trainer_for(header["run-config"])
+            return self._reply(trainer, header, {}, {})
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
         ahead_of = self._join_ahead()  # the model is the background steps' until they end
@@ -145,7 +148,8 @@ class CentreWorker:
         """The ClientApp shell's final Flower reply, described (forms and hashes, no values),
         checked by the same guard before the shell may return it."""
         trainer = self._trainer_for(header["run-config"])
-        op = header.get("reply-to") if header.get("reply-to") in ("train", "evaluate") else "unknown"  # no free text
+        replied = header.get("reply-to")
+        op = replied if replied in ("train", "evaluate", "prepare") else "unknown"  # no free text
         self.egress.check(header["message"], self._manifest, run=trainer.cfg.run_name,
                           round=int(header["round"]), op=str(op), stage="flower-reply")
         return {"status": "ok", "centre": self.centre}

@@ -93,6 +93,29 @@ def wait_for_centres(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
+def prepare(grid: Grid, node_ids: list[int], timeout: float) -> dict[str, str]:
+    """Before round 1, ask every centre to get ready (clients/app.py `prepare`: its runtime installs
+    the app, its worker builds the run's model and reads its data), so round 1 starts warm and a
+    centre that cannot start says so now. Returns node/centre -> reason for those that did not
+    answer "ready" within `timeout`: a warning only, round 1 deals with them (quorum, deadline)."""
+    pending = {}
+    messages = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=nid,
+                        message_type="query", group_id="prepare", ttl=timeout + 60.0) for nid in node_ids]
+    for mid, nid in zip(grid.push_messages(messages), node_ids, strict=True):
+        pending[mid] = nid
+    t0 = time.monotonic()
+    problems: dict[str, str] = {}
+    while pending and time.monotonic() - t0 < timeout:
+        for msg in grid.pull_messages(list(pending)):
+            nid = pending.pop(msg.metadata.reply_to_message_id, None)
+            if nid is not None and msg.has_error():
+                problems[f"node-{nid}"] = msg.error.reason
+        if pending:
+            time.sleep(_poll_wait(time.monotonic() - t0, {}))
+    problems.update({f"node-{nid}": f"not ready within {timeout:.0f}s" for nid in pending.values()})
+    return problems
+
+
 def exchange(
     grid: Grid,
     node_ids: list[int],

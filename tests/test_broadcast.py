@@ -3,6 +3,7 @@ with error feedback, stale bases, and resume, without Flower processes (tiny siz
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -148,6 +149,7 @@ class CentresGrid:
         self.initial, self.crash_at, self.forget_at = initial, crash_at, forget_at
         self.held = {n: HeldBase() for n in range(1, nodes + 1)}
         self.sent: dict[str, Message] = {}
+        self.ids = itertools.count()
         self.forms: list[tuple[int, int, str]] = []  # (round, node, form)
 
     def get_node_ids(self) -> list[int]:
@@ -159,10 +161,11 @@ class CentresGrid:
             rnd = int(msg.content["config"]["server-round"])
             if msg.metadata.message_type == "train" and rnd == self.crash_at:
                 raise RuntimeError("coordinator killed")
-            mid = f"m{len(self.forms)}"
+            mid = f"m{next(self.ids)}"
             msg.metadata.__dict__["_message_id"] = mid
             self.sent[mid] = msg
-            self.forms.append((rnd, msg.metadata.dst_node_id, str(msg.content["config"]["form"])))
+            if msg.metadata.message_type != "query":  # "get ready" (server/messaging.py prepare): no model
+                self.forms.append((rnd, msg.metadata.dst_node_id, str(msg.content["config"]["form"])))
             ids.append(mid)
         return ids
 
@@ -176,6 +179,8 @@ class CentresGrid:
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()} if "arrays" in msg.content else {}
         config = {k: str(v) for k, v in msg.content["config"].items() if k != "server-round"}
         content = RecordDict({"centre": ConfigRecord({"name": f"c{node}"})})
+        if msg.metadata.message_type == "query":
+            return Message(content=content, reply_to=msg)
         try:
             sent = self.held[node].receive(config, arrays, lambda: self.initial)
         except StaleBase:

@@ -86,7 +86,7 @@ def test_no_canary_leaves_a_centre(tmp_path):
     assert rep["verdict"] == "pass", rep
     for name in CENTRES:
         c = rep["centres"][name]
-        assert c["sent"]["messages"] == 3 and c["blocked"]["count"] == 0  # 2 train + the final evaluate
+        assert c["sent"]["messages"] == 4 and c["blocked"]["count"] == 0  # ready, 2 train, final evaluate
         allowed = {f"{k} {v['dtype']} {tuple(v['shape'])}" for k, v in rep["allowed"]["arrays"].items()}
         assert c["sent"]["arrays"] and set(c["sent"]["arrays"]) <= allowed
 

@@ -69,6 +69,10 @@ def test_two_centres_train_and_loss_goes_down(tmp_path, corpora):
         assert m["tokens"] == 15 * 8 * 32 and m["tokens-per-second"] > 0
     # Each centre kept its inner optimiser state on its own disk.
     assert (centres[0].state_dir / run_dir.name / "inner-optim-round-0003.pt").exists()
+    # Each worker built the model when asked to get ready, before round 1, and only then.
+    for name in ("fr-genci", "de-lrz"):
+        log = (run_dir / "logs" / f"worker-{name}.log").read_text()
+        assert log.count("built tiny model") == 1 and log.index("prepare round 0") < log.index("train round 1"), log
 
 
 def test_resume_continues_at_next_round_with_same_weights(tmp_path, corpora):
