@@ -33,10 +33,9 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     sc = {k: figures(v) for k, v in res["scenarios"].items()}
     central, ddp, local = sc["centralised"], sc["all-reduce (DDP gloo)"], sc["local loop (no federation)"]
     dilocos = {k: v for k, v in sc.items() if k.startswith("DiLoCo H=") and k.split("=")[1].isdigit()}  # fp32
-    demo = next((k for k in sc if k.endswith("(demo default)")), None)
+    demo, others = _demo_rows(sc)
     best = demo or max(dilocos, key=lambda k: int(k.split("=")[1]))
     fixed = res["fixed-cost"]["overhead-per-round"]
-    others = [k for k in sc if " overlap " in k]  # the demo's configuration with overlap (and int8)
     rows = [
         ("utilisation >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s)",
          "; ".join(f"{100 * sc[k]['tokens-per-second'] / local['tokens-per-second']:.1f} % ({k})"
@@ -63,11 +62,16 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _demo_rows(sc: dict[str, Any]) -> tuple[str | None, list[str]]:
+    """The demo's default row (None when the plan has none) and its variants with overlap (and int8)."""
+    return next((k for k in sc if k.endswith("(demo default)")), None), [k for k in sc if " overlap " in k]
+
+
 def _overlap_lines(res: dict[str, Any]) -> list[str]:
     """What overlap-steps buys: the demo's default row against the same run with overlap."""
     sc = res["scenarios"]
-    demo = next((k for k in sc if k.endswith("(demo default)")), None)
-    with_overlap = next((k for k in sc if " overlap " in k and not k.endswith(" int8")), None)
+    demo, others = _demo_rows(sc)
+    with_overlap = next((k for k in others if not k.endswith(" int8")), None)
     if demo is None or with_overlap is None:
         return []
     on, off = figures(sc[with_overlap]), figures(sc[demo])

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,6 +193,7 @@ class CentreTrainer:
         losses, step_seconds = self._steps(next_round, 0, k)
         compute = time.perf_counter() - t0
         return Ahead(next_round, base, self._snapshot(), losses, step_seconds, compute)
+
     def lr_at(self, step: int) -> float:
         return lr_schedule(step, self.cfg)
 
@@ -232,12 +234,18 @@ class CentreTrainer:
         return self.state_dir / f"local-model-round-{server_round:04d}.safetensors"
 
     def _save_local(self, server_round: int) -> None:
-        path = self._local_path(server_round)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}, tmp)  # untie
-        tmp.replace(path)
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}  # untie
+        self._keep(self._local_path(server_round), lambda tmp: save_file(state, tmp))
         self._local_round = server_round
-        for old in sorted(self.state_dir.glob("local-model-round-*.safetensors"))[:-KEEP_OPTIM_ROUNDS]:
+
+    def _keep(self, path: Path, write: Callable[[Path], None]) -> None:
+        """Write `path` whole or not at all (a crash leaves the previous rounds' files), then drop
+        all but the newest KEEP_OPTIM_ROUNDS files of its kind (same name but the round number)."""
+        tmp = path.with_suffix(".tmp")
+        write(tmp)
+        tmp.replace(path)
+        kind = path.name.rsplit("-", 1)[0] + "-*" + path.suffix
+        for old in sorted(self.state_dir.glob(kind))[:-KEEP_OPTIM_ROUNDS]:
             old.unlink()
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,12 +288,7 @@ class CentreTrainer:
         self._optim_round = after_round
 
     def _save_optim(self, server_round: int) -> None:
-        path = self._optim_path(server_round)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.optim.state_dict(), tmp)
-        tmp.replace(path)
+        self._keep(self._optim_path(server_round), lambda tmp: torch.save(self.optim.state_dict(), tmp))
         self._optim_round = server_round
         (self.state_dir / "position.json").write_text(json.dumps(
             {"round": server_round, "next-step": server_round * self.cfg.inner_steps}))
-        for old in sorted(self.state_dir.glob("inner-optim-round-*.pt"))[:-KEEP_OPTIM_ROUNDS]:
-            old.unlink()

@@ -27,7 +27,7 @@ from server.aggregation import OuterOptimizer, aggregate
 from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
 from server.liveness import Liveness
-from server.messaging import Exchange, exchange, prepare, wait_for_centres
+from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_centres
 from server.metrics import ServerMetrics
 from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
@@ -69,11 +69,14 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
     ready = wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
     for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout)).items():
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
+    clock = ReplyClock(cfg.inner_steps)
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
         reference = _sent(broadcast, outer)  # what the centres train from
-        ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum)
+        ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
+                      expected=clock.expected())
+        clock.observe(ex)
         accepted = _accept(ex, reference, cfg.max_norm_factor)
         for centre, code in ex.codes.values():
             metrics.reject(centre, code)

@@ -36,6 +36,12 @@ POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; repl
 # expected" were tried: the expectation, measured by these same pulls, fed its own delay back.)
 SLOW_POLL_SECONDS = 0.5
 BACKOFF_FRACTION = 0.05
+# Once a round's replies can be expected (ReplyClock): one pull per EXPECT_SLOW_POLL_SECONDS
+# until a margin before that time, then every FAST_POLL_SECONDS until two margins after it, then
+# the back-off above. The margin (5 % of the wait, at least 0.3 s) covers a round's usual spread
+# of compute time. Fewer pulls while centres train, and replies seen ~50 ms after they land.
+EXPECT_SLOW_POLL_SECONDS, FAST_POLL_SECONDS = 1.0, 0.05
+EXPECT_MARGIN_FRACTION, EXPECT_MARGIN_SECONDS = 0.05, 0.3
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
 
 
@@ -125,6 +131,7 @@ def exchange(
     timeout: float,
     liveness: Liveness | None = None,
     quorum: int = 0,
+    expected: float = 0.0,
 ) -> Exchange:
     """Send the current broadcast model (`broadcast.advance` was called) to every node and
     gather replies until all answer or the deadline.
@@ -132,7 +139,8 @@ def exchange(
     Each node gets the form `broadcast.payload` picks (full, int8 delta or seed); a node
     that answers `stale-base` is sent the full weights at once, within the same deadline.
     With `liveness`, suspects (nodes that missed a round) are not waited for once
-    `quorum` replies are in, and late replies to earlier rounds clear suspicion.
+    `quorum` replies are in, and late replies to earlier rounds clear suspicion. `expected`
+    (ReplyClock): seconds after which replies are due, to pull sparsely before then.
     """
     live = liveness or Liveness()
     live.listed(node_ids)
@@ -188,7 +196,7 @@ def exchange(
                      "has replied", server_round, ", ".join(live.name(n) for n, _ in pending.values()), quorum)
             break
         if pending:
-            time.sleep(_poll_wait(time.monotonic() - t_push, result.replied_after))
+            time.sleep(_poll_wait(time.monotonic() - t_push, result.replied_after, expected))
     for mid, (nid, _) in pending.items():
         was_suspect = nid in live.suspects
         live.missed(nid, mid)
@@ -199,10 +207,43 @@ def exchange(
     return result
 
 
-def _poll_wait(elapsed: float, replied_after: dict[str, float]) -> float:
-    """Seconds until the next pull, `elapsed` after the push (see BACKOFF_FRACTION)."""
+def _poll_wait(elapsed: float, replied_after: dict[str, float], expected: float = 0.0) -> float:
+    """Seconds until the next pull, `elapsed` after the push, the replies being expected after
+    `expected` seconds (0: unknown; see BACKOFF_FRACTION and EXPECT_MARGIN_FRACTION)."""
+    margin = max(EXPECT_MARGIN_SECONDS, EXPECT_MARGIN_FRACTION * expected)
+    if expected > 0 and elapsed < expected + 2 * margin:
+        until_fast = expected - margin - elapsed
+        return min(EXPECT_SLOW_POLL_SECONDS, until_fast) if until_fast > FAST_POLL_SECONDS else FAST_POLL_SECONDS
     since_event = elapsed - max(replied_after.values(), default=0.0)
     return min(SLOW_POLL_SECONDS, max(POLL_SECONDS, BACKOFF_FRACTION * since_event))
+
+
+@dataclass
+class ReplyClock:
+    """When the next round's train replies are due, for `exchange`'s pulls. From the centres' own
+    timings, not from when the pulls saw the replies (that would feed the polling delay back into
+    the estimate, each round later than the last): the slowest centre's work after it received the
+    model, plus the shortest delivery seen so far (push to reply seen, less that centre's work:
+    transfers both ways and one pull's delay; a minimum, so a late-seen reply never raises it)."""
+
+    inner_steps: int
+    work: float = 0.0
+    delivery: float = float("inf")
+
+    def observe(self, ex: Exchange) -> None:
+        works = []
+        for r in ex.replies:
+            m = r.metrics  # steps-ahead ran before the model came (overlap-steps): not in this wait
+            ahead = min(1.0, m.get("steps-ahead", 0.0) / max(1, self.inner_steps))
+            work = m.get("eval-seconds", 0.0) + m.get("compute-seconds", 0.0) * (1.0 - ahead)
+            works.append(work)
+            if r.centre in ex.replied_after and r.centre not in ex.resent:
+                self.delivery = min(self.delivery, max(0.0, ex.replied_after[r.centre] - work))
+        self.work = max(works, default=0.0)
+
+    def expected(self) -> float:
+        """Seconds from push to the replies, 0 while unknown (the first round)."""
+        return self.work + self.delivery if self.work > 0 and self.delivery != float("inf") else 0.0
 
 
 def _key(live: Liveness, nid: int) -> str:

@@ -105,3 +105,35 @@ def test_server_reply_polls_back_off_with_the_wait():
     assert wait(4.0, {}) == pytest.approx(0.2)
     assert wait(60.0, {}) == messaging.SLOW_POLL_SECONDS
     assert wait(30.0, {"fr": 29.9}) == messaging.POLL_SECONDS  # one replied: the rest follow soon
+
+
+def test_server_pulls_sparsely_until_the_replies_are_due():
+    """With the replies due after `expected` s: one pull a second, then every 50 ms from a margin
+    before that time (5 %, at least 0.3 s) to two margins after it, then the back-off again."""
+    wait = messaging._poll_wait
+    assert wait(0.0, {}, 10.0) == messaging.EXPECT_SLOW_POLL_SECONDS
+    assert wait(9.3, {}, 10.0) == pytest.approx(0.2)  # lands on the fast phase's start, 9.5 s
+    assert wait(9.5, {}, 10.0) == wait(10.9, {"fr": 10.5}, 10.0) == messaging.FAST_POLL_SECONDS
+    assert wait(2.0, {}, 2.0) == messaging.FAST_POLL_SECONDS  # short rounds: 0.3 s margin
+    assert wait(60.0, {}, 10.0) == wait(11.1, {}, 10.0) == messaging.SLOW_POLL_SECONDS  # late: the back-off
+
+
+def _round(seen: dict[str, float], work: dict[str, tuple[float, float, float]]) -> messaging.Exchange:
+    ex = messaging.Exchange(replied_after=dict(seen))
+    for i, (centre, (compute, evaluate, ahead)) in enumerate(work.items()):
+        metrics = {"compute-seconds": compute, "eval-seconds": evaluate, "steps-ahead": ahead}
+        ex.replies.append(messaging.Reply(i + 1, centre, {}, metrics, 0))
+    return ex
+
+
+def test_reply_clock_learns_from_the_centres_timings_not_from_its_own_pulls():
+    clock = messaging.ReplyClock(inner_steps=80)
+    assert clock.expected() == 0.0  # round 1: unknown, the plain back-off
+    clock.observe(_round({"fr": 7.9, "de": 8.3}, {"fr": (7.0, 0.2, 0), "de": (7.2, 0.2, 0)}))
+    assert clock.expected() == pytest.approx(7.4 + 0.7)  # slowest work + fastest delivery
+    # Seen a second late (a slow pull): the work is the same, so the estimate does not move.
+    clock.observe(_round({"fr": 9.2, "de": 9.4}, {"fr": (7.0, 0.2, 0), "de": (7.2, 0.2, 0)}))
+    assert clock.expected() == pytest.approx(7.4 + 0.7)
+    # 16 of 80 steps trained ahead, before the model came: only the rest is waited for.
+    clock.observe(_round({"fr": 7.0}, {"fr": (8.0, 0.2, 16)}))
+    assert clock.expected() == pytest.approx(0.2 + 6.4 + 0.4)
