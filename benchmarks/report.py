@@ -36,11 +36,14 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     demo, others = _demo_rows(sc)
     best = demo or max(dilocos, key=lambda k: int(k.split("=")[1]))
     fixed = res["fixed-cost"]["overhead-per-round"]
+    # The demo rows against the bare loop run for the demo's own rounds and H, when the plan has one.
+    ref = next((v for k, v in sc.items() if k.startswith("local loop (demo")), local) if demo else local
     rows = [
-        ("utilisation >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s)",
-         "; ".join(f"{100 * sc[k]['tokens-per-second'] / local['tokens-per-second']:.1f} % ({k})"
+        ("utilisation >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s, "
+         "same rounds and H)",
+         "; ".join(f"{100 * sc[k]['tokens-per-second'] / ref['tokens-per-second']:.1f} % ({k})"
                    for k in [best, *others]),
-         _ok(sc[best]["tokens-per-second"] >= 0.95 * local["tokens-per-second"])),
+         _ok(sc[best]["tokens-per-second"] >= 0.95 * ref["tokens-per-second"])),
         ("fixed overhead per round <= 1.5 s (2 centres)", f"{fixed:.2f} s", _ok(fixed <= 1.5)),
         ("federated held-out loss within 5 % of centralised at equal tokens",
          ", ".join(f"{k}: {100 * (v['eval-mean'] / central['eval-mean'] - 1):+.1f} %" for k, v in dilocos.items()),

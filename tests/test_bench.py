@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks.federation import QUICK, run_all
+from benchmarks.federation import DEMO_LOCAL_ROW, QUICK, run_all
 from benchmarks.report import figures, write_outputs
 
 
@@ -16,7 +16,7 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     data = json.loads(paths[0].read_text())
     names = set(data["scenarios"])
-    assert {"centralised", "all-reduce (DDP gloo)", "local loop (no federation)"} <= names
+    assert {"centralised", "all-reduce (DDP gloo)", "local loop (no federation)", DEMO_LOCAL_ROW} <= names
     assert {f"DiLoCo H={h}" for h in QUICK.hs} <= names and any(n.startswith("FedAvg") for n in names)
     for name, s in res["scenarios"].items():
         f = figures(s)
