@@ -147,11 +147,16 @@ def markdown(res: dict[str, Any], stem: str) -> str:
 
 def _plots(res: dict[str, Any], loss_png: Path, bytes_png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    # One axis range for the rows that learn: a row whose loss explodes (DP's noise with two
+    # centres) would flatten every other curve to a line; it is drawn, clipped, and says so.
+    sane = [loss for s in res["scenarios"].values() if not s.get("dp") for _, loss, _ in s.get("curve", [])]
+    top, bottom = (1.1 * max(sane), 0.9 * min(sane)) if sane else (None, None)
     for name, s in res["scenarios"].items():
         if "curve" in s:
             toks, loss, t = zip(*s["curve"], strict=True)
-            axes[0].plot(toks, loss, marker="o", label=name)
-            axes[1].plot(t, loss, marker="o", label=name)
+            label = f"{name} (off scale: final {loss[-1]:,.0f})" if top and max(loss) > top else name
+            axes[0].plot(toks, loss, marker="o", label=label)
+            axes[1].plot(t, loss, marker="o", label=label)
         elif s.get("eval"):
             mean = sum(s["eval"].values()) / len(s["eval"])
             axes[0].axhline(mean, linestyle="--", alpha=0.6, label=f"{name} (final)")
@@ -161,6 +166,8 @@ def _plots(res: dict[str, Any], loss_png: Path, bytes_png: Path) -> None:
     for ax in axes:
         ax.set_ylabel("held-out loss (mean over centres)")
         ax.grid(alpha=0.3)
+        if top:
+            ax.set_ylim(bottom, top)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(loss_png, dpi=110)
