@@ -43,20 +43,26 @@ BACKOFF_FRACTION = 0.05
 EXPECT_SLOW_POLL_SECONDS, FAST_POLL_SECONDS = 1.0, 0.05
 EXPECT_MARGIN_FRACTION, EXPECT_MARGIN_SECONDS = 0.05, 0.3
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
+MIN_OBJECT_PULL_SECONDS = 5.0  # a reply announced at the deadline still gets this long to arrive
 
 
-def _fast_reply_pulls() -> None:
-    """A centre's reply is announced before its objects are stored, so the Grid's first pull of
-    an object often races it and Flower backs off 1 s, doubling to 10 s: ~1 s lost per round.
-    Start that back-off at 20 ms instead (the same change the centres' SuperNodes make)."""
+def _bound_reply_pulls(max_seconds: float | None) -> None:
+    """How the Grid pulls a reply's objects, for the pulls that follow.
+
+    A centre's reply is announced before its objects are stored, so the first pull of an object
+    often races it and Flower backs off 1 s, doubling to 10 s: ~1 s lost per round. Start that
+    back-off at 20 ms instead (the same change the centres' SuperNodes make). And a centre that
+    dies while uploading leaves an announced reply whose objects never come: Flower retries until
+    the SuperLink's upload session expires (~3 min), inside one pull, past the round's deadline.
+    `max_seconds` (the time left to the deadline) bounds that; the reply then counts as an error."""
     from flwr.superlink.grid import http_grid
 
-    if not isinstance(http_grid.pull_objects, functools.partial):
-        http_grid.pull_objects = functools.partial(http_grid.pull_objects, initial_backoff=PULL_BACKOFF_SECONDS,
-                                                   backoff_cap=PULL_BACKOFF_CAP_SECONDS)
+    stock = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)
+    http_grid.pull_objects = functools.partial(stock, initial_backoff=PULL_BACKOFF_SECONDS,
+                                               backoff_cap=PULL_BACKOFF_CAP_SECONDS, max_time=max_seconds)
 
 
-_fast_reply_pulls()
+_bound_reply_pulls(None)  # until an exchange knows its deadline
 
 
 @dataclass
@@ -112,6 +118,7 @@ def prepare(grid: Grid, node_ids: list[int], timeout: float) -> dict[str, str]:
     t0 = time.monotonic()
     problems: dict[str, str] = {}
     while pending and time.monotonic() - t0 < timeout:
+        _bound_reply_pulls(max(MIN_OBJECT_PULL_SECONDS, timeout - (time.monotonic() - t0)))
         for msg in grid.pull_messages(list(pending)):
             nid = pending.pop(msg.metadata.reply_to_message_id, None)
             if nid is not None and msg.has_error():
@@ -169,6 +176,7 @@ def exchange(
     result.push_seconds = time.monotonic() - t_push
     deadline = t_push + timeout
     while pending and time.monotonic() < deadline:
+        _bound_reply_pulls(max(MIN_OBJECT_PULL_SECONDS, deadline - time.monotonic()))
         for msg in grid.pull_messages(list(pending) + list(live.stale)):
             mid = msg.metadata.reply_to_message_id
             if mid in live.stale:  # an earlier round's reply: the node is alive after all

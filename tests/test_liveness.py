@@ -3,6 +3,7 @@ checked with the real `exchange` loop against a scripted in-memory grid."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -137,3 +138,23 @@ def test_reply_clock_learns_from_the_centres_timings_not_from_its_own_pulls():
     # 16 of 80 steps trained ahead, before the model came: only the rest is waited for.
     clock.observe(_round({"fr": 7.0}, {"fr": (8.0, 0.2, 16)}))
     assert clock.expected() == pytest.approx(0.2 + 6.4 + 0.4)
+
+
+def test_a_reply_whose_objects_never_come_gives_up_by_the_deadline():
+    """A centre that dies while uploading its reply leaves it announced with objects that never
+    arrive; the Grid's pull of them must end with the round's time left, not Flower's ~3 min."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    def never(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    try:
+        messaging._bound_reply_pulls(0.5)
+        t0 = time.monotonic()
+        with pytest.raises(ObjectPullError):
+            http_grid.pull_objects(["a-reply-object"], never)
+        assert time.monotonic() - t0 < 5.0
+        assert http_grid.pull_objects.keywords["initial_backoff"] == messaging.PULL_BACKOFF_SECONDS
+    finally:
+        messaging._bound_reply_pulls(None)
