@@ -55,8 +55,10 @@ def main(grid: Grid, context: Context) -> None:
         final = federate(grid, cfg, run_dir, runlog, metrics)
     except Exception as err:
         log.error("run stopped: %s", err)
+        metrics.linger()  # the endpoint goes with this process: let Prometheus see the last round first
         runlog.finish("failed", message=str(err))
         raise
+    metrics.linger()
     runlog.finish("finished", final=final)
 
 

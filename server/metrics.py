@@ -8,7 +8,8 @@ round record that goes into run.json, so the two cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -17,6 +18,22 @@ LABELS = ("run",)
 # A round is a second (tiny model, GPU) to an hour (large model, slow link).
 ROUND_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 AGG_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)
+LINGER_CAP_SECONDS = 15.0  # Prometheus' default scrape interval
+
+
+class _ScrapeClock:
+    """A collector with no series: the registry collects it on every scrape, so it knows when
+    (and how often) someone scrapes this endpoint."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        self.times = [*self.times[-2:], time.monotonic()]
+        return []
 
 
 class ServerMetrics:
@@ -25,6 +42,9 @@ class ServerMetrics:
     def __init__(self, run: str, registry: CollectorRegistry | None = None):
         self.run = run
         self.registry = registry or CollectorRegistry()
+        self.scrapes = _ScrapeClock()
+        self.registry.register(self.scrapes)
+        self.changed = time.monotonic()  # when a figure last changed
         r = self.registry
         self.round_seconds = Histogram("bridgepool_round_duration_seconds", "Wall seconds per round",
                                        LABELS, buckets=ROUND_BUCKETS, registry=r)
@@ -63,9 +83,23 @@ class ServerMetrics:
                 f"({err.strerror or err}); free it or set another run-config 'metrics-port'"
             ) from err
 
+    def linger(self, cap: float = LINGER_CAP_SECONDS) -> float:
+        """Before the run (this process, and so the endpoint) ends: wait until a scraper that has
+        been scraping has seen the final figures, else the last round(s) would never reach
+        Prometheus. At most two of its scrape intervals (and `cap`); not at all when nothing has
+        scraped twice (no Prometheus, or the interval is unknown). Returns the seconds waited."""
+        t0, times = time.monotonic(), self.scrapes.times
+        if len(times) < 2:
+            return 0.0
+        deadline = t0 + min(cap, 2 * (times[-1] - times[-2]) + 0.5)
+        while self.scrapes.times[-1] <= self.changed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return time.monotonic() - t0
+
     def reject(self, centre: str, reason: str) -> None:
         """One update that did not count: a failed or silent centre, or one refused by validation."""
         self.rejected.labels(self.run, centre, reason).inc()
+        self.changed = time.monotonic()
 
     def observe_round(self, record: Mapping[str, Any]) -> None:
         """One round record as written to run.json (server/app.py `_round_record`)."""
@@ -84,3 +118,4 @@ class ServerMetrics:
         self.utilisation.labels(run).set(sum(compute) / len(compute) / wall if compute and wall > 0 else 0.0)
         self.rounds.labels(run).inc()
         self.round.labels(run).set(int(record["round"]))
+        self.changed = time.monotonic()

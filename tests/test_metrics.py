@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 
 import pytest
@@ -171,6 +173,38 @@ def test_server_records_a_round_from_its_run_json_record():
     assert value("bridgepool_round_duration_seconds_bucket", le="5.0") == 0
     assert value("bridgepool_aggregation_seconds_sum") == pytest.approx(0.4)
     assert value("bridgepool_round") == 4 and value("bridgepool_server_rounds_total") == 2
+
+
+def test_server_lingers_until_a_scraper_has_seen_the_last_round():
+    """The endpoint dies with the run's process: a scraper that has been scraping gets the final
+    figures before it goes; with nobody scraping, the run does not wait at all."""
+    alone = ServerMetrics("r0")
+    alone.observe_round(round_record())
+    assert alone.linger() == 0.0
+
+    m = ServerMetrics("r1")
+    port = free_base_port(1)
+    m.serve(port)
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def scrape() -> None:  # Prometheus at a 0.3 s interval
+        while not stop.is_set():
+            seen.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            stop.wait(0.3)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        while len(seen) < 2:
+            time.sleep(0.05)
+        m.observe_round(round_record(round=7))
+        waited = m.linger()
+    finally:
+        stop.set()  # no scrape starts after this: one that has the last round happened before
+        scraper.join(5)
+    assert any('bridgepool_round{run="r1"} 7.0' in text for text in seen), seen[-1][-500:]
+    assert waited < 2 * 0.3 + 0.5 + 0.5
 
 
 def test_server_port_in_use_names_the_port():
