@@ -71,6 +71,12 @@ class ServerMetrics:
                                 "Centre updates left out of a round, by centre and reason (no-reply, "
                                 "centre-error, node-unavailable, keys, dtype, shape, non-finite, too-large, "
                                 "metrics, norm-outlier)", (*LABELS, "centre", "reason"), registry=r)
+        # The run's series exist (at 0) from the start, not from round 1's end: rate() needs a
+        # sample before an increase to see it, and a short run's endpoint lives only seconds.
+        for metric in (self.round_seconds, self.aggregation_seconds, self.tokens, self.rounds):
+            metric.labels(run)
+        for direction in ("sent", "received"):
+            self.bytes.labels(run, direction)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         if not port:
