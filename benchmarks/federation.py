@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks import baselines
-from benchmarks.report import write_outputs
+from benchmarks.report import DEMO_LOCAL_ROW, write_outputs
 from clients.data import DEFAULT_CENTRES, prepare_centre
 from deploy.local import LocalFederation, centre_dirs
 from deploy.processes import free_base_port
@@ -127,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 DEMO_ROW = "DiLoCo H={h} (demo default)"
 OVERLAP_ROW = "DiLoCo H={h} overlap {k}"  # the demo's configuration with overlap-steps = k
-DEMO_LOCAL_ROW = "local loop (demo's rounds and H)"  # the reference for the demo rows' utilisation
 
 
 def run_all(plan: Plan) -> dict[str, Any]:

@@ -11,6 +11,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# The bare loop run for the demo's own rounds and H: the reference for the demo rows' utilisation.
+DEMO_LOCAL_ROW = "local loop (demo's rounds and H)"
+
 
 def figures(s: dict[str, Any]) -> dict[str, float]:
     """Derived figures for one scenario (all from measured wall/compute/bytes)."""
@@ -37,7 +40,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     best = demo or max(dilocos, key=lambda k: int(k.split("=")[1]))
     fixed = res["fixed-cost"]["overhead-per-round"]
     # The demo rows against the bare loop run for the demo's own rounds and H, when the plan has one.
-    ref = next((v for k, v in sc.items() if k.startswith("local loop (demo")), local) if demo else local
+    ref = sc.get(DEMO_LOCAL_ROW, local) if demo else local
     rows = [
         ("utilisation >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s, "
          "same rounds and H)",

@@ -32,11 +32,12 @@ log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
 # ...and ~10 ms of CPU on the SuperLink and here, taken from the centres' training on a small
 # machine. So the pause grows to BACKOFF_FRACTION of the time since the push or the last reply
-# (<= 5 % added to the wait), up to SLOW_POLL_SECONDS. (Sparser pulls "until the replies are
-# expected" were tried: the expectation, measured by these same pulls, fed its own delay back.)
+# (<= 5 % added to the wait), up to SLOW_POLL_SECONDS: the first round's schedule, and any
+# round's once its replies are overdue.
 SLOW_POLL_SECONDS = 0.5
 BACKOFF_FRACTION = 0.05
-# Once a round's replies can be expected (ReplyClock): one pull per EXPECT_SLOW_POLL_SECONDS
+# Once a round's replies can be expected (ReplyClock, from the centres' own timings: an expectation
+# measured by these same pulls fed its own delay back): one pull per EXPECT_SLOW_POLL_SECONDS
 # until a margin before that time, then every FAST_POLL_SECONDS until two margins after it, then
 # the back-off above. The margin (5 % of the wait, at least 0.3 s) covers a round's usual spread
 # of compute time. Fewer pulls while centres train, and replies seen ~50 ms after they land.
@@ -63,6 +64,13 @@ def _bound_reply_pulls(max_seconds: float | None) -> None:
 
 
 _bound_reply_pulls(None)  # until an exchange knows its deadline
+
+
+def _pull(grid: Grid, message_ids: list[str], deadline: float) -> list[Message]:
+    """The replies among `message_ids` that are in, their objects pulled by `deadline` (monotonic;
+    at least MIN_OBJECT_PULL_SECONDS from now)."""
+    _bound_reply_pulls(max(MIN_OBJECT_PULL_SECONDS, deadline - time.monotonic()))
+    return list(grid.pull_messages(message_ids))
 
 
 @dataclass
@@ -116,10 +124,10 @@ def prepare(grid: Grid, node_ids: list[int], timeout: float) -> dict[str, str]:
     for mid, nid in zip(grid.push_messages(messages), node_ids, strict=True):
         pending[mid] = nid
     t0 = time.monotonic()
+    deadline = t0 + timeout
     problems: dict[str, str] = {}
-    while pending and time.monotonic() - t0 < timeout:
-        _bound_reply_pulls(max(MIN_OBJECT_PULL_SECONDS, timeout - (time.monotonic() - t0)))
-        for msg in grid.pull_messages(list(pending)):
+    while pending and time.monotonic() < deadline:
+        for msg in _pull(grid, list(pending), deadline):
             nid = pending.pop(msg.metadata.reply_to_message_id, None)
             if nid is not None and msg.has_error():
                 problems[f"node-{nid}"] = msg.error.reason
@@ -176,8 +184,7 @@ def exchange(
     result.push_seconds = time.monotonic() - t_push
     deadline = t_push + timeout
     while pending and time.monotonic() < deadline:
-        _bound_reply_pulls(max(MIN_OBJECT_PULL_SECONDS, deadline - time.monotonic()))
-        for msg in grid.pull_messages(list(pending) + list(live.stale)):
+        for msg in _pull(grid, list(pending) + list(live.stale), deadline):
             mid = msg.metadata.reply_to_message_id
             if mid in live.stale:  # an earlier round's reply: the node is alive after all
                 late = live.stale.pop(mid)
