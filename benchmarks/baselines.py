@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import cpushare
 from clients.data import TokenSampler, load_split
 from clients.training import CentreTrainer, lr_schedule
 from models.config import RunConfig
@@ -149,7 +150,9 @@ def _all_reduce_here(centres: dict[str, Path], cfg: RunConfig, steps: int, out: 
     torch.save(res, out)
 
 
-def _local_centre(name: str, data_dir: Path, scratch: str, cfg: RunConfig, q: Any) -> None:
+def _local_centre(name: str, data_dir: Path, scratch: str, cfg: RunConfig, q: Any, group: Path | None) -> None:
+    if group is not None:  # the centre's CPU share (benchmarks/cpushare.py), before any work
+        cpushare.join(group)
     torch.set_num_threads(1)
     trainer = CentreTrainer(name, data_dir, Path(scratch), cfg)
     t0 = time.perf_counter()
@@ -159,11 +162,14 @@ def _local_centre(name: str, data_dir: Path, scratch: str, cfg: RunConfig, q: An
     q.put((name, time.perf_counter() - t0, compute))
 
 
-def local_loop(centres: dict[str, Path], cfg: RunConfig, scratch: Path) -> dict[str, Any]:
-    """Every centre's own training loop, concurrently, with no federation at all."""
+def local_loop(centres: dict[str, Path], cfg: RunConfig, scratch: Path,
+               shares: cpushare.CpuShares | None = None) -> dict[str, Any]:
+    """Every centre's own training loop, concurrently, with no federation at all
+    (`shares`: each in its own capped cgroup, as its federated processes would be)."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_local_centre, args=(n, d, str(scratch / f"local-{n}"), cfg, q))
+    groups = shares.groups if shares is not None else {}
+    procs = [ctx.Process(target=_local_centre, args=(n, d, str(scratch / f"local-{n}"), cfg, q, groups.get(n)))
              for n, d in centres.items()]
     t0 = time.perf_counter()
     for p in procs:

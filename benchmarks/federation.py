@@ -15,6 +15,7 @@ the loopback interface of a network namespace holding only the DDP processes.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -25,8 +26,8 @@ from typing import Any
 
 import torch
 
-from benchmarks import baselines
-from benchmarks.report import DEMO_LOCAL_ROW, write_outputs
+from benchmarks import baselines, cpushare
+from benchmarks.report import DEMO_LOCAL_ROW, SEPARATE, write_outputs
 from clients.data import DEFAULT_CENTRES, prepare_centre
 from deploy.local import LocalFederation, centre_dirs
 from deploy.processes import free_base_port
@@ -48,6 +49,9 @@ class Plan:
 
 
 _DEFAULTS = load_defaults()
+# What the separate-machine rows leave the coordinator (SuperLink, ServerApp) on this machine:
+# ~0.85 CPU-s per round boundary with 2 centres here, mostly between the centres' rounds.
+COORDINATOR_CORES = 0.4
 
 
 FULL = Plan(model="small", centres=2, steps=200, hs=(10, 50, 200), max_bytes=1_500_000, fixed_rounds=5,
@@ -64,10 +68,24 @@ def run_config(plan: Plan, run_dir: Path, **over: Any) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
+class _CappedFederation(LocalFederation):
+    """Each centre's processes (worker, SuperNode and the runtime it starts) in its capped
+    cgroup (benchmarks/cpushare.py); the coordinator's outside, on the rest of the machine."""
+
+    def __init__(self, *args: Any, shares: cpushare.CpuShares, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.shares = shares
+
+    def _wrap(self, where: str, argv: list[str]) -> list[str]:
+        group = self.shares.groups.get(where)
+        return super()._wrap(where, argv if group is None else cpushare.in_group(group, argv))
+
+
 def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bool = True,
-           **over: Any) -> dict[str, Any]:
+           shares: cpushare.CpuShares | None = None, **over: Any) -> dict[str, Any]:
     """One scenario over the Deployment Engine; `warm=False`: stock `flower-supernode` (a new
-    ClientApp process per message, Flower's own 3 s idle pull), for the fixed-cost comparison."""
+    ClientApp process per message, Flower's own 3 s idle pull), for the fixed-cost comparison;
+    `shares`: each centre on its own CPU share, the coordinator outside (separate machines)."""
     run_dir = work / name
     centres = []
     for cname, path in corpora.items():
@@ -75,7 +93,10 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
         shutil.copytree(path, c.data_dir)
         centres.append(c)
     cfg = run_config(plan, run_dir, **over)
-    with LocalFederation(run_dir, centres, base_port=_free_port(), warm_supernodes=warm) as fed:
+    kw: dict[str, Any] = {"base_port": _free_port(), "warm_supernodes": warm}
+    fed = LocalFederation(run_dir, centres, **kw) if shares is None else \
+        _CappedFederation(run_dir, centres, shares=shares, **kw)
+    with fed:
         t0 = time.perf_counter()
         run = fed.wait(fed.submit(cfg.to_mapping()))
         wall = time.perf_counter() - t0
@@ -148,6 +169,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
         for h in plan.hs:
             scen[f"DiLoCo H={h}"] = flower(plan, corpora, work, f"diloco-h{h}", rounds=plan.steps // h,
                                             **{"inner-steps": h, "strategy": "diloco"})
+        separate: dict[str, Any] | None = None
         if plan.demo_h:  # the utilisation target is stated for the demo's default configuration
             demo = {k: _DEFAULTS[k] for k in ("strategy", "compression", "overlap-steps")}
             demo = {**demo, "inner-steps": plan.demo_h, "overlap-steps": min(plan.demo_h, int(demo["overlap-steps"]))}
@@ -162,6 +184,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
                                    **{**demo, "overlap-steps": plan.overlap, "compression": "none"})
                 scen[f"{row} int8"] = flower(plan, corpora, work, "demo-overlap-int8", rounds=plan.demo_rounds,
                                              **{**demo, "overlap-steps": plan.overlap, "compression": "int8"})
+            separate = _separate_machines(plan, corpora, work, demo_base, demo, scen)
         mid = plan.hs[len(plan.hs) // 2]
         scen[f"DiLoCo H={mid} int8"] = flower(plan, corpora, work, f"diloco-h{mid}-int8", rounds=plan.steps // mid,
                                               **{"inner-steps": mid, "strategy": "diloco", "compression": "int8"})
@@ -176,9 +199,33 @@ def run_all(plan: Plan) -> dict[str, Any]:
         fixed = flower(plan, corpora, work, "fixed-cost", **trivial)
         fixed_stock = flower(plan, corpora, work, "fixed-cost-stock", warm=False, **trivial)
         return {"plan": plan.__dict__, "scenarios": scen, "fixed-cost": fixed, "fixed-cost-stock": fixed_stock,
-                "environment": _environment()}
+                "separate-machines": separate, "environment": _environment()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _separate_machines(plan: Plan, corpora: dict[str, Path], work: Path, demo_base: RunConfig,
+                       demo: dict[str, Any], scen: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The demo rows again with each centre on a CPU share of its own and the coordinator
+    outside (benchmarks/cpushare.py), with their reference loop on the same shares."""
+    cores = min(1.0, ((os.cpu_count() or 1) - COORDINATOR_CORES) / plan.centres)
+    why = cpushare.unavailable() or (None if cores > 0 else f"{os.cpu_count()} cores leave none to the centres")
+    if why:
+        print(f"separate-machine rows not run: {why}", flush=True)
+        return {"cores": cores, "not-run": why}
+    shares = cpushare.create(list(corpora), cores)
+    tail = SEPARATE.format(cores=cores)
+    try:
+        scen[DEMO_LOCAL_ROW + tail] = baselines.local_loop(corpora, demo_base, work / "local-separate", shares)
+        scen[DEMO_ROW.format(h=plan.demo_h) + tail] = flower(plan, corpora, work, "demo-separate",
+                                                             shares=shares, rounds=plan.demo_rounds, **demo)
+        if plan.overlap:
+            scen[OVERLAP_ROW.format(h=plan.demo_h, k=plan.overlap) + tail] = flower(
+                plan, corpora, work, "demo-overlap-separate", shares=shares, rounds=plan.demo_rounds,
+                **{**demo, "overlap-steps": plan.overlap, "compression": "none"})
+    finally:
+        shares.remove()
+    return {"cores": cores}
 
 
 class _Progress(dict):
@@ -200,8 +247,6 @@ def _free_port() -> int:
 
 
 def _hardware() -> str:
-    import os
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0).replace(" ", "-")
     return f"cpu-{os.cpu_count()}core"
@@ -211,7 +256,7 @@ def _environment() -> dict[str, Any]:
     import flwr
 
     return {"python": platform.python_version(), "torch": torch.__version__, "flwr": flwr.__version__,
-            "cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
@@ -219,4 +264,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["DEMO_LOCAL_ROW", "FULL", "QUICK", "Plan", "main", "run_all"]
+__all__ = ["DEMO_LOCAL_ROW", "DEMO_ROW", "FULL", "OVERLAP_ROW", "QUICK", "Plan", "main", "run_all"]

@@ -13,6 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # The bare loop run for the demo's own rounds and H: the reference for the demo rows' utilisation.
 DEMO_LOCAL_ROW = "local loop (demo's rounds and H)"
+# Appended to a row run with each centre in a CPU share of its own (benchmarks/cpushare.py).
+SEPARATE = ", each centre on its own {cores:g} core"
+
+
+def separate(name: str) -> bool:
+    """A row run with each centre on its own CPU share (emulated separate machines)."""
+    return SEPARATE.split("{")[0] in name
 
 
 def figures(s: dict[str, Any]) -> dict[str, float]:
@@ -47,6 +54,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
          "; ".join(f"{100 * sc[k]['tokens-per-second'] / ref['tokens-per-second']:.1f} % ({k})"
                    for k in [best, *others]),
          _ok(sc[best]["tokens-per-second"] >= 0.95 * ref["tokens-per-second"])),
+        *_separate_target(res, sc),
         ("fixed overhead per round <= 1.5 s (2 centres)", f"{fixed:.2f} s", _ok(fixed <= 1.5)),
         ("federated held-out loss within 5 % of centralised at equal tokens",
          ", ".join(f"{k}: {100 * (v['eval-mean'] / central['eval-mean'] - 1):+.1f} %" for k, v in dilocos.items()),
@@ -68,9 +76,43 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _separate_target(res: dict[str, Any], sc: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
+    """The utilisation target again, with each centre on its own CPU share and the coordinator
+    outside them (separate machines, emulated), against the same centres' loop on the same shares."""
+    info = res.get("separate-machines")
+    if not info:
+        return []
+    what = (f"utilisation >= 95 %, each centre on its own {info['cores']:g} core, the coordinator outside "
+            "(separate machines, emulated with cgroups)")
+    ref = sc.get(DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"]))
+    rows = [k for k in sc if separate(k) and k != DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"])]
+    if info.get("not-run") or ref is None or not rows:
+        return [(what, f"not measured: {info.get('not-run', 'no rows')}", "not measured")]
+    ratios = {k: sc[k]["tokens-per-second"] / ref["tokens-per-second"] for k in rows}
+    demo = next((k for k in ratios if "(demo default)" in k), max(ratios, key=ratios.__getitem__))
+    return [(what, "; ".join(f"{100 * v:.1f} % ({k.split(',')[0]})" for k, v in ratios.items()),
+             _ok(ratios[demo] >= 0.95))]
+
+
+def _separate_lines(res: dict[str, Any]) -> list[str]:
+    info = res.get("separate-machines")
+    if not info:
+        return []
+    if info.get("not-run"):
+        return [f"Separate machines (emulated): not run here: {info['not-run']}.", ""]
+    return [f"Separate machines (emulated): the rows ending `{SEPARATE.format(cores=info['cores'])}` ran each "
+            f"centre's processes (worker, SuperNode, ClientApp runtime; or its bare local loop) in a cgroup capped "
+            f"at {info['cores']:g} CPU, with the coordinator (SuperLink, ServerApp) outside, on the rest of the "
+            "machine, as when every centre and the coordinator have hardware of their own. The reference is the same "
+            "centres' local loop on the same caps. The other rows share all cores, so they also charge the "
+            "coordinator's CPU to the centres. Those rows are left out of the plots: their losses are their "
+            "uncapped twins'.", ""]
+
+
 def _demo_rows(sc: dict[str, Any]) -> tuple[str | None, list[str]]:
     """The demo's default row (None when the plan has none) and its variants with overlap (and int8)."""
-    return next((k for k in sc if k.endswith("(demo default)")), None), [k for k in sc if " overlap " in k]
+    rows = [k for k in sc if not separate(k)]
+    return next((k for k in rows if k.endswith("(demo default)")), None), [k for k in rows if " overlap " in k]
 
 
 def _overlap_lines(res: dict[str, Any]) -> list[str]:
@@ -140,6 +182,7 @@ def markdown(res: dict[str, Any], stem: str) -> str:
                       f"epsilon {eps} at delta {dp['delta']:g} after {dp['rounds']} rounds; noise std on the mean "
                       f"update {dp['noise-std']:g} per coordinate.", ""]
     lines += _overlap_lines(res)
+    lines += _separate_lines(res)
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(res)]
     lines += ["", "Bytes are measured: Flower rows are the traffic the SuperLink counted on its Fleet API "
@@ -155,6 +198,8 @@ def _plots(res: dict[str, Any], loss_png: Path, bytes_png: Path) -> None:
     sane = [loss for s in res["scenarios"].values() if not s.get("dp") for _, loss, _ in s.get("curve", [])]
     top, bottom = (1.1 * max(sane), 0.9 * min(sane)) if sane else (None, None)
     for name, s in res["scenarios"].items():
+        if separate(name):  # the same run as its row without the share (same losses), only slower or not
+            continue
         if "curve" in s:
             toks, loss, t = zip(*s["curve"], strict=True)
             label = f"{name} (off scale: final {loss[-1]:,.0f})" if top and max(loss) > top else name
@@ -176,7 +221,7 @@ def _plots(res: dict[str, Any], loss_png: Path, bytes_png: Path) -> None:
     fig.savefig(loss_png, dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(8, 4))
-    names = list(res["scenarios"])
+    names = [n for n in res["scenarios"] if not separate(n)]
     ax.barh(names, [max(1, res["scenarios"][n]["bytes"]) for n in names])
     ax.set_xscale("log")
     ax.set_xlabel("bytes exchanged, measured (log)")

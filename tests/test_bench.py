@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import math
 
-from benchmarks.federation import DEMO_LOCAL_ROW, QUICK, run_all
-from benchmarks.report import figures, write_outputs
+from benchmarks.federation import DEMO_LOCAL_ROW, DEMO_ROW, OVERLAP_ROW, QUICK, run_all
+from benchmarks.report import SEPARATE, figures, separate, write_outputs
 
 
 def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
@@ -32,7 +32,17 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
     assert any(s.get("dp") for s in res["scenarios"].values())
     # The optional overlap: each round after the first had its first k steps trained ahead, on every centre.
     k, demo_rows = QUICK.overlap, [n for n in names if n.startswith(f"DiLoCo H={QUICK.demo_h} ")]
-    assert len(demo_rows) == 3, demo_rows  # demo default, with overlap, with overlap and int8
+    shared = [n for n in demo_rows if not separate(n)]
+    assert len(shared) == 3, demo_rows  # demo default, with overlap, with overlap and int8
+    # Again with each centre on its own CPU share (cgroups; root here and in CI), or why not.
+    info = res["separate-machines"]
+    if info.get("not-run"):
+        assert info["not-run"] in paths[1].read_text()
+    else:
+        assert sorted(n for n in names if separate(n)) == sorted(
+            n + SEPARATE.format(cores=info["cores"])
+            for n in (DEMO_LOCAL_ROW, DEMO_ROW.format(h=QUICK.demo_h), OVERLAP_ROW.format(h=QUICK.demo_h, k=k))), names
+        assert "each centre on its own" in paths[1].read_text().split("## Targets")[1]
     for name in demo_rows:
         s = res["scenarios"][name]
         assert s["steps-ahead"] == (k * (QUICK.demo_rounds - 1) * QUICK.centres if " overlap " in name else 0), name
