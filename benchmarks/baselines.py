@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import cpushare
 from clients.data import TokenSampler, load_split
-from clients.training import CentreTrainer, lr_schedule
+from clients.training import CentreTrainer, autocast_dtype, forward, lr_schedule, resolve_device
 from models.config import RunConfig
 from models.gpt import build_model
 
@@ -55,8 +55,12 @@ def _samplers(centres: dict[str, Path], cfg: RunConfig, seq_len: int) -> list[To
 
 
 def centralised(centres: dict[str, Path], cfg: RunConfig, steps: int, threads: int) -> dict[str, Any]:
+    """One model on the union of the centres' batches, on the device and precision the
+    federated rows use (`device`, `precision`), so a GPU run compares like with like."""
     torch.set_num_threads(threads)
-    model = build_model(cfg.model, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    model = build_model(cfg.model, seed=cfg.seed).to(device)
     seq = cfg.seq_len or model.config.block_size
     opt = model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
     samplers = _samplers(centres, cfg, seq)
@@ -65,15 +69,21 @@ def centralised(centres: dict[str, Path], cfg: RunConfig, steps: int, threads: i
         for g in opt.param_groups:
             g["lr"] = lr_schedule(step, cfg)
         xs, ys = zip(*(s.batch(step) for s in samplers), strict=True)
-        _, loss = model(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+        _, loss = forward(model, np.concatenate(xs), np.concatenate(ys), device, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    _sync(device)
     wall = time.perf_counter() - t0
     tokens = steps * cfg.batch_size * seq * len(centres)
-    return {"state": {k: v.detach().float() for k, v in model.state_dict().items()},
+    return {"state": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
             "tokens": tokens, "wall": wall, "compute": wall, "bytes": 0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the queued kernels are part of the wall time
 
 
 def _ddp_rank(rank: int, world: int, port: int, centres: dict[str, Path], cfg: RunConfig, steps: int,
@@ -83,7 +93,11 @@ def _ddp_rank(rank: int, world: int, port: int, centres: dict[str, Path], cfg: R
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model = build_model(cfg.model, seed=cfg.seed)
+    # The federated rows' device and precision. gloo all-reduces CUDA tensors too (through
+    # host memory), and every rank may share one GPU, which NCCL refuses.
+    device = resolve_device(cfg.device)
+    amp = autocast_dtype(cfg.precision, device)
+    model = build_model(cfg.model, seed=cfg.seed).to(device)
     ddp = DDP(model)
     seq = cfg.seq_len or model.config.block_size
     opt = model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
@@ -94,15 +108,16 @@ def _ddp_rank(rank: int, world: int, port: int, centres: dict[str, Path], cfg: R
         for g in opt.param_groups:
             g["lr"] = lr_schedule(step, cfg)
         x, y = sampler.batch(step)
-        _, loss = ddp(torch.from_numpy(x), torch.from_numpy(y))
+        _, loss = forward(ddp, x, y, device, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # gradients all-reduced here, every step
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    _sync(device)
     dist.barrier()
     wall = time.perf_counter() - t0
     if rank == 0:
-        torch.save({"state": model.state_dict(), "wall": wall}, out)
+        torch.save({"state": {k: v.cpu() for k, v in model.state_dict().items()}, "wall": wall}, out)
     dist.destroy_process_group()
 
 

@@ -78,6 +78,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def forward(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device,
+            amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, loss) of a token batch on `device`, under bf16 autocast when `amp_dtype` is set."""
+    xt = torch.from_numpy(x).to(device, non_blocking=True)
+    yt = torch.from_numpy(y).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        return model(xt, yt)
+
+
 def lr_schedule(step: int, cfg: RunConfig) -> float:
     """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps."""
     total = cfg.rounds * cfg.inner_steps
@@ -249,12 +258,7 @@ class CentreTrainer:
             old.unlink()
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        xt = torch.from_numpy(x).to(self.device, non_blocking=True)
-        yt = torch.from_numpy(y).to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits, loss = self.model(xt, yt)
-        return logits, loss
+        return forward(self.model, x, y, self.device, self.amp_dtype)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
