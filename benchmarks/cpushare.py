@@ -71,6 +71,12 @@ def create(names: list[str], cores: float, root: Path = ROOT) -> CpuShares:
     quota = round(cores * PERIOD_US)
     if version == 2:
         (parent / "cgroup.subtree_control").write_text("+cpu")  # children get the cpu controller
+    for stale in parent.glob(f"{PREFIX}*"):  # left by a bench that was killed: its pid is gone
+        if not Path("/proc", stale.name.removeprefix(PREFIX).split("-")[0]).exists():
+            try:
+                stale.rmdir()
+            except OSError:
+                pass
     groups: dict[str, Path] = {}
     for name in names:
         group = parent / f"{PREFIX}{os.getpid()}-{name}"

@@ -20,6 +20,10 @@ def test_v1_groups_get_a_quota_per_period_and_take_processes(tmp_path):
         assert group.parent == tmp_path / "cpu" and group.name.startswith(cpushare.PREFIX)
         assert (group / "cpu.cfs_quota_us").read_text() == "80000"
         assert (group / "cpu.cfs_period_us").read_text() == "100000"
+    stale = tmp_path / "cpu" / f"{cpushare.PREFIX}999999999-fr-genci"  # a killed bench's (no such pid)
+    stale.mkdir()
+    cpushare.create(["x"], 0.5, root=tmp_path)
+    assert not stale.exists() and all(g.exists() for g in shares.groups.values())  # live ones stay
     cpushare.join(shares.groups["de-lrz"], pid=4242)
     assert (shares.groups["de-lrz"] / "cgroup.procs").read_text() == "4242"
 
