@@ -1,5 +1,6 @@
 """The bench's per-centre CPU shares (benchmarks/cpushare.py) on cgroup trees laid out in tmp_path
-as the kernel lays them out (v1 and v2), and the launcher that starts a command inside one."""
+as the kernel lays them out (v1 and v2), the launcher that starts a command inside one, and how
+the report states the separate-machine target (or why it was not measured)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import subprocess
 
 import pytest
 
-from benchmarks import cpushare
+from benchmarks import cpushare, report
 
 
 def test_v1_groups_get_a_quota_per_period_and_take_processes(tmp_path):
@@ -58,3 +59,23 @@ def test_a_command_joins_its_group_then_runs_as_itself(tmp_path):
     pid, arg = out.stdout.strip().split(" ", 1)
     assert arg == "two words"  # arguments pass through untouched
     assert (group / "cgroup.procs").read_text().strip() == pid  # exec kept the pid the group was given
+
+
+def test_the_report_says_why_the_separate_rows_were_not_run():
+    res = {"separate-machines": {"cores": 0.8, "not-run": "no cgroup cpu controller under /x"}}
+    (what, measured, verdict), = report._separate_target(res, {})
+    assert verdict == "not measured" and "no cgroup cpu controller under /x" in measured
+    assert "not run here: no cgroup cpu controller under /x" in " ".join(report._separate_lines(res))
+    assert report._separate_target({"separate-machines": None}, {}) == []  # a plan without demo rows
+
+
+def test_the_separate_verdict_is_the_demo_defaults_against_its_capped_loop():
+    tail = report.SEPARATE.format(cores=0.8)
+    demo, overlap = f"DiLoCo H=80 (demo default){tail}", f"DiLoCo H=80 overlap 16{tail}"
+    res = {"separate-machines": {"cores": 0.8}}
+    sc = {report.DEMO_LOCAL_ROW + tail: {"tokens-per-second": 100.0}, "DiLoCo H=80 (demo default)": {
+        "tokens-per-second": 99.0}, demo: {"tokens-per-second": 96.0}, overlap: {"tokens-per-second": 90.0}}
+    (_, measured, verdict), = report._separate_target(res, sc)
+    assert verdict == "met" and "96.0 % (DiLoCo H=80 (demo default))" in measured and "90.0 %" in measured
+    sc[demo], sc[overlap] = {"tokens-per-second": 90.0}, {"tokens-per-second": 96.0}
+    assert report._separate_target(res, sc)[0][2] == "missed"  # overlap is optional; the target is the default's
