@@ -22,7 +22,7 @@ import torch
 
 from benchmarks import cpushare
 from clients.data import TokenSampler, load_split
-from clients.training import CentreTrainer, autocast_dtype, forward, lr_schedule, resolve_device
+from clients.training import CentreTrainer, autocast_dtype, forward, lr_schedule, resolve_device, sync
 from models.config import RunConfig
 from models.gpt import build_model
 
@@ -74,16 +74,12 @@ def centralised(centres: dict[str, Path], cfg: RunConfig, steps: int, threads: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    _sync(device)
+    sync(device)  # the queued kernels are part of the wall time
     wall = time.perf_counter() - t0
     tokens = steps * cfg.batch_size * seq * len(centres)
     return {"state": {k: v.detach().float().cpu() for k, v in model.state_dict().items()},
             "tokens": tokens, "wall": wall, "compute": wall, "bytes": 0}
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the queued kernels are part of the wall time
 
 
 def _ddp_rank(rank: int, world: int, port: int, centres: dict[str, Path], cfg: RunConfig, steps: int,
@@ -113,7 +109,7 @@ def _ddp_rank(rank: int, world: int, port: int, centres: dict[str, Path], cfg: R
         loss.backward()  # gradients all-reduced here, every step
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    _sync(device)
+    sync(device)  # the queued kernels are part of the wall time
     dist.barrier()
     wall = time.perf_counter() - t0
     if rank == 0:

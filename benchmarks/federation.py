@@ -176,14 +176,7 @@ def run_all(plan: Plan) -> dict[str, Any]:
             # Its reference: the same centres' bare loop for the same rounds and steps (a 200-step
             # loop would count its first, slower steps against more of its run than the demo's).
             demo_base = run_config(plan, work / "base-demo", rounds=plan.demo_rounds, **{"inner-steps": plan.demo_h})
-            scen[DEMO_LOCAL_ROW] = baselines.local_loop(corpora, demo_base, work / "local-demo")
-            scen[DEMO_ROW.format(h=plan.demo_h)] = flower(plan, corpora, work, "demo", rounds=plan.demo_rounds, **demo)
-            if plan.overlap:  # the optional overlap: what it buys, all else equal, and with int8 too
-                row = OVERLAP_ROW.format(h=plan.demo_h, k=plan.overlap)
-                scen[row] = flower(plan, corpora, work, "demo-overlap", rounds=plan.demo_rounds,
-                                   **{**demo, "overlap-steps": plan.overlap, "compression": "none"})
-                scen[f"{row} int8"] = flower(plan, corpora, work, "demo-overlap-int8", rounds=plan.demo_rounds,
-                                             **{**demo, "overlap-steps": plan.overlap, "compression": "int8"})
+            _demo_scenarios(plan, corpora, work, demo_base, demo, scen)
             separate = _separate_machines(plan, corpora, work, demo_base, demo, scen)
         mid = plan.hs[len(plan.hs) // 2]
         scen[f"DiLoCo H={mid} int8"] = flower(plan, corpora, work, f"diloco-h{mid}-int8", rounds=plan.steps // mid,
@@ -214,18 +207,29 @@ def _separate_machines(plan: Plan, corpora: dict[str, Path], work: Path, demo_ba
         print(f"separate-machine rows not run: {why}", flush=True)
         return {"cores": cores, "not-run": why}
     shares = cpushare.create(list(corpora), cores)
-    tail = SEPARATE.format(cores=cores)
     try:
-        scen[DEMO_LOCAL_ROW + tail] = baselines.local_loop(corpora, demo_base, work / "local-separate", shares)
-        scen[DEMO_ROW.format(h=plan.demo_h) + tail] = flower(plan, corpora, work, "demo-separate",
-                                                             shares=shares, rounds=plan.demo_rounds, **demo)
-        if plan.overlap:
-            scen[OVERLAP_ROW.format(h=plan.demo_h, k=plan.overlap) + tail] = flower(
-                plan, corpora, work, "demo-overlap-separate", shares=shares, rounds=plan.demo_rounds,
-                **{**demo, "overlap-steps": plan.overlap, "compression": "none"})
+        _demo_scenarios(plan, corpora, work, demo_base, demo, scen, shares)
     finally:
         shares.remove()
     return {"cores": cores}
+
+
+def _demo_scenarios(plan: Plan, corpora: dict[str, Path], work: Path, demo_base: RunConfig, demo: dict[str, Any],
+                    scen: dict[str, dict[str, Any]], shares: cpushare.CpuShares | None = None) -> None:
+    """The demo's configuration, its reference loop and (plan.overlap) the optional overlap: what it
+    buys, all else equal, and with int8 too. With `shares`, every centre on its own CPU share (the
+    rows named with SEPARATE; no int8 row there: it adds nothing to the topology question)."""
+    tail, tag = ("", "") if shares is None else (SEPARATE.format(cores=shares.cores), "-separate")
+    scen[DEMO_LOCAL_ROW + tail] = baselines.local_loop(corpora, demo_base, work / f"local-demo{tag}", shares)
+    scen[DEMO_ROW.format(h=plan.demo_h) + tail] = flower(plan, corpora, work, f"demo{tag}", shares=shares,
+                                                         rounds=plan.demo_rounds, **demo)
+    if plan.overlap:
+        row = OVERLAP_ROW.format(h=plan.demo_h, k=plan.overlap)
+        scen[row + tail] = flower(plan, corpora, work, f"demo-overlap{tag}", shares=shares, rounds=plan.demo_rounds,
+                                  **{**demo, "overlap-steps": plan.overlap, "compression": "none"})
+        if shares is None:
+            scen[f"{row} int8"] = flower(plan, corpora, work, "demo-overlap-int8", rounds=plan.demo_rounds,
+                                         **{**demo, "overlap-steps": plan.overlap, "compression": "int8"})
 
 
 class _Progress(dict):

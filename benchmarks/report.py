@@ -84,8 +84,9 @@ def _separate_target(res: dict[str, Any], sc: dict[str, dict[str, float]]) -> li
         return []
     what = (f"utilisation >= 95 %, each centre on its own {info['cores']:g} core, the coordinator outside "
             "(separate machines, emulated with cgroups)")
-    ref = sc.get(DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"]))
-    rows = [k for k in sc if separate(k) and k != DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"])]
+    ref_name = DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"])
+    ref = sc.get(ref_name)
+    rows = [k for k in sc if separate(k) and k != ref_name]
     if info.get("not-run") or ref is None or not rows:
         return [(what, f"not measured: {info.get('not-run', 'no rows')}", "not measured")]
     ratios = {k: sc[k]["tokens-per-second"] / ref["tokens-per-second"] for k in rows}

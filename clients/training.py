@@ -87,6 +87,12 @@ def forward(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, device: torch.
         return model(xt, yt)
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the queued GPU kernels (honest timings on GPU; nothing to wait for on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def lr_schedule(step: int, cfg: RunConfig) -> float:
     """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps."""
     total = cfg.rounds * cfg.inner_steps
@@ -132,7 +138,7 @@ class CentreTrainer:
             _, loss = self._forward(x, y)
             losses.append(float(loss))
             tokens += x.size
-        self._sync()
+        sync(self.device)
         return {"eval-loss": float(np.mean(losses)), "eval-tokens": float(tokens),
                 "eval-seconds": time.perf_counter() - t0}
 
@@ -223,7 +229,7 @@ class CentreTrainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.optim.step()
             losses.append(loss.detach())
-            self._sync()
+            sync(self.device)
             step_seconds.append(time.perf_counter() - ts)
         return losses, step_seconds
 
@@ -259,10 +265,6 @@ class CentreTrainer:
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return forward(self.model, x, y, self.device, self.amp_dtype)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # honest step timings on GPU
 
     def _peak_memory(self) -> int:
         if self.device.type == "cuda":
