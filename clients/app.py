@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 from clients import egress, wire
 
 app = ClientApp()
+DATA_PLANE = "dp-"  # config keys telling the worker where the round's data plane is (url, token, manifest)
 
 
 @app.train()
@@ -69,8 +70,11 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
         "round": int(config["server-round"]),
         "run-config": dict(context.run_config),
         # How the model travelled and the hashes to check (clients/broadcast.py reads them).
-        "broadcast": {k: str(v) for k, v in config.items() if k != "server-round"},
+        "broadcast": {k: str(v) for k, v in config.items() if k != "server-round" and not k.startswith(DATA_PLANE)},
     }
+    plane = {k.removeprefix(DATA_PLANE): str(v) for k, v in config.items() if k.startswith(DATA_PLANE)}
+    if plane:  # the worker pulls the model and pushes its update itself (server/dataplane.py)
+        header["data-plane"] = plane
     reply, out = _ask(context, header, arrays)
     content = RecordDict({
         "metrics": MetricRecord({k: float(v) for k, v in reply["metrics"].items()}),
@@ -78,6 +82,8 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
     })
     if out:
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
+    if "upload" in reply:  # the manifest of the update the worker sent on the data plane
+        content["upload"] = ConfigRecord({"manifest": str(reply["upload"])})
     return Message(content=content, reply_to=msg)
 
 

@@ -43,8 +43,11 @@ ALLOWED_METRICS: frozenset[str] = frozenset({
     "stale-base",  # 1: this centre cannot rebuild the broadcast model, send the full one (clients/broadcast.py)
 })
 # record name -> the only record type it may have
-ALLOWED_RECORDS: dict[str, str] = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "centre": "ConfigRecord"}
-WORKER_REPLY_KEYS = frozenset({"status", "centre", "metrics"})
+ALLOWED_RECORDS: dict[str, str] = {"arrays": "ArrayRecord", "metrics": "MetricRecord", "centre": "ConfigRecord",
+                                   # data plane: the manifest (names, forms, SHA-256) of the update the worker
+                                   # itself sent; the Flower reply may only repeat it (EgressGuard.check `upload`)
+                                   "upload": "ConfigRecord"}
+WORKER_REPLY_KEYS = frozenset({"status", "centre", "metrics", "upload"})
 LEDGER_NAME = "egress-ledger.jsonl"
 
 Manifest = Mapping[str, tuple[tuple[int, ...], str]]  # models.gpt.parameter_manifest
@@ -67,8 +70,8 @@ def describe_value(value: Any) -> dict[str, Any]:
     """A value's form and fingerprint, never its content."""
     if isinstance(value, np.ndarray):
         data = np.ascontiguousarray(value)
-        return {"kind": "array", "dtype": str(data.dtype), "shape": list(data.shape),
-                "bytes": int(data.nbytes), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
+        return {"kind": "array", "dtype": str(data.dtype), "shape": list(data.shape),  # hashed in place, no copy
+                "bytes": int(data.nbytes), "sha256": hashlib.sha256(memoryview(data).cast("B")).hexdigest()}
     if isinstance(value, bool):
         return {"kind": "bool"}
     if isinstance(value, int | float | np.integer | np.floating):
@@ -95,6 +98,8 @@ def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndar
     }
     if arrays:
         records["arrays"] = ("ArrayRecord", dict(arrays))
+    if "upload" in reply:
+        records["upload"] = ("ConfigRecord", {"manifest": reply["upload"]})
     extra = {k: reply[k] for k in reply if k not in WORKER_REPLY_KEYS}
     if extra:  # header keys the ClientApp could forward: checked like a record of their own
         records["worker-header"] = ("header", extra)
@@ -102,9 +107,17 @@ def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndar
 
 
 # -------------------------------------------------------------------- checking
+def describe_blob(entries: Iterable[Any]) -> dict[str, Any]:
+    """An `arrays` record described from a data-plane manifest (models/blob.py Entry: already hashed)."""
+    return {"type": "ArrayRecord", "items": {e.name: {"kind": "array", "dtype": e.dtype, "shape": list(e.shape),
+                                                      "bytes": e.nbytes, "sha256": e.sha256} for e in entries}}
+
+
 def violations(message: Described, manifest: Manifest, centre: str,
-               allowed_metrics: Iterable[str] = ALLOWED_METRICS) -> list[str]:
-    """Every rule `message` breaks, as messages that quote only manifest/allow-listed names."""
+               allowed_metrics: Iterable[str] = ALLOWED_METRICS, upload: str | None = None) -> list[str]:
+    """Every rule `message` breaks, as messages that quote only manifest/allow-listed names.
+    `upload`: the SHA-256 of the manifest text of the update this centre's worker sent on the data
+    plane for this message (None: it sent none, so no `upload` record may leave)."""
     allowed_metrics = frozenset(allowed_metrics)
     out: list[str] = []
     for rname, record in message.items():
@@ -121,6 +134,10 @@ def violations(message: Described, manifest: Manifest, centre: str,
                     out.append(f"metric {_name(key, allowed_metrics)} is not on the metric allow-list")
                 elif entry.get("kind") != "scalar":
                     out.append(f"metric {key} is a {entry.get('kind')}, only scalar numbers may be sent")
+            elif rname == "upload":
+                if key != "manifest" or entry.get("kind") != "str" or upload is None or entry.get("sha256") != upload:
+                    out.append("record upload must hold only the manifest of the update this centre's worker "
+                               "sent on the data plane")
             elif key != "name":
                 out.append(f"record centre holds key {_name(key, ('name',))}; only 'name' is allowed")
             elif entry.get("kind") != "str" or entry.get("sha256") != _sha(centre.encode()):
@@ -166,15 +183,16 @@ class EgressGuard:
         self._on_blocked = on_blocked  # called with the run name, e.g. to count it in Prometheus
 
     def check(self, message: Described, manifest: Manifest, *, run: str, round: int, op: str,
-              stage: str) -> list[str]:
-        """Record `message` in the ledger; raise EgressBlocked if it breaks a rule."""
-        problems = violations(message, manifest, self.centre)
+              stage: str, upload: str | None = None, **extra: Any) -> list[str]:
+        """Record `message` in the ledger; raise EgressBlocked if it breaks a rule. `upload`: see
+        `violations`; `extra`: more fields for the ledger entry (the data plane's destination)."""
+        problems = violations(message, manifest, self.centre, upload=upload)
         if problems:
             self.blocked_total += 1
             if self._on_blocked is not None:
                 self._on_blocked(run)
         self._append(_entry(message, problems, manifest, centre=self.centre, run=run, round=round, op=op,
-                            stage=stage, blocked_total=self.blocked_total))
+                            stage=stage, blocked_total=self.blocked_total, **extra))
         if problems:
             log.error("[%s] EGRESS BLOCKED (%s of %s, run %s round %s): %s. Nothing was sent; "
                       "recorded in %s (blocked so far: %d)", self.centre, stage, op, run, round,

@@ -18,6 +18,7 @@ recorded in STATE_DIR/egress-ledger.jsonl, before it leaves this process.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -29,15 +30,27 @@ from typing import Any
 
 import torch
 
-from clients import wire
+from clients import dataplane, wire
 from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
-from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_worker_reply, packed_manifest
+from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_blob, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.training import Ahead, CentreTrainer, autocast_dtype
+from models import blob
 from models.config import RunConfig
 from models.gpt import build_model, parameter_manifest
-from models.packing import INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY, STALE_BASE_METRIC, pack, quantize_int8, unpack
+from models.packing import (
+    BF16_KEY,
+    INT8_BLOCK,
+    INT8_KEY,
+    PARAMS_KEY,
+    SCALE_KEY,
+    STALE_BASE_METRIC,
+    pack,
+    quantize_int8,
+    to_bf16_bits,
+    unpack,
+)
 
 log = logging.getLogger("bridgepool.centre")
 
@@ -46,8 +59,11 @@ class CentreWorker:
     """Turns relayed requests into CentreTrainer calls; usable in-process too."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
-                 metrics: CentreMetrics | None = None):
+                 metrics: CentreMetrics | None = None, destination: dataplane.Destination | None = None):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
+        # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
+        self.destination = destination or dataplane.Destination()
+        self._uploads: dict[tuple[str, int, str], str] = {}  # (run, round, op) -> SHA-256 of the sent manifest
         self.threads = threads
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
@@ -82,6 +98,10 @@ class CentreWorker:
         ahead_of = self._join_ahead()  # the model is the background steps' until they end
         trainer = self._trainer_for(header["run-config"])
         ahead = ahead_of[1] if ahead_of is not None and ahead_of[0] is trainer else None
+        plane = header.get("data-plane") or {}
+        if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
+            arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
+                                     str(plane["manifest"]), broadcast_manifest(self._manifest))
         try:
             sent = self.held.receive(header.get("broadcast", {}), arrays,
                                      lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
@@ -107,6 +127,8 @@ class CentreWorker:
             if trainer.cfg.compression == "int8":
                 # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
                 out = quantize_int8(sent - pack(result.state))
+            elif trainer.cfg.wire_dtype == "bf16":  # the new weights rounded to bf16: half the bytes
+                out = {BF16_KEY: to_bf16_bits(pack(result.state))}
             else:
                 out = {PARAMS_KEY: pack(result.state)}
         return self._reply(trainer, header, metrics, out)
@@ -138,11 +160,42 @@ class CentreWorker:
 
     def _reply(self, trainer: CentreTrainer, header: dict[str, Any], metrics: dict[str, float],
                out: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
-        reply = {"status": "ok", "centre": self.centre, "metrics": metrics}
+        reply: dict[str, Any] = {"status": "ok", "centre": self.centre, "metrics": metrics}
+        run, rnd, op = trainer.cfg.run_name, int(header["round"]), str(header.get("op"))
+        plane = header.get("data-plane") or {}
+        if out and plane.get("token"):
+            return self._upload(reply, out, plane, run, rnd, op), {}
         # Raises EgressBlocked (so nothing but the error is sent) if the reply breaks a rule.
-        self.egress.check(describe_worker_reply(reply, out), self._manifest, run=trainer.cfg.run_name,
-                          round=int(header["round"]), op=str(header.get("op")), stage="worker-reply")
+        self.egress.check(describe_worker_reply(reply, out), self._manifest, run=run, round=rnd, op=op,
+                          stage="worker-reply")
         return reply, out
+
+    def _upload(self, reply: dict[str, Any], out: wire.Arrays, plane: dict[str, Any], run: str, rnd: int,
+                op: str) -> dict[str, Any]:
+        """Send `out` on the data plane, this worker being the centre's only exit for model bytes: the guard
+        checks it against the model's manifest and the ledger holds each array's size and SHA-256 before a
+        byte leaves. The reply the ClientApp relays carries only the manifest (`upload`)."""
+        entries = blob.layout(out, {BF16_KEY: blob.BF16})  # hashed once, here; the server checks them on arrival
+        manifest = blob.to_json(entries)
+        reply["upload"] = manifest
+        message = {**describe_worker_reply(reply, {}), "arrays": describe_blob(entries)}
+        sha = hashlib.sha256(manifest.encode()).hexdigest()
+        url = str(plane["url"])
+        self.egress.check(message, self._manifest, run=run, round=rnd, op=op, stage="data-plane", upload=sha,
+                          destination=url)
+        try:
+            dataplane.upload(self.destination, url, str(plane["token"]), out, entries)
+        except dataplane.DataPlaneError as err:
+            if err.status != 410:
+                raise
+            # A late reply to a round the server has closed: it is not needed, but the reply still tells
+            # the server this centre is alive (server/liveness.py).
+            log.warning("[%s] %s", self.centre, err)
+            del reply["upload"]
+            return reply
+        self._uploads = {k: v for k, v in self._uploads.items() if k[1] >= rnd - 1}  # bounded: recent rounds
+        self._uploads[(run, rnd, op)] = sha
+        return reply
 
     def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
         """The ClientApp shell's final Flower reply, described (forms and hashes, no values),
@@ -150,8 +203,9 @@ class CentreWorker:
         trainer = self._trainer_for(header["run-config"])
         replied = header.get("reply-to")
         op = replied if replied in ("train", "evaluate", "prepare") else "unknown"  # no free text
-        self.egress.check(header["message"], self._manifest, run=trainer.cfg.run_name,
-                          round=int(header["round"]), op=str(op), stage="flower-reply")
+        rnd = int(header["round"])
+        self.egress.check(header["message"], self._manifest, run=trainer.cfg.run_name, round=rnd, op=str(op),
+                          stage="flower-reply", upload=self._uploads.get((trainer.cfg.run_name, rnd, str(op))))
         return {"status": "ok", "centre": self.centre}
 
     def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
@@ -177,7 +231,13 @@ def wire_manifest(params: Manifest) -> Manifest:
     or the pseudo-gradient as int8 values with one fp32 scale per block; nothing else."""
     flat = packed_manifest(params, PARAMS_KEY)
     n = flat[PARAMS_KEY][0][0]
-    return {**flat, INT8_KEY: ((n,), "int8"), SCALE_KEY: ((-(-n // INT8_BLOCK),), "float32")}
+    return {**flat, INT8_KEY: ((n,), "int8"), SCALE_KEY: ((-(-n // INT8_BLOCK),), "float32"),
+            BF16_KEY: ((n,), blob.BF16)}  # wire-dtype bf16, data plane only
+
+
+def broadcast_manifest(wire: Manifest) -> Manifest:
+    """What a server message may carry: the full fp32 weights or an int8 delta (server/broadcast.py)."""
+    return {k: v for k, v in wire.items() if k in (PARAMS_KEY, INT8_KEY, SCALE_KEY)}
 
 
 def serve(worker: CentreWorker, socket_path: Path) -> None:

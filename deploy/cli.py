@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--centres", type=int, default=3, help="number of centres (default 3)")
     d.add_argument("--rounds", type=int)
     d.add_argument("--inner-steps", type=int)
-    d.add_argument("--model", help="tiny | small | base")
+    d.add_argument("--model", help="tiny | small | base | large | xl")
     d.add_argument("--strategy", help="diloco | fedavg")
     d.add_argument("--device", help="auto | cpu | cuda")
     d.add_argument("--run-dir", type=Path, help="default: runs/demo-YYYYmmdd-HHMMSS")
@@ -98,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    serve.add_argument("--coordinator", action="append", default=[], metavar="HOST",
+                       help="the only host this centre sends model bytes to on the data plane (repeatable; "
+                            "default: loopback only, the single-machine demo)")
+    serve.add_argument("--data-plane-ca", type=Path, metavar="FILE",
+                       help="CA certificate the coordinator's data plane must present; plaintext is then refused")
     serve.set_defaults(func=cmd_centre_serve)
     # `bridgepool centre supernode ARGS` goes to clients/supernode.py (see main()).
     centre.add_parser("supernode", help="Flower's SuperNode with a warm ClientApp runtime; takes "
@@ -231,9 +236,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_centre_serve(args: argparse.Namespace) -> int:
+    from clients.dataplane import LOOPBACK_HOSTS, Destination
     from clients.worker import CentreWorker, serve
 
-    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice)
+    if args.data_plane_ca and not Path(args.data_plane_ca).is_file():
+        raise FileNotFoundError(f"--data-plane-ca {args.data_plane_ca}: no such file (the deployment's CA certificate)")
+    destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
+    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
+                          destination=destination)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0

@@ -120,9 +120,10 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 
 
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
-           metrics_port: int = 0, metrics_host: str = "127.0.0.1",
+           metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
            prog: Sequence[str] = ("bridgepool",)) -> list[str]:
-    """The centre's long-lived training worker (`bridgepool centre serve`)."""
+    """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
+    `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
     if nice:
@@ -131,6 +132,10 @@ def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: 
         argv += ["--threads", str(threads)]
     if metrics_port:
         argv += ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host]
+    if coordinator:
+        argv += ["--coordinator", coordinator]
+    if data_plane_ca:
+        argv += ["--data-plane-ca", data_plane_ca]
     return argv
 
 

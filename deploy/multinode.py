@@ -32,7 +32,7 @@ def add_deploy_parser(sub: Any) -> None:
     ns.add_argument("--centres", type=int, default=3)
     ns.add_argument("--rounds", type=int, default=2)
     ns.add_argument("--inner-steps", type=int, default=20)
-    ns.add_argument("--model", default="tiny", help="tiny | small | base")
+    ns.add_argument("--model", default="tiny", help="tiny | small | base | large | xl")
     ns.add_argument("--run-dir", type=Path, help="default: runs/netns-YYYYmmdd-HHMMSS")
     ns.add_argument("--base-port", type=int, default=commands.SUPERLINK_PORT,
                     help="SuperLink port (inside the server namespace); SuperNodes use the next ones")

@@ -18,11 +18,13 @@ from typing import Any
 
 # The repository root doubles as the Flower app directory (`flwr run ROOT`).
 APP_DIR = Path(__file__).resolve().parent.parent
-MODEL_NAMES = ("tiny", "small", "base")
+MODEL_NAMES = ("tiny", "small", "base", "large", "xl")
 STRATEGIES = ("diloco", "fedavg")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 AGGREGATORS = ("mean", "trimmed-mean", "median")
+DATA_PLANES = ("stream", "flower")
+WIRE_DTYPES = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,13 @@ class RunConfig:
     dp_clip: float  # DP: clip each centre's pseudo-gradient to this L2 norm; 0 = DP off
     dp_noise_multiplier: float  # DP: Gaussian noise std on the sum = this x dp-clip
     dp_delta: float  # DP: the delta epsilon is reported at
+    data_plane: str  # stream | flower: where the weights travel (server/dataplane.py)
+    wire_dtype: str  # fp32 | bf16: a centre's new weights on the data plane
+    data_plane_host: str  # the data plane's bind address
+    data_plane_port: int  # 0 = any free port
+    data_plane_advertise: str  # the host centres dial; "" = data_plane_host
+    data_plane_certfile: str  # TLS certificate; "" = plaintext
+    data_plane_keyfile: str
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODEL_NAMES)
@@ -94,6 +103,7 @@ class RunConfig:
         if self.inner_weight_decay < 0:
             raise ConfigError("config key 'inner-weight-decay' must be >= 0")
         self._check_dp()
+        self._check_data_plane()
         if self.min_centres > self.expected_centres:
             raise ConfigError(
                 f"config key 'min-centres' ({self.min_centres}) exceeds 'expected-centres' "
@@ -112,6 +122,28 @@ class RunConfig:
         if self.dp_clip > 0 and self.aggregator != "mean":
             raise ConfigError(f"config key 'dp-clip' > 0 needs aggregator = \"mean\" (got {self.aggregator!r}): "
                               "the privacy accounting assumes the plain mean of clipped updates")
+
+    def _check_data_plane(self) -> None:
+        _choice("data-plane", self.data_plane, DATA_PLANES)
+        _choice("wire-dtype", self.wire_dtype, WIRE_DTYPES)
+        if not 0 <= self.data_plane_port <= 65535:
+            raise ConfigError(f"config key 'data-plane-port' must be in 0..65535, got {self.data_plane_port}")
+        if self.wire_dtype != "fp32" and self.data_plane != "stream":
+            raise ConfigError(f"config key 'wire-dtype' = {self.wire_dtype!r} needs data-plane = \"stream\"")
+        if self.wire_dtype != "fp32" and self.compression == "int8":
+            raise ConfigError("config keys 'wire-dtype' and 'compression' = \"int8\" both set how updates travel; "
+                              "keep wire-dtype = \"fp32\" with int8")
+        if self.data_plane == "stream" and self.data_plane_host in ("0.0.0.0", "::") and not self.data_plane_advertise:
+            raise ConfigError(f"config key 'data-plane-host' = {self.data_plane_host!r} binds every address: "
+                              "set 'data-plane-advertise' to the host the centres dial")
+        if bool(self.data_plane_certfile) != bool(self.data_plane_keyfile):
+            raise ConfigError("config keys 'data-plane-certfile' and 'data-plane-keyfile' go together")
+
+    @property
+    def data_plane_url(self) -> str:
+        """What the centres are told to dial (the port is filled in once the server has bound it)."""
+        scheme = "https" if self.data_plane_certfile else "http"
+        return f"{scheme}://{self.data_plane_advertise or self.data_plane_host}"
 
     @property
     def quorum(self) -> int:

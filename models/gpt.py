@@ -43,6 +43,10 @@ MODEL_SIZES: dict[str, GPTConfig] = {
     "small": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
     # ~127M params (GPT-2 small width, 18 layers), for GPU
     "base": GPTConfig(n_layer=18, n_head=12, n_embd=768, block_size=1024),
+    # ~353M params (GPT-2 medium width, 28 layers): 2 centres x 2 rounds fit a 2-core, 24 GB machine
+    "large": GPTConfig(n_layer=28, n_head=16, n_embd=1024, block_size=1024),
+    # ~1.0B params (20 layers x 2048): for GPUs
+    "xl": GPTConfig(n_layer=20, n_head=16, n_embd=2048, block_size=1024),
 }
 
 

@@ -50,6 +50,24 @@ def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+# bf16 on the wire (config `wire-dtype`, data plane only): the new weights rounded to bfloat16, half
+# the bytes of fp32, as raw 16-bit patterns (numpy has no bf16; models/blob.py names them "bfloat16").
+BF16_KEY = "params-bf16"
+
+
+def to_bf16_bits(vector: np.ndarray) -> np.ndarray:
+    """fp32 vector -> its bf16 rounding (round to nearest even), as uint16 bit patterns."""
+    return torch.from_numpy(np.ascontiguousarray(vector, np.float32)).to(torch.bfloat16).view(torch.int16).numpy() \
+        .view(np.uint16)
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """uint16 bf16 bit patterns -> fp32 (exact: every bf16 value is an fp32 value)."""
+    if bits.dtype != np.uint16 or bits.ndim != 1:
+        raise PackingError(f"{BF16_KEY} must be a flat vector of bf16 bit patterns, got {bits.dtype} {bits.shape}")
+    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float().numpy()
+
+
 def num_values(like: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in like.values())
 

@@ -26,6 +26,7 @@ from models.packing import pack, unpack
 from server.aggregation import OuterOptimizer, aggregate
 from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
+from server.dataplane import Plane, open_plane, upload_shapes
 from server.liveness import Liveness
 from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_centres
 from server.metrics import ServerMetrics
@@ -64,8 +65,24 @@ def main(grid: Grid, context: Context) -> None:
 
 def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
              metrics: ServerMetrics | None = None) -> dict:
+    """The run's rounds; with `data-plane = "stream"` the weights travel on a data plane this
+    process serves for the run's lifetime (server/dataplane.py)."""
     metrics = metrics or ServerMetrics(cfg.run_name)  # recorded, not served
     outer, start, broadcast = start_point(cfg, run_dir, runlog)
+    if cfg.data_plane != "stream":
+        return _rounds(grid, cfg, run_dir, runlog, metrics, outer, start, broadcast, None)
+    n = broadcast.base.size
+    plane = open_plane(cfg.data_plane_host, cfg.data_plane_port, cfg.data_plane_advertise, cfg.data_plane_certfile,
+                       cfg.data_plane_keyfile, upload_shapes(n, cfg.compression, cfg.wire_dtype))
+    runlog.event("data-plane", url=plane.url)
+    try:
+        return _rounds(grid, cfg, run_dir, runlog, metrics, outer, start, broadcast, plane)
+    finally:
+        plane.server.stop()
+
+
+def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: ServerMetrics,
+            outer: OuterOptimizer, start: int, broadcast: Broadcast, plane: Plane | None) -> dict:
     liveness = Liveness()
 
     ready = wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
@@ -77,7 +94,7 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
         nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
         reference = _sent(broadcast, outer)  # what the centres train from
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
-                      expected=clock.expected())
+                      expected=clock.expected(), plane=plane)
         clock.observe(ex)
         accepted = _accept(ex, reference, cfg.max_norm_factor)
         for centre, code in ex.codes.values():
@@ -111,7 +128,7 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
     _sent(broadcast, outer)
     final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", broadcast, cfg.rounds,
-                        cfg.round_timeout, liveness)
+                        cfg.round_timeout, liveness, plane=plane)
     final_model = run_dir / "final_model.safetensors"
     save_file({k: v.contiguous().clone() for k, v in outer.state().items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}

@@ -24,8 +24,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
+from models import blob
 from models.packing import FULL, STALE_BASE_METRIC
 from server.broadcast import Broadcast
+from server.dataplane import Plane
 from server.liveness import Liveness
 
 log = logging.getLogger("bridgepool.server")
@@ -147,6 +149,7 @@ def exchange(
     liveness: Liveness | None = None,
     quorum: int = 0,
     expected: float = 0.0,
+    plane: Plane | None = None,
 ) -> Exchange:
     """Send the current broadcast model (`broadcast.advance` was called) to every node and
     gather replies until all answer or the deadline.
@@ -161,18 +164,29 @@ def exchange(
     live.listed(node_ids)
     result = Exchange()
     records: dict[str, ArrayRecord] = {}  # one per form, shared by every message of that form
+    published: dict[str, tuple[str, int]] = {}  # data plane: form -> (manifest JSON, bytes)
     pending: dict[str, tuple[int, str]] = {}  # message id -> (node, form sent)
+    tokens: dict[int, str] = {}  # data plane: node -> its token for this round
+    if plane is not None:
+        plane.server.end_exchange()  # the previous exchange's blobs and unclaimed updates go
 
     def push(nodes: list[int], full: bool = False) -> None:
         messages, forms = [], []
         for nid in nodes:
             p = broadcast.payload(nid, full)
-            if p.form not in records:
-                records[p.form] = ArrayRecord({k: Array(v) for k, v in p.arrays.items()})
-            result.bytes_sent += int(records[p.form].count_bytes())
-            content = RecordDict({"config": ConfigRecord({"server-round": server_round, **p.config})})
-            if p.arrays:
-                content["arrays"] = records[p.form]
+            config = {"server-round": server_round, **p.config}
+            content = RecordDict({"config": ConfigRecord(config)})
+            if plane is not None:
+                config.update(_on_plane(plane, p.form, p.arrays, published, nid, message_type, server_round,
+                                        timeout, tokens))
+                content["config"] = ConfigRecord(config)
+                result.bytes_sent += published[p.form][1] if p.form in published else 0
+            else:
+                if p.form not in records:
+                    records[p.form] = ArrayRecord({k: Array(v) for k, v in p.arrays.items()})
+                result.bytes_sent += int(records[p.form].count_bytes())
+                if p.arrays:
+                    content["arrays"] = records[p.form]
             messages.append(Message(content=content, dst_node_id=nid, message_type=message_type,
                                     group_id=str(server_round), ttl=timeout + 60.0))
             forms.append(p.form)
@@ -204,7 +218,7 @@ def exchange(
                             live.name(nid), form, server_round)
                 push([nid], full=True)
                 continue
-            _collect(msg, nid, result, live, broadcast)
+            _collect(msg, nid, result, live, broadcast, plane, tokens.get(nid, ""))
             result.replied_after[live.name(nid)] = time.monotonic() - t_push
         if live.can_close((n for n, _ in pending.values()), len(result.replies), quorum):
             log.info("closing round %d without %s: it missed a previous round and the quorum of %d "
@@ -220,6 +234,20 @@ def exchange(
                else f"no reply within the {timeout:.0f}s round deadline")
         result.fail(_key(live, nid), live.name(nid), "no-reply", why)
     return result
+
+
+def _on_plane(plane: Plane, form: str, arrays: dict[str, np.ndarray], published: dict[str, tuple[str, int]],
+              nid: int, message_type: str, server_round: int, timeout: float, tokens: dict[int, str]) -> dict[str, str]:
+    """The config keys that send `nid` this round's model by the data plane (clients/app.py DATA_PLANE):
+    the blob of `form`, published once per form, and a token to read it and (train) to upload."""
+    blob_id = f"{message_type}/{server_round}/{form}" if arrays else None
+    if blob_id is not None and form not in published:
+        entries = plane.server.publish(blob_id, arrays)
+        published[form] = (blob.to_json(entries), blob.total_bytes(entries))
+    token = plane.server.grant(nid, server_round, blob_id, plane.upload if message_type == "train" else None,
+                               ttl=timeout + 60.0)
+    tokens[nid] = token
+    return {"dp-url": plane.url, "dp-token": token, **({"dp-manifest": published[form][0]} if blob_id else {})}
 
 
 def _poll_wait(elapsed: float, replied_after: dict[str, float], expected: float = 0.0) -> float:
@@ -274,7 +302,8 @@ def _centre(msg: Message, nid: int) -> str:
     return str(msg.content["centre"]["name"]) if "centre" in msg.content else f"node-{nid}"
 
 
-def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast: Broadcast) -> None:
+def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast: Broadcast,
+             plane: Plane | None = None, token: str = "") -> None:
     if msg.has_error():
         broadcast.forget(nid)
         code = "node-unavailable" if msg.error.code == ErrorCode.NODE_UNAVAILABLE else "centre-error"
@@ -290,7 +319,19 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     broadcast.delivered(nid)
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
     arrays, nbytes = {}, 0
-    if "arrays" in content:
+    if plane is not None and "upload" in content:  # the update came on the data plane: take it if it is the one named
+        try:
+            entries = blob.from_json(str(content["upload"]["manifest"]))
+            arrays = plane.server.take(token, {e.name: e.sha256 for e in entries})
+            nbytes = blob.total_bytes(entries)
+        except (blob.BlobError, KeyError) as err:
+            result.fail(_key(live, nid), centre, "upload", f"update refused: {err}")
+            return
+    elif plane is not None and "arrays" in content:  # only the centre's worker sends model bytes, on the data plane
+        result.fail(_key(live, nid), centre, "upload", "update refused: weights inside the Flower reply, not on "
+                    "the data plane (a ClientApp that went around the centre's worker?)")
+        return
+    elif "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())
         arrays = {k: a.numpy() for k, a in record.items()}

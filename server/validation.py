@@ -12,7 +12,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from models.packing import INT8_KEY, PARAMS_KEY, SCALE_KEY, PackingError, dequantize_int8, pack, unpack
+from models.packing import (
+    BF16_KEY,
+    INT8_KEY,
+    PARAMS_KEY,
+    SCALE_KEY,
+    PackingError,
+    dequantize_int8,
+    from_bf16_bits,
+    pack,
+    unpack,
+)
 
 MAX_ABS_VALUE = 1e6  # weights of a sane model are O(1); 1e30 "updates" are attacks or bugs
 
@@ -40,6 +50,11 @@ def decode_update(arrays: Mapping[str, np.ndarray], reference: Mapping[str, torc
         try:
             delta = dequantize_int8({k: np.asarray(v) for k, v in arrays.items()}, size)
             return unpack(pack(reference) - delta, reference)
+        except PackingError as err:
+            raise UpdateRejected(str(err), "shape") from err
+    if set(arrays) == {BF16_KEY}:  # wire-dtype bf16: the new weights, rounded
+        try:
+            return unpack(from_bf16_bits(np.asarray(arrays[BF16_KEY])), reference)
         except PackingError as err:
             raise UpdateRejected(str(err), "shape") from err
     if set(arrays) != {PARAMS_KEY}:

@@ -14,14 +14,23 @@ def _batch(B: int = 4, T: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_names() -> None:
-    assert set(MODEL_SIZES) == {"tiny", "small", "base"}
+    assert set(MODEL_SIZES) == {"tiny", "small", "base", "large", "xl"}
     assert model_config("tiny") == GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32)
+
+
+@pytest.mark.parametrize(("name", "low", "high"), [("base", 120e6, 135e6), ("large", 330e6, 370e6),
+                                                   ("xl", 0.95e9, 1.1e9)])
+def test_real_sizes_have_the_parameters_they_claim(name: str, low: float, high: float) -> None:
+    # 12 L d^2 (blocks) + (V + T) d (embeddings, lm_head tied): counted, not built (xl is 4 GB)
+    c = model_config(name)
+    n = 12 * c.n_layer * c.n_embd ** 2 + 13 * c.n_layer * c.n_embd + (c.vocab_size + c.block_size) * c.n_embd
+    assert low < n < high
 
 
 def test_unknown_model_name_lists_choices() -> None:
     with pytest.raises(ValueError, match="unknown model 'huge'") as exc:
         model_config("huge")
-    for name in ("tiny", "small", "base"):
+    for name in ("tiny", "small", "base", "large", "xl"):
         assert name in str(exc.value)
 
 
