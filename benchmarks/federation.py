@@ -18,6 +18,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -133,7 +134,13 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--wire" in argv:  # the data plane against Flower's messages (benchmarks/wire.py)
+        from benchmarks.wire import main as wire_main
+
+        return wire_main([a for a in argv if a != "--wire"])
     p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--wire", action="store_true", help="instead: the data-plane benchmark (benchmarks/wire.py)")
     p.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="", help="file name stem; default federation_cpu-<cores>core_<date>")

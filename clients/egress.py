@@ -49,6 +49,7 @@ ALLOWED_RECORDS: dict[str, str] = {"arrays": "ArrayRecord", "metrics": "MetricRe
                                    "upload": "ConfigRecord"}
 WORKER_REPLY_KEYS = frozenset({"status", "centre", "metrics", "upload"})
 LEDGER_NAME = "egress-ledger.jsonl"
+LEDGERED = ("dtype", "shape", "bytes", "sha256", "blake3")  # what the ledger keeps of an array: form and digest
 
 Manifest = Mapping[str, tuple[tuple[int, ...], str]]  # models.gpt.parameter_manifest
 Described = dict[str, dict[str, Any]]  # record name -> {"type": ..., "items": {key: entry}}
@@ -108,9 +109,10 @@ def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndar
 
 # -------------------------------------------------------------------- checking
 def describe_blob(entries: Iterable[Any]) -> dict[str, Any]:
-    """An `arrays` record described from a data-plane manifest (models/blob.py Entry: already hashed)."""
+    """An `arrays` record described from a data-plane manifest (models/blob.py Entry: already hashed,
+    with the manifest's hash, BLAKE3 by default: the ledger names it)."""
     return {"type": "ArrayRecord", "items": {e.name: {"kind": "array", "dtype": e.dtype, "shape": list(e.shape),
-                                                      "bytes": e.nbytes, "sha256": e.sha256} for e in entries}}
+                                                      "bytes": e.nbytes, e.hash: e.digest} for e in entries}}
 
 
 def violations(message: Described, manifest: Manifest, centre: str,
@@ -216,8 +218,7 @@ def _entry(message: Described, problems: list[str], manifest: Manifest, **fields
         "verdict": "blocked" if problems else "sent",
         # A blocked message may carry data in its key names: unlisted ones only as hashes.
         "records": sorted(_safe(r, ALLOWED_RECORDS) for r in message),
-        "arrays": [{"name": _safe(k, manifest), **{f: e.get(f) for f in ("dtype", "shape", "bytes", "sha256")}}
-                   for k, e in arrays.items()],
+        "arrays": [{"name": _safe(k, manifest), **{f: e[f] for f in LEDGERED if f in e}} for k, e in arrays.items()],
         "metrics": sorted(_safe(k, ALLOWED_METRICS) for k in message.get("metrics", {}).get("items", {})),
         "bytes": sum(int(e.get("bytes", 0)) for e in arrays.values()),
         "violations": problems,

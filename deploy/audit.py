@@ -52,6 +52,9 @@ def write_report(run_dir: Path) -> tuple[Path, Path, dict[str, Any]]:
     return js, md, report
 
 
+RELEASES = ("worker-reply", "data-plane")  # ledger stages at which the worker lets something go
+
+
 # --------------------------------------------------------------------- parts
 def _allowed_arrays(model: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """What the centres' guards allow out for this run's model (the same function they use)."""
@@ -70,8 +73,11 @@ def _centre(root: Path, name: str, run: dict[str, Any], allowed: dict) -> dict[s
     entries = [e for e in read_ledger(ledger_path) if e.get("run") == run_name]
     sent = [e for e in entries if e.get("stage") == "flower-reply" and e.get("verdict") == "sent"]
     blocked = [e for e in entries if e.get("verdict") == "blocked"]
+    # The worker's own releases: its reply to the ClientApp, and (data plane) the update it sent itself.
+    released = [e for e in entries if e.get("stage") in RELEASES and e.get("verdict") == "sent"]
+    streamed = [e for e in released if e.get("stage") == "data-plane"]
     problems: list[str] = []
-    for e in sent + [e for e in entries if e.get("stage") == "worker-reply" and e.get("verdict") == "sent"]:
+    for e in sent + released:
         problems += [f"round {e.get('round')} {e.get('op')}: {p}" for p in _recheck(e, allowed)]
     unverified = _unverified(entries)
     problems += [f"round {r} {op}: the worker released a reply whose final Flower form was never checked "
@@ -88,8 +94,12 @@ def _centre(root: Path, name: str, run: dict[str, Any], allowed: dict) -> dict[s
         "ledger": str(ledger_path),
         "rounds": _per_round(sent, blocked, server),
         "sent": {"messages": len(sent), "bytes": sum(int(e.get("bytes", 0)) for e in sent),
-                 "arrays": sorted({f"{a['name']} {a['dtype']} {tuple(a['shape'])}" for e in sent for a in e["arrays"]}),
+                 "arrays": sorted({f"{a['name']} {a['dtype']} {tuple(a['shape'])}"
+                                   for e in sent + streamed for a in e["arrays"]}),
                  "metrics": sorted({m for e in sent for m in e.get("metrics", [])})},
+        # Model bytes the worker itself sent on the coordinator's data plane (server/dataplane.py).
+        "data-plane": {"uploads": len(streamed), "bytes": sum(int(e.get("bytes", 0)) for e in streamed),
+                       "destinations": sorted({str(e.get("destination")) for e in streamed})},
         "blocked": {"count": len(blocked), "rounds": sorted({e.get("round") for e in blocked}),
                     "reasons": sorted({v for e in blocked for v in e.get("violations", [])})},
         "problems": problems,
@@ -99,7 +109,8 @@ def _centre(root: Path, name: str, run: dict[str, Any], allowed: dict) -> dict[s
 
 def _recheck(entry: dict[str, Any], allowed: dict) -> list[str]:
     """The guard's rules again, from the ledger alone (so a bug in the guard shows here)."""
-    out = [f"record {r} is not allowed" for r in entry.get("records", []) if r not in ("arrays", "metrics", "centre")]
+    out = [f"record {r} is not allowed" for r in entry.get("records", [])
+           if r not in ("arrays", "metrics", "centre", "upload")]
     for a in entry.get("arrays", []):
         want = allowed.get(a.get("name"))
         if want is None or (tuple(a.get("shape", ())), a.get("dtype")) != (tuple(want[0]), want[1]):
@@ -111,7 +122,7 @@ def _recheck(entry: dict[str, Any], allowed: dict) -> list[str]:
 def _unverified(entries: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
     """(round, op) pairs the worker released more often than the shell had checked."""
     released = Counter((e.get("round"), e.get("op")) for e in entries
-                       if e.get("stage") == "worker-reply" and e.get("verdict") == "sent")
+                       if e.get("stage") in RELEASES and e.get("verdict") == "sent")
     checked = Counter((e.get("round"), e.get("op")) for e in entries if e.get("stage") == "flower-reply")
     return sorted(k for k, n in released.items() if checked[k] < n)
 
@@ -188,19 +199,21 @@ def markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"`{k}` {v['dtype']} {tuple(v['shape'])}" for k, v in report["allowed"]["arrays"].items())
              + f" and {len(report['allowed']['metrics'])} scalar metrics "
              f"({', '.join(report['allowed']['metrics'])}), plus each centre's own name.", "",
-             "| centre | data (train sha256) | messages sent | bytes sent | blocked | verdict |",
-             "|---|---|---|---|---|---|"]
+             "| centre | data (train sha256) | messages sent | bytes sent (Flower) | bytes sent (data plane) | blocked "
+             "| verdict |", "|---|---|---|---|---|---|---|"]
     for name, c in centres.items():
         sha = c["data"].get("splits", {}).get("train", {}).get("sha256") or "?"
         lines.append(f"| {name} | `{sha[:16]}…` | {c['sent']['messages']} | {c['sent']['bytes']:,} | "
-                     f"{c['blocked']['count']} | {c['verdict']} |")
+                     f"{c['data-plane']['bytes']:,} | {c['blocked']['count']} | {c['verdict']} |")
     for name, c in centres.items():
         lines += ["", f"## {name}", "", "Data fingerprint (hashes and counts only):", ""]
         for split, s in c["data"].get("splits", {}).items():
             docs = f"{s['documents']} document{'' if s['documents'] == 1 else 's'}"
             lines.append(f"- {split}: {docs}, {s['tokens']:,} tokens, sha256 `{s['sha256']}`")
+        dpl = c["data-plane"]
         lines += ["", f"Sent: {', '.join(c['sent']['arrays']) or 'no arrays'}; metrics "
-                  f"{', '.join(c['sent']['metrics']) or 'none'}.", "",
+                  f"{', '.join(c['sent']['metrics']) or 'none'}. On the data plane: {dpl['uploads']} updates, "
+                  f"{dpl['bytes']:,} bytes, to {', '.join(dpl['destinations']) or 'nowhere'}.", "",
                   "| round | messages | ops | bytes (ledger) | bytes (server) | blocked |", "|---|---|---|---|---|---|"]
         for r in c["rounds"]:
             lines.append(f"| {r['round']} | {r['messages']} | {', '.join(r['ops'])} | {r['bytes']:,} | "

@@ -67,6 +67,8 @@ class LocalFederation:
         # before its SuperNode starts. Without: plain HTTP on loopback, the explicit opt-in below.
         self.pki = pki
         self.superlink_port = base_port
+        # The ServerApp's data plane (server/dataplane.py): the port after the SuperNodes' runtime ports.
+        self.data_plane_port = base_port + 1 + len(centres)
         self.metrics_port = metrics_port  # the server's; centre i uses metrics_port + 1 + i; 0 = no metrics
         self.group = ProcessGroup()
         self.threads = threads_per_centre
@@ -122,6 +124,7 @@ class LocalFederation:
         `app_dir`: another app bundle's directory (the egress tests submit a leaking one)."""
         if self.metrics_port:  # the ServerApp serves where prometheus.yml points
             run_config = {**run_config, "metrics-port": self.metrics_port}
+        run_config = {**run_config, **self.data_plane_config()}
         self._previous_end = _read_json(self.run_dir / "run.json").get("finished")
         self._min_centres = int(run_config.get("min-centres") or 0)
         argv = commands.flwr_run(str(app_dir), run_config, exe=venv_bin("flwr"))
@@ -248,7 +251,17 @@ class LocalFederation:
         return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket), threads=self.threads,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
-                               metrics_host=self.metrics_host, prog=(sys.executable, "-m", "deploy.cli"))
+                               metrics_host=self.metrics_host, coordinator=self.data_plane_host,
+                               data_plane_ca=self.pki.centre_ca_cert(c.name) if self.pki is not None else "",
+                               prog=(sys.executable, "-m", "deploy.cli"))
+
+    def data_plane_config(self) -> dict[str, Any]:
+        """The run-config keys that put the ServerApp's data plane where this deployment's centres
+        reach it: TLS with the SuperLink's certificate whenever the control plane has one."""
+        tls = {"data-plane-certfile": self.pki.server_cert, "data-plane-keyfile": self.pki.server_key} \
+            if self.pki is not None else {}
+        return {"data-plane-host": self.superlink_host, "data-plane-port": self.data_plane_port,
+                "data-plane-advertise": self.data_plane_host, **tls}
 
     def centre_metrics_ports(self) -> dict[str, int]:
         """Centre name -> its worker's metrics port; empty when metrics are off."""
@@ -286,7 +299,8 @@ class LocalFederation:
 
     # Where processes run and how they reach each other: one host here; deploy/netns.py
     # overrides these to put the server and each centre in namespaces of their own.
-    superlink_host = "127.0.0.1"  # what the SuperLink binds
+    superlink_host = "127.0.0.1"  # what the SuperLink binds (and the ServerApp's data plane)
+    data_plane_host = "127.0.0.1"  # the host centres send model bytes to (`centre serve --coordinator`)
     metrics_host = "127.0.0.1"  # what the centre workers' metrics endpoints bind
 
     @property

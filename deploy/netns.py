@@ -46,6 +46,7 @@ class NetnsFederation(LocalFederation):
         self.namespaces = {"server": f"{self.prefix}-server",
                            **{c.name: f"{self.prefix}-{c.name}" for c in centres}}
         self.addresses = {"server": f"{SUBNET}.1", **{c.name: f"{SUBNET}.{10 + i}" for i, c in enumerate(centres)}}
+        self.data_plane_host = self.addresses["server"]
         self._created: list[str] = []
 
     # ------------------------------------------------------------ lifecycle

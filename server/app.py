@@ -12,6 +12,7 @@ scores the last one.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from pathlib import Path
 
@@ -117,6 +118,11 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
                         broadcast=broadcast.base if cfg.compression == "int8" else None)
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
         record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
+        # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
+        record["server-peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if plane is not None:  # what actually crossed the data plane's sockets, run total so far
+            record["data-plane"] = {"url": plane.url, "bytes-served": plane.server.bytes_served,
+                                    "bytes-received": plane.server.bytes_received}
         if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
             record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
         runlog.add_round(record)

@@ -120,8 +120,8 @@ class DataPlaneServer:
             self._grants[token] = Grant(node, rnd, blob_id, upload, time.monotonic() + ttl)
         return token
 
-    def take(self, token: str, sha256: Mapping[str, str]) -> dict[str, np.ndarray]:
-        """The verified update uploaded with `token`, if its hashes are `sha256` (name -> hex, as the
+    def take(self, token: str, digests: Mapping[str, str]) -> dict[str, np.ndarray]:
+        """The verified update uploaded with `token`, if its hashes are `digests` (name -> hex, as the
         centre's Flower reply states them); blob.BlobError otherwise. The slot is emptied."""
         with self._lock:
             g = self._grants.get(token)
@@ -132,7 +132,7 @@ class DataPlaneServer:
             why = "; ".join(g.log) if g is not None and g.log else "nothing was uploaded with its token"
             raise blob.BlobError(f"no update on the data plane ({why})")
         entries, buffer = got
-        if {e.name: e.sha256 for e in entries} != dict(sha256):
+        if {e.name: e.digest for e in entries} != dict(digests):
             raise blob.BlobError("the update on the data plane is not the one the centre's reply names")
         return blob.split(buffer, entries)
 

@@ -319,18 +319,18 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     broadcast.delivered(nid)
     metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
     arrays, nbytes = {}, 0
+    if plane is not None and "arrays" in content:  # only the centre's worker sends model bytes, on the data plane
+        result.fail(_key(live, nid), centre, "upload", "update refused: arrays inside the Flower reply, not on "
+                    "the data plane (a ClientApp that went around the centre's worker?)")
+        return
     if plane is not None and "upload" in content:  # the update came on the data plane: take it if it is the one named
         try:
             entries = blob.from_json(str(content["upload"]["manifest"]))
-            arrays = plane.server.take(token, {e.name: e.sha256 for e in entries})
+            arrays = plane.server.take(token, {e.name: e.digest for e in entries})
             nbytes = blob.total_bytes(entries)
         except (blob.BlobError, KeyError) as err:
             result.fail(_key(live, nid), centre, "upload", f"update refused: {err}")
             return
-    elif plane is not None and "arrays" in content:  # only the centre's worker sends model bytes, on the data plane
-        result.fail(_key(live, nid), centre, "upload", "update refused: weights inside the Flower reply, not on "
-                    "the data plane (a ClientApp that went around the centre's worker?)")
-        return
     elif "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())

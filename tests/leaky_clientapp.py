@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import app as shell
@@ -34,6 +34,8 @@ def train(msg: Message, context: Context) -> Message:
     centre = str(context.node_config["centre"])
     data_dir = Path(str(context.node_config["worker-socket"])).parent.parent / "data"  # deploy/local.py layout
     tokens = load_split(data_dir, "validation", centre)[:SAMPLE_BYTES]
+    if "arrays" not in reply.content:  # the weights went on the data plane: the leak makes its own record
+        reply.content["arrays"] = ArrayRecord()
     reply.content["arrays"]["data-sample"] = Array(tokens.astype(np.int64))
     reply.content["notes"] = ConfigRecord({"text": tokens.tobytes().decode("utf-8", "replace")})
     if centre in BYPASS_GUARD:

@@ -13,7 +13,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from safetensors.torch import load_file
 
 from clients.broadcast import HeldBase, StaleBase
+from clients.dataplane import Destination, fetch, upload
 from clients.egress import read_ledger
+from models import blob
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import (
@@ -32,6 +34,7 @@ from server import messaging
 from server.app import federate
 from server.broadcast import Broadcast
 from server.checkpoint import load_checkpoint
+from server.dataplane import upload_shapes
 from server.runlog import RunLog
 from tests.test_liveness import serverapp_identity  # noqa: F401  (fixture: Messages outside a ServerApp)
 
@@ -178,6 +181,12 @@ class CentresGrid:
             self.held[node], self.forget_at = HeldBase(), 0  # the worker restarted
         arrays = {k: a.numpy() for k, a in msg.content["arrays"].items()} if "arrays" in msg.content else {}
         config = {k: str(v) for k, v in msg.content["config"].items() if k != "server-round"}
+        plane = {k.removeprefix("dp-"): v for k, v in config.items() if k.startswith("dp-")}  # as clients/app.py
+        config = {k: v for k, v in config.items() if not k.startswith("dp-")}
+        if plane.get("manifest"):  # data plane: the worker's own pull (clients/dataplane.py)
+            shapes = {**upload_shapes(self.initial.size, "int8", "fp32"), **upload_shapes(self.initial.size, "none",
+                                                                                           "fp32")}
+            arrays = fetch(Destination(), plane["url"], plane["token"], plane["manifest"], shapes)
         content = RecordDict({"centre": ConfigRecord({"name": f"c{node}"})})
         if msg.metadata.message_type == "query":
             return Message(content=content, reply_to=msg)
@@ -188,7 +197,13 @@ class CentresGrid:
             return Message(content=content, reply_to=msg)
         local = sent - 0.01 * _vec(100 * rnd + node, sent.size) * np.abs(sent).mean()  # "training"
         content["metrics"] = MetricRecord({"tokens": 100.0, "train-loss": 1.0, "eval-loss": 1.0})
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in quantize_int8(sent - local).items()})
+        update = quantize_int8(sent - local)
+        if plane.get("token") and msg.metadata.message_type == "train":  # and its own upload
+            entries = blob.layout(update)
+            upload(Destination(), plane["url"], plane["token"], update, entries)
+            content["upload"] = ConfigRecord({"manifest": blob.to_json(entries)})
+        else:
+            content["arrays"] = ArrayRecord({k: Array(v) for k, v in update.items()})
         return Message(content=content, reply_to=msg)
 
 
@@ -199,9 +214,10 @@ def _cfg(run_dir, **over) -> RunConfig:
                                    "run-dir": str(run_dir), "run-name": "bc", **over})
 
 
-def test_int8_run_sends_deltas_resends_stale_and_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("data_plane", ["stream", "flower"])
+def test_int8_run_sends_deltas_resends_stale_and_resumes_bit_identically(tmp_path, monkeypatch, data_plane):
     monkeypatch.setattr(messaging, "POLL_SECONDS", 0.0)
-    cfg = _cfg(tmp_path / "a")
+    cfg = _cfg(tmp_path / "a", **{"data-plane": data_plane})
     initial = pack(build_model("tiny", seed=cfg.seed).state_dict())
     grid = CentresGrid(initial, forget_at=3)
     federate(grid, cfg, tmp_path / "a", RunLog(tmp_path / "a", cfg.to_mapping()))
@@ -210,8 +226,14 @@ def test_int8_run_sends_deltas_resends_stale_and_resumes_bit_identically(tmp_pat
     assert 0 < run["rounds"][1]["bytes-sent"] <= 0.26 * 2 * initial.nbytes  # int8 deltas
     assert run["rounds"][2]["stale-base"] == {"c1": DELTA} and run["rounds"][2]["replied"] == 2
     assert (3, 1, FULL) in grid.forms and all(r["replied"] == 2 for r in run["rounds"])
+    if data_plane == "stream":  # every update came on the data plane, and the models went out on it
+        plane = run["rounds"][-1]["data-plane"]
+        assert plane["bytes-received"] == sum(r["bytes-received"] for r in run["rounds"]) > 0
+        assert plane["bytes-served"] == sum(r["bytes-sent"] for r in run["rounds"]) > 0
+    else:
+        assert "data-plane" not in run["rounds"][-1]
 
-    cfg_b = _cfg(tmp_path / "b")
+    cfg_b = _cfg(tmp_path / "b", **{"data-plane": data_plane})
     with pytest.raises(RuntimeError, match="coordinator killed"):  # dies as round 3 starts
         federate(CentresGrid(initial, crash_at=3, forget_at=3), cfg_b, tmp_path / "b",
                  RunLog(tmp_path / "b", cfg_b.to_mapping()))

@@ -46,8 +46,8 @@ def _config(run_dir: Path, rounds: int) -> RunConfig:
 
 def _run_captured(run_dir: Path, centres: list[Centre], cfg: RunConfig, pcap: Path,
                   app_dir: Path = APP_DIR) -> tuple[dict, Capture]:
-    base = free_base_port(1 + len(centres))
-    with Capture(pcap, list(range(base, base + 1 + len(centres)))) as cap:
+    base = free_base_port(2 + len(centres))  # SuperLink, SuperNodes, the ServerApp's data plane (deploy/local.py)
+    with Capture(pcap, list(range(base, base + 2 + len(centres)))) as cap:
         with LocalFederation(run_dir, centres, base_port=base, durable_superlink=True) as fed:  # DB searched too
             run = fed.wait(fed.submit(cfg.to_mapping(), app_dir=app_dir), timeout=600)
     assert cap.dropped == 0, "tcpdump dropped packets: the capture is incomplete"

@@ -52,10 +52,10 @@ def test_round_trip_global_and_update(plane):
     assert np.array_equal(got[PARAMS_KEY], model)
     new = _vector(1)
     sent = _upload(plane, token, {PARAMS_KEY: new})
-    taken = plane.server.take(token, {e.name: e.sha256 for e in sent})
+    taken = plane.server.take(token, {e.name: e.digest for e in sent})
     assert np.array_equal(taken[PARAMS_KEY], new) and plane.server.bytes_received == new.nbytes
     with pytest.raises(blob.BlobError, match="nothing was uploaded"):  # a slot is taken once
-        plane.server.take(token, {e.name: e.sha256 for e in sent})
+        plane.server.take(token, {e.name: e.digest for e in sent})
 
 
 def test_int8_and_bf16_forms_travel_with_their_manifest():
@@ -65,7 +65,7 @@ def test_int8_and_bf16_forms_travel_with_their_manifest():
         token = p.server.grant(1, 1, None, p.upload, ttl=60)
         sent = blob.layout(q)
         upload(LOCAL, p.url, token, q, sent)
-        got = p.server.take(token, {e.name: e.sha256 for e in sent})
+        got = p.server.take(token, {e.name: e.digest for e in sent})
         assert all(np.array_equal(got[k], q[k]) for k in q)
     finally:
         p.server.stop()
@@ -75,7 +75,7 @@ def test_int8_and_bf16_forms_travel_with_their_manifest():
         token = p.server.grant(1, 1, None, p.upload, ttl=60)
         sent = blob.layout({BF16_KEY: bits}, {BF16_KEY: blob.BF16})
         upload(LOCAL, p.url, token, {BF16_KEY: bits}, sent)
-        got = p.server.take(token, {e.name: e.sha256 for e in sent})[BF16_KEY]
+        got = p.server.take(token, {e.name: e.digest for e in sent})[BF16_KEY]
         want = torch.from_numpy(_vector(3)).to(torch.bfloat16).float().numpy()
         assert np.array_equal(from_bf16_bits(got), want)
     finally:
@@ -87,7 +87,7 @@ def test_a_lying_hash_is_refused_and_nothing_is_kept(plane):
     arrays = {PARAMS_KEY: _vector(0)}
     entries = blob.layout(arrays)
     forged = [blob.Entry(e.name, e.dtype, e.shape, e.offset, e.nbytes, "0" * 64) for e in entries]
-    with pytest.raises(DataPlaneError, match="SHA-256 mismatch"):
+    with pytest.raises(DataPlaneError, match="blake3 mismatch"):
         upload(LOCAL, plane.url, token, arrays, forged)
     with pytest.raises(blob.BlobError, match="no update"):
         plane.server.take(token, {e.name: "0" * 64 for e in forged})
@@ -98,7 +98,7 @@ def test_the_reply_must_name_the_update_that_came(plane):
     _upload(plane, token, {PARAMS_KEY: _vector(0)})
     other = blob.layout({PARAMS_KEY: _vector(1)})
     with pytest.raises(blob.BlobError, match="not the one the centre's reply names"):
-        plane.server.take(token, {e.name: e.sha256 for e in other})
+        plane.server.take(token, {e.name: e.digest for e in other})
 
 
 def _raw_put(port: int, token: str, manifest: str, length: int, body: bytes, close: bool = True) -> socket.socket:
@@ -128,7 +128,7 @@ def test_a_truncated_stream_is_refused(plane):
     s.close()
     _wait_for(lambda: not plane.server._grants[token].busy, "the refused upload to finish")
     with pytest.raises(blob.BlobError, match="truncated"):
-        plane.server.take(token, {e.name: e.sha256 for e in entries})
+        plane.server.take(token, {e.name: e.digest for e in entries})
 
 
 @pytest.mark.parametrize("case", ["shape", "dtype", "name", "length"])
@@ -171,7 +171,7 @@ def test_no_centre_writes_another_centres_slot_or_reads_without_a_grant(plane):
     b = plane.server.grant(2, 1, None, SHAPES, ttl=60)
     sent = _upload(plane, a, {PARAMS_KEY: _vector(0)})
     with pytest.raises(blob.BlobError, match="no update"):  # b's slot is empty: a wrote only its own
-        plane.server.take(b, {e.name: e.sha256 for e in sent})
+        plane.server.take(b, {e.name: e.digest for e in sent})
     with pytest.raises(DataPlaneError, match="409"):  # and a cannot overwrite its own
         _upload(plane, a, {PARAMS_KEY: _vector(1)})
     plane.server.publish("train/1/full", {PARAMS_KEY: _vector(2)})
@@ -207,7 +207,7 @@ def test_three_concurrent_uploads_aggregate_bit_equal_to_in_memory(plane):
     for t in threads:
         t.join()
     assert not errors
-    taken = [plane.server.take(t, {e.name: e.sha256 for e in s})[PARAMS_KEY] for t, s in zip(tokens, sent, strict=True)]
+    taken = [plane.server.take(t, {e.name: e.digest for e in s})[PARAMS_KEY] for t, s in zip(tokens, sent, strict=True)]
     weights = [3.0, 1.0, 2.0]
     streamed = weighted_average([{"p": torch.from_numpy(np.array(v))} for v in taken], weights)["p"]
     in_memory = weighted_average([{"p": torch.from_numpy(v)} for v in updates], weights)["p"]
@@ -231,7 +231,7 @@ def test_a_coordinator_restart_mid_upload_loses_the_partial_update():
             upload(LOCAL, second.url, token, arrays, entries)
         fresh = second.server.grant(1, 2, None, SHAPES, ttl=60)  # the next round's grant works
         upload(LOCAL, second.url, fresh, arrays, entries)
-        assert np.array_equal(second.server.take(fresh, {e.name: e.sha256 for e in entries})[PARAMS_KEY],
+        assert np.array_equal(second.server.take(fresh, {e.name: e.digest for e in entries})[PARAMS_KEY],
                               arrays[PARAMS_KEY])
     finally:
         second.server.stop()

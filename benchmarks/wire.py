@@ -1,0 +1,188 @@
+"""Model updates at link speed: the data plane against Flower's own messages, side by side.
+
+    bridgepool bench --wire                 # base model (127M), 2 centres (~10 min on 2 cores)
+    bridgepool bench --wire --quick         # small model, the smoke test
+    bridgepool bench --wire --ratio         # also the real-size ratio: base at H=20 against its bare loop
+
+Wire scenario: the same federation (2 centres, H=1, batch 1 x 64 tokens, 1 eval batch: minimal
+compute) once with `data-plane = "stream"` and once with `"flower"`, one after the other in the same
+run. Per steady round (round 1 carries no weights: the centres build the seed's model), the time the
+weights took is what is left of the round's wall time after the slowest centre's compute and
+evaluation, the aggregation and the checkpoint; the effective throughput is the model bytes the round
+moved (the global model to each centre, each centre's update back) over that time. Peak resident
+memory: each centre worker's (its own getrusage, reported with its metrics) and the ServerApp's.
+
+Ratio scenario (`--ratio`): base at H=20, B=1x64 (~30 s of compute per round on this CPU, the ratio of
+a GPU round of a 1B model), federated tokens/s over the same centres' bare loop for the same steps.
+
+Writes OUT/STEM.json and OUT/STEM.md (default benchmarks/results/wire_<hardware>_<date>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import baselines
+from clients.data import DEFAULT_CENTRES, prepare_centre
+from deploy.local import LocalFederation, centre_dirs
+from deploy.processes import free_base_port
+from models.config import RunConfig, load_defaults
+
+WIRE = {"model": "base", "rounds": 4, "inner-steps": 1, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
+        "inner-warmup-steps": 1}
+QUICK = {**WIRE, "model": "small", "rounds": 3}
+RATIO = {"model": "base", "rounds": 3, "inner-steps": 20, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
+         "inner-warmup-steps": 2}
+TARGET_BYTES_PER_SECOND = 1e9
+TARGET_ROUND_SECONDS = 4.0
+TARGET_RATIO = 0.90
+
+
+def _config(run_dir: Path, centres: int, **over: Any) -> RunConfig:
+    values = {**load_defaults(), "expected-centres": centres, "threads": 1, "compression": "none",
+              "overlap-steps": 0, "round-timeout": 1800.0, "run-dir": str(run_dir), "run-name": run_dir.name, **over}
+    return RunConfig.from_mapping(values)
+
+
+def federate(corpora: dict[str, Path], work: Path, name: str, **over: Any) -> dict[str, Any]:
+    """One federation over the Deployment Engine; its run.json."""
+    run_dir = work / name
+    centres = []
+    for cname, path in corpora.items():
+        c = centre_dirs(run_dir, cname)
+        shutil.copytree(path, c.data_dir)
+        centres.append(c)
+    cfg = _config(run_dir, len(centres), **over)
+    with LocalFederation(run_dir, centres, base_port=free_base_port(2 + len(centres))) as fed:
+        run = fed.wait(fed.submit(cfg.to_mapping()), timeout=3 * 3600)
+    if run.get("status") != "finished":
+        raise RuntimeError(f"{name}: {run.get('message')}")
+    return run
+
+
+def wire_figures(run: dict[str, Any]) -> dict[str, Any]:
+    """Per steady round: seconds left to moving weights, bytes moved, throughput; and peaks."""
+    rounds = []
+    for r in run["rounds"][1:]:  # round 1: no weights travel (the seed's model)
+        work = max(m.get("compute-seconds", 0.0) + m.get("eval-seconds", 0.0) for m in r["centres"].values())
+        moving = r["wall-seconds"] - work - r["aggregation-seconds"] - r.get("checkpoint-seconds", 0.0)
+        moved = r["bytes-sent"] + r["bytes-received"]
+        rounds.append({"round": r["round"], "wall": r["wall-seconds"], "work": work,
+                       "aggregation": r["aggregation-seconds"], "checkpoint": r.get("checkpoint-seconds", 0.0),
+                       "moving": moving, "bytes": moved, "bytes-per-second": moved / moving if moving > 0 else None})
+    moving = sum(x["moving"] for x in rounds)
+    moved = sum(x["bytes"] for x in rounds)
+    last = run["rounds"][-1]
+    return {"rounds": rounds, "bytes-per-second": moved / moving if moving > 0 else None,
+            "round-seconds": sum(x["wall"] for x in rounds) / len(rounds),
+            "worker-peak-rss-bytes": max(m.get("peak-memory-bytes", 0.0) for m in last["centres"].values()),
+            "server-peak-rss-bytes": last.get("server-peak-rss-bytes"),
+            "data-plane": last.get("data-plane"), "eval-loss": run["final"]["eval-loss-mean"]}
+
+
+def ratio_figures(run: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
+    rounds = run["rounds"]
+    span = rounds[-1]["time"] - (rounds[0]["time"] - rounds[0]["wall-seconds"])
+    fed_rate = sum(r["tokens"] for r in rounds) / span
+    bare_rate = bare["tokens"] / bare["compute"]
+    return {"federated-tokens-per-second": fed_rate, "bare-loop-tokens-per-second": bare_rate,
+            "ratio": fed_rate / bare_rate, "round-seconds": [r["wall-seconds"] for r in rounds]}
+
+
+def run_all(quick: bool, ratio: bool, centres: int = 2) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bridgepool-wire-"))
+    try:
+        corpora: dict[str, Path] = {}
+        for name, source in DEFAULT_CENTRES[:centres]:
+            corpora[name] = work / "corpora" / name
+            prepare_centre(source, corpora[name], max_bytes=400_000)
+        plan = QUICK if quick else WIRE
+        out: dict[str, Any] = {"plan": plan, "scenarios": {}}
+        for label, over in (("stream fp32", {"data-plane": "stream"}),
+                            ("stream bf16", {"data-plane": "stream", "wire-dtype": "bf16"}),
+                            ("flower fp32", {"data-plane": "flower"})):
+            run = federate(corpora, work, label.replace(" ", "-"), **plan, **over)
+            out["scenarios"][label] = wire_figures(run)
+            print(f"{label}: {json.dumps(out['scenarios'][label]['bytes-per-second'])} B/s", flush=True)
+        if ratio:
+            cfg = _config(work / "bare", len(corpora), **RATIO)
+            bare = baselines.local_loop(corpora, cfg, work)
+            run = federate(corpora, work, "ratio-stream", **RATIO)
+            out["ratio"] = {"plan": RATIO, **ratio_figures(run, bare)}
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def report(res: dict[str, Any]) -> str:
+    s = res["scenarios"]
+    lines = ["# Model updates on the wire: data plane vs Flower messages", "",
+             f"Plan: {json.dumps(res['plan'])}; 2 centres on one machine, loopback. "
+             "Steady rounds (2..N); 'moving' = round wall - slowest centre's compute+eval - aggregation - "
+             "checkpoint; throughput = model bytes moved (global to each centre + each update) / moving.", "",
+             "| scenario | round s | moving s/round | bytes/round | effective throughput | worker peak RSS | "
+             "coordinator peak RSS |", "|---|---|---|---|---|---|---|"]
+    for name, f in s.items():
+        per = f["rounds"]
+        lines.append(f"| {name} | {f['round-seconds']:.2f} | {sum(x['moving'] for x in per) / len(per):.2f} | "
+                     f"{per[0]['bytes'] / 1e6:,.0f} MB | {(f['bytes-per-second'] or 0) / 1e6:,.0f} MB/s | "
+                     f"{f['worker-peak-rss-bytes'] / 2**30:.2f} GiB | "
+                     f"{(f['server-peak-rss-bytes'] or 0) / 2**30:.2f} GiB |")
+    lines += ["", "## Targets", ""]
+    for verdict, text in targets(res):
+        lines.append(f"- **{verdict}**: {text}")
+    if "ratio" in res:
+        r = res["ratio"]
+        lines += ["", "## Real-size ratio", "", f"Plan: {json.dumps(r['plan'])}. Federated "
+                  f"{r['federated-tokens-per-second']:.0f} tokens/s against the bare loop's "
+                  f"{r['bare-loop-tokens-per-second']:.0f}: ratio **{r['ratio']:.3f}**; rounds "
+                  + ", ".join(f"{x:.1f}" for x in r["round-seconds"]) + " s."]
+    return "\n".join(lines) + "\n"
+
+
+def targets(res: dict[str, Any]) -> list[tuple[str, str]]:
+    """(verdict, text) for each target of issue 13 that this run measured."""
+    out = []
+    stream, flower = res["scenarios"].get("stream fp32"), res["scenarios"].get("flower fp32")
+    if stream is not None:
+        bps = stream["bytes-per-second"] or 0.0
+        out.append(("met" if bps >= TARGET_BYTES_PER_SECOND else "missed",
+                    f"stream throughput >= 1 GB/s on loopback: {bps / 1e9:.2f} GB/s"
+                    + (f" (flower: {(flower['bytes-per-second'] or 0) / 1e9:.3f} GB/s, "
+                       f"x{bps / flower['bytes-per-second']:.1f})" if flower and flower["bytes-per-second"] else "")))
+        out.append(("met" if stream["round-seconds"] <= TARGET_ROUND_SECONDS else "missed",
+                    f"a {res['plan']['model']} round in <= 4 s: {stream['round-seconds']:.2f} s"
+                    + (f" (flower: {flower['round-seconds']:.2f} s)" if flower else "")))
+    if "ratio" in res:
+        r = res["ratio"]["ratio"]
+        out.append(("met" if r >= TARGET_RATIO else "missed", f"real-size ratio >= 0.90 of the bare loop: {r:.3f}"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bridgepool bench --wire", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the small model (the smoke test)")
+    p.add_argument("--ratio", action="store_true", help="also the real-size ratio (base, H=20, ~6 min more)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--tag", default="", help="file name stem; default wire_<hardware>_<date>")
+    args = p.parse_args(argv)
+    res = run_all(args.quick, args.ratio)
+    from benchmarks.federation import _environment, _hardware
+
+    res["environment"] = _environment()
+    stem = args.tag or f"wire_{_hardware()}_{time.strftime('%Y-%m-%d')}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (args.out / f"{stem}.md").write_text(report(res))
+    print(args.out / f"{stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
