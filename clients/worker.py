@@ -110,7 +110,10 @@ class CentreWorker:
                         header["round"], err)
             self._ahead = ahead_of  # still good for the same round, once the full weights come
             return self._reply(trainer, header, {STALE_BASE_METRIC: 1.0}, {})
-        trainer.load_global(unpack(sent, trainer.model.state_dict()))
+        # Views of `sent`, copied once, into the model (not a second full copy on the way).
+        trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
+        if trainer.cfg.compression != "int8":  # only int8 deltas apply to the held copy: 4 bytes/param freed
+            self.held.vector = None
         metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
         self.metrics.record_eval(trainer.cfg.run_name, metrics)
         out: wire.Arrays = {}
@@ -119,7 +122,9 @@ class CentreWorker:
             if ahead is None or ahead.round != rnd:  # not trained ahead (or for another round): do it now
                 ahead = trainer.train_ahead(rnd)
                 if ahead is not None:  # the global model it was sent: train_ahead loaded the round's start
-                    trainer.load_global(unpack(sent, trainer.model.state_dict()))
+                    trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
+            if trainer.cfg.compression != "int8":
+                sent = None  # not needed past here: the model holds it
             result = trainer.train_round(rnd, ahead)
             self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)

@@ -31,8 +31,9 @@ def pack(state: Mapping[str, torch.Tensor]) -> np.ndarray:
     return torch.cat([state[k].detach().reshape(-1).float().cpu() for k in sorted(state)]).numpy()
 
 
-def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Split `vector` back into tensors shaped like `like` (fp32, CPU)."""
+def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
+    """Split `vector` back into tensors shaped like `like` (fp32, CPU): views of one copy of it, or
+    (`copy=False`, for a buffer the caller owns and will not change) views of `vector` itself."""
     if vector.dtype != np.float32:
         raise PackingError(f"{PARAMS_KEY} has dtype {vector.dtype}, expected float32")
     if vector.ndim != 1:
@@ -40,7 +41,7 @@ def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor]) -> dict[str, to
     expected = sum(t.numel() for t in like.values())
     if vector.size != expected:
         raise PackingError(f"{PARAMS_KEY} has {vector.size} values, the model has {expected}")
-    flat = torch.from_numpy(np.array(vector, copy=True))
+    flat = torch.from_numpy(np.array(vector, copy=True) if copy else vector)
     out, offset = {}, 0
     for name in sorted(like):
         ref = like[name]

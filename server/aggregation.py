@@ -41,6 +41,24 @@ def pseudo_gradient(global_state: Mapping[str, torch.Tensor], local_state: Mappi
     return {k: global_state[k].float() - local_state[k].float() for k in global_state}
 
 
+def mean_pseudo_gradient(global_state: Mapping[str, torch.Tensor], local_states: Sequence[Mapping[str, torch.Tensor]],
+                         weights: Sequence[float]) -> StateDict:
+    """`weighted_average` of the `pseudo_gradient`s, bit for bit, folded in one update at a time: one
+    model-sized sum and one tensor-sized temporary, instead of a pseudo-gradient per centre."""
+    if not local_states:
+        raise ValueError("mean_pseudo_gradient needs at least one update")
+    if len(local_states) != len(weights):
+        raise ValueError(f"{len(local_states)} updates but {len(weights)} weights")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to > 0, got {list(weights)}")
+    out = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in global_state.items()}
+    for local, w in zip(local_states, weights, strict=True):
+        for k in out:
+            out[k].add_(global_state[k].float() - local[k].float(), alpha=float(w) / total)
+    return out
+
+
 def weighted_average(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:
     """sum_i w_i x_i / sum_i w_i, accumulated in fp32 (weights = tokens trained)."""
     if not tensors:
@@ -80,7 +98,8 @@ class OuterOptimizer:
     @torch.no_grad()
     def step(self, avg_pseudo_grad: Mapping[str, torch.Tensor]) -> StateDict:
         for k, p in self.params.items():
-            p.grad = avg_pseudo_grad[k].to(p.dtype).clone()
+            # No copy: SGD reads the gradient and never writes it (nesterov makes a new tensor).
+            p.grad = avg_pseudo_grad[k].to(p.dtype)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return self.state()
@@ -91,7 +110,7 @@ class OuterOptimizer:
         for k, p in self.params.items():
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                out[k] = buf.detach().clone()
+                out[k] = buf.detach()  # read, not kept: a checkpoint writes them out (no copy of the model)
         return out
 
     def load_optimizer_state(self, buffers: Mapping[str, torch.Tensor]) -> None:
@@ -184,8 +203,10 @@ def aggregate(
     `reference` is the model the centres trained from, i.e. what they were sent (with an
     int8 broadcast, server/broadcast.py's b_new, not the master weights); pseudo-gradients are
     taken against it and applied to the master weights. Default: the master weights (fp32)."""
-    current = outer.state() if reference is None else reference
-    grads = [pseudo_gradient(current, s) for s in local_states]
+    current = {k: p.detach() for k, p in outer.params.items()} if reference is None else reference  # read only
+    if dp_clip == 0 and (method == "mean" or len(local_states) < 3):
+        return outer.step(mean_pseudo_gradient(current, local_states, tokens))
+    grads = [pseudo_gradient(current, s) for s in local_states]  # robust and DP paths: every update at once
     if dp_clip > 0:
         return outer.step(private_mean(grads, dp_clip, dp_noise_multiplier))
     return outer.step(combine(grads, tokens, method))

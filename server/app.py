@@ -116,7 +116,10 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         t_ckpt = time.perf_counter()
         save_checkpoint(run_dir, rnd, model, outer.optimizer_state(), cfg.to_mapping(),
                         broadcast=broadcast.base if cfg.compression == "int8" else None)
+        del model  # the checkpoint has it; the master weights stay in `outer`
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
+        for r in ex.replies:  # the updates (data-plane buffers) go now, not while the next round's arrive
+            r.arrays, r.state = {}, {}
         record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
         # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
         record["server-peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -136,7 +139,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", broadcast, cfg.rounds,
                         cfg.round_timeout, liveness, plane=plane)
     final_model = run_dir / "final_model.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in outer.state().items()}, final_model)
+    save_file({k: p.detach().contiguous() for k, p in outer.params.items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}
     return {"model": str(final_model), "centres": centres,
             "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values()]),
@@ -176,8 +179,8 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
 
 def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
     """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
-    master = outer.state()
-    return unpack(broadcast.advance(pack(master)), master)
+    master = {k: p.detach() for k, p in outer.params.items()}  # pack copies: no clone needed first
+    return unpack(broadcast.advance(pack(master)), master, copy=False)  # views of b (replaced, never changed)
 
 
 def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float) -> list:

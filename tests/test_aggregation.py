@@ -7,6 +7,7 @@ from server.aggregation import (
     OuterOptimizer,
     aggregate,
     combine,
+    mean_pseudo_gradient,
     pseudo_gradient,
     trimmed_mean,
     weighted_average,
@@ -25,6 +26,18 @@ def test_weighted_average_uses_token_weights():
     a, b = {"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}
     out = weighted_average([a, b], [3.0, 1.0])
     assert out["w"].item() == pytest.approx(1.0)  # (3*0 + 1*4) / 4
+
+
+def test_folded_mean_is_bit_equal_to_the_mean_of_pseudo_gradients():
+    g = torch.Generator().manual_seed(0)
+    ref = {"w": torch.randn(1000, generator=g), "b": torch.randn(7, generator=g)}
+    locals_ = [{k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in ref.items()} for _ in range(3)]
+    weights = [640.0, 64.0, 1e5]
+    folded = mean_pseudo_gradient(ref, locals_, weights)
+    listed = weighted_average([pseudo_gradient(ref, s) for s in locals_], weights)
+    assert all(torch.equal(folded[k], listed[k]) for k in ref)
+    with pytest.raises(ValueError, match="sum to > 0"):
+        mean_pseudo_gradient(ref, locals_, [0.0, 0.0, 0.0])
 
 
 def test_weighted_average_rejects_bad_weights():

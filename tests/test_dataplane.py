@@ -276,3 +276,48 @@ def test_a_manifest_the_model_does_not_allow_is_refused_before_download(plane):
     token = plane.server.grant(1, 1, "train/1/full", SHAPES, ttl=60)
     with pytest.raises(DataPlaneError, match="not this model's"):
         fetch(LOCAL, plane.url, token, blob.to_json(entries), upload_shapes(N + 1, "none", "fp32"))
+
+
+# ------------------------------------------------------------ the worker as the centre's only exit
+def _run_config(tmp_path: Path) -> dict:
+    from models.config import RunConfig, load_defaults
+
+    return RunConfig.from_mapping({**load_defaults(), "model": "tiny", "inner-steps": 2, "eval-batches": 1,
+                                   "run-name": "dp-test", "run-dir": str(tmp_path)}).to_mapping()
+
+
+def test_the_worker_pulls_trains_ledgers_and_uploads_itself(worker, tmp_path):
+    from clients.egress import EgressBlocked, read_ledger
+    from models.gpt import build_model
+    from models.packing import pack
+
+    initial = pack(build_model("tiny", seed=0).state_dict())
+    shapes = upload_shapes(initial.size, "none", "fp32")
+    p = open_plane("127.0.0.1", 0, "", "", "", shapes)
+    try:
+        manifest = blob.to_json(p.server.publish("train/2/full", {PARAMS_KEY: initial}))
+        token = p.server.grant(1, 2, "train/2/full", shapes, ttl=60)
+        header = {"op": "train", "round": 2, "run-config": _run_config(tmp_path), "broadcast": {"form": "full"},
+                  "data-plane": {"url": p.url, "token": token, "manifest": manifest}}
+        reply, out = worker.handle(header, {})
+        assert out == {} and "upload" in reply  # no model bytes back through the ClientApp: only the manifest
+        entries = blob.from_json(reply["upload"])
+        got = p.server.take(token, {e.name: e.digest for e in entries})[PARAMS_KEY]
+        assert got.shape == initial.shape and not np.array_equal(got, initial)  # it trained
+        (entry,) = [e for e in read_ledger(worker.state_dir / "egress-ledger.jsonl") if e["stage"] == "data-plane"]
+        assert entry["verdict"] == "sent" and entry["destination"] == p.url and entry["bytes"] == initial.nbytes
+        assert entry["arrays"][0]["blake3"] == entries[0].digest  # the ledger holds what the server verified
+
+        # The Flower reply may only repeat that manifest: another one is blocked at the shell's check.
+        describe = {"metrics": {"type": "MetricRecord", "items": {}},
+                    "upload": {"type": "ConfigRecord", "items": {"manifest": {"kind": "str", "len": 2,
+                                                                             "sha256": "0" * 64}}}}
+        check = {"op": "egress-check", "reply-to": "train", "round": 2, "run-config": _run_config(tmp_path)}
+        with pytest.raises(EgressBlocked, match="record upload must hold only the manifest"):
+            worker.handle({**check, "message": describe}, {})
+    finally:
+        p.server.stop()
+    # A run that names another host for the data plane gets nothing from this centre.
+    header["data-plane"] = {**header["data-plane"], "url": "http://10.9.9.9:9095"}
+    with pytest.raises(DataPlaneError, match="not this centre's coordinator"):
+        worker.handle(header, {})
