@@ -279,18 +279,21 @@ _V6_LINK_DST = (ipaddress.ip_network("fe80::/10"), ipaddress.ip_network("ff02::/
 _V4_LINK_MULTICAST = ipaddress.ip_network("224.0.0.0/24")
 
 
-def stray_packets(packets: Iterable[Packet], centre: str, server: str, port: int) -> list[Packet]:
+def stray_packets(packets: Iterable[Packet], centre: str, server: str, port: int | Iterable[int]) -> list[Packet]:
     """The packets on a centre's link that are not (a) TCP between the centre and `server:port`
-    (the SuperLink), (b) ARP between those two addresses, or (c) link housekeeping: IPv6
+    (the SuperLink; several ports: also the ServerApp's data plane), (b) ARP between those two
+    addresses, or (c) link housekeeping: IPv6
     link-local MLD/neighbour discovery, IGMP from either address to 224.0.0.x. That is: any
     traffic to or from anything else, and any other protocol."""
     def within(addr: str, nets: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
         return any(ipaddress.ip_address(addr) in net for net in nets)
 
+    ports = {port} if isinstance(port, int) else set(port)
     out = []
     for p in packets:
         if p.proto == "tcp":
-            ok = (p.src, p.dst, p.dport) == (centre, server, port) or (p.src, p.dst, p.sport) == (server, centre, port)
+            ok = ((p.src, p.dst) == (centre, server) and p.dport in ports) or \
+                ((p.src, p.dst) == (server, centre) and p.sport in ports)
         elif p.proto == "arp":
             ok = {p.src, p.dst} == {centre, server}
         elif p.proto == "icmpv6":

@@ -11,7 +11,8 @@ With TLS on the captured payload is ciphertext, and a search of it alone would p
 nothing. What makes the capture evidence:
 
 (a) Who talked to whom. Every frame on a centre's link must be TCP between that centre and
-    the SuperLink's port, ARP between the two, or IPv6 link-local housekeeping: no
+    the SuperLink's port or the ServerApp's data plane (which carries the model both ways), ARP
+    between the two, or IPv6 link-local housekeeping: no
     centre-to-centre traffic, no other port, no other protocol (`stray_packets`; tcpdump
     itself re-reads each capture and must count the same frames).
 (b) What was said. Every Python process of the run logs its TLS session secrets (a
@@ -176,7 +177,8 @@ def test_netns_canaries_stay_home_and_centres_reach_only_the_superlink(tmp_path,
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
     probe = f"probe{secrets.token_hex(12)}"
 
-    fed = CapturedNetns(run_dir, centres, base_port=free_base_port(3), capture_dir=tmp_path / "capture")
+    # SuperLink, 2 SuperNode runtimes, the ServerApp's data plane (deploy/local.py data_plane_port)
+    fed = CapturedNetns(run_dir, centres, base_port=free_base_port(4), capture_dir=tmp_path / "capture")
     a, b = centres
     with fed:
         run = fed.wait(fed.submit(_config(run_dir).to_mapping()), timeout=600)
@@ -201,7 +203,9 @@ def test_netns_canaries_stay_home_and_centres_reach_only_the_superlink(tmp_path,
         assert len(listed.stdout.splitlines()) == len(packets)
         # (a) Who talked to whom: the centre and the SuperLink's port, and nothing else but the probes.
         assert sum(p.proto == "tcp" and p.dport == port for p in packets) > 10
-        stray = stray_packets(packets, ip[c.name], server_ip, port)
+        # The data plane carried the model (TLS, to the coordinator only), and counts as the centre's own link.
+        assert sum(p.proto == "tcp" and p.dport == fed.data_plane_port for p in packets) > 10
+        stray = stray_packets(packets, ip[c.name], server_ip, (port, fed.data_plane_port))
         if c is b:
             assert stray == [], stray
         else:
@@ -220,7 +224,7 @@ def test_netns_canaries_stay_home_and_centres_reach_only_the_superlink(tmp_path,
     assert codings == {"identity"}  # Flower 1.41 does not compress; a change must be looked at
     ckpt = load_file(run_dir / "checkpoints" / "round-0001" / "model.safetensors")
     model_bytes = pack({k: ckpt[k] for k in build_model("tiny", seed=0).state_dict()}).tobytes()
-    for c in centres:  # the round-1 global model reached each centre (final evaluation), as plaintext here
+    for c in centres:  # the round-1 global model reached each centre (on the data plane), as plaintext here
         assert any(model_bytes in data for name, data in plain.items() if f"->{ip[c.name]}:" in name), c.name
         assert any(b"POST /v1/fleet/push-messages" in data for name, data in plain.items()
                    if name.startswith(f"{ip[c.name]}:"))
