@@ -64,6 +64,7 @@ class CentreWorker:
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
         self._uploads: dict[tuple[str, int, str], str] = {}  # (run, round, op) -> SHA-256 of the sent manifest
+        self.plane_bytes = [0, 0]  # this request's bytes on the data plane: received, sent (for the metrics)
         self.threads = threads
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
@@ -102,6 +103,7 @@ class CentreWorker:
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
             arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
                                      str(plane["manifest"]), broadcast_manifest(self._manifest))
+            self.plane_bytes[0] += sum(a.nbytes for a in arrays.values())
         try:
             sent = self.held.receive(header.get("broadcast", {}), arrays,
                                      lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
@@ -189,7 +191,7 @@ class CentreWorker:
         self.egress.check(message, self._manifest, run=run, round=rnd, op=op, stage="data-plane", upload=sha,
                           destination=url)
         try:
-            dataplane.upload(self.destination, url, str(plane["token"]), out, entries)
+            self.plane_bytes[1] += dataplane.upload(self.destination, url, str(plane["token"]), out, entries)
         except dataplane.DataPlaneError as err:
             if err.status != 410:
                 raise
@@ -276,7 +278,10 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
                     worker.after_reply()
                     if "run-config" in header:  # a run's request, not a health check
                         run = str(header["run-config"].get("run-name", ""))
-                        worker.metrics.record_exchange(run, t0, time.perf_counter(), received, sent)
+                        plane_in, plane_out = worker.plane_bytes  # the model's bytes moved on the data plane
+                        worker.metrics.record_exchange(run, t0, time.perf_counter(), received + plane_in,
+                                                       sent + plane_out)
+                    worker.plane_bytes = [0, 0]
                     log.info("[%s] %s round %s in %.2fs", worker.centre, header.get("op"),
                              header.get("round"), time.perf_counter() - t0)
         except KeyboardInterrupt:
