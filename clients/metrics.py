@@ -155,7 +155,8 @@ class CentreMetrics:
             metric.labels(self.centre, run)
 
     def record_exchange(self, run: str, arrived: float, replied: float, received: int, sent: int) -> None:
-        """One request: arrival and reply times (one monotonic clock) and bytes moved (the worker socket plus the data plane)."""
+        """One request: arrival and reply times (one monotonic clock) and bytes moved (the worker
+        socket plus the data plane)."""
         c = (self.centre, run)
         waited = arrived - self._last_reply[1] if self._last_reply and self._last_reply[0] == run else 0.0
         self.wait_seconds.labels(*c).inc(max(0.0, waited))  # a run's first request waited for nothing
