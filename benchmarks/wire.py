@@ -1,7 +1,7 @@
 """Model updates at link speed: the data plane against Flower's own messages, side by side.
 
     bridgepool bench --wire                 # base model (127M), 2 centres (~10 min on 2 cores)
-    bridgepool bench --wire --quick         # small model, the smoke test
+    bridgepool bench --wire --quick         # tiny model, the smoke test
     bridgepool bench --wire --ratio         # also the real-size ratio: base at H=20 against its bare loop
 
 Wire scenario: the same federation (2 centres, H=1, batch 1 x 64 tokens, 1 eval batch: minimal
@@ -36,9 +36,10 @@ from models.config import RunConfig, load_defaults
 
 WIRE = {"model": "base", "rounds": 4, "inner-steps": 1, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
         "inner-warmup-steps": 1}
-QUICK = {**WIRE, "model": "small", "rounds": 3}
+QUICK = {**WIRE, "model": "tiny", "rounds": 2}
 RATIO = {"model": "base", "rounds": 3, "inner-steps": 20, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
          "inner-warmup-steps": 2}
+RATIO_OVERLAP = 4
 TARGET_BYTES_PER_SECOND = 1e9
 TARGET_ROUND_SECONDS = 4.0
 TARGET_RATIO = 0.90
@@ -113,8 +114,11 @@ def run_all(quick: bool, ratio: bool, centres: int = 2) -> dict[str, Any]:
         if ratio:
             cfg = _config(work / "bare", len(corpora), **RATIO)
             bare = baselines.local_loop(corpora, cfg, work)
-            run = federate(corpora, work, "ratio-stream", **RATIO)
-            out["ratio"] = {"plan": RATIO, **ratio_figures(run, bare)}
+            out["ratio"] = {"plan": RATIO, **ratio_figures(federate(corpora, work, "ratio-stream", **RATIO), bare)}
+            # The same with the next round's first steps trained while the server aggregates (overlap-steps).
+            over = {**RATIO, "overlap-steps": RATIO_OVERLAP}
+            out["ratio-overlap"] = {"plan": over, **ratio_figures(federate(corpora, work, "ratio-overlap", **over),
+                                                                   bare)}
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -137,12 +141,14 @@ def report(res: dict[str, Any]) -> str:
     lines += ["", "## Targets", ""]
     for verdict, text in targets(res):
         lines.append(f"- **{verdict}**: {text}")
-    if "ratio" in res:
-        r = res["ratio"]
-        lines += ["", "## Real-size ratio", "", f"Plan: {json.dumps(r['plan'])}. Federated "
-                  f"{r['federated-tokens-per-second']:.0f} tokens/s against the bare loop's "
-                  f"{r['bare-loop-tokens-per-second']:.0f}: ratio **{r['ratio']:.3f}**; rounds "
-                  + ", ".join(f"{x:.1f}" for x in r["round-seconds"]) + " s."]
+    for key in ("ratio", "ratio-overlap"):
+        if key in res:
+            r = res[key]
+            lines += ["", f"## Real-size ratio{' with overlap' if key != 'ratio' else ''}", "",
+                      f"Plan: {json.dumps(r['plan'])}. Federated {r['federated-tokens-per-second']:.0f} tokens/s "
+                      f"against the bare loop's {r['bare-loop-tokens-per-second']:.0f} (same centres, steps and "
+                      f"batch, no federation): ratio **{r['ratio']:.3f}**; rounds "
+                      + ", ".join(f"{x:.1f}" for x in r["round-seconds"]) + " s."]
     return "\n".join(lines) + "\n"
 
 
@@ -159,15 +165,18 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("met" if stream["round-seconds"] <= TARGET_ROUND_SECONDS else "missed",
                     f"a {res['plan']['model']} round in <= 4 s: {stream['round-seconds']:.2f} s"
                     + (f" (flower: {flower['round-seconds']:.2f} s)" if flower else "")))
-    if "ratio" in res:
-        r = res["ratio"]["ratio"]
-        out.append(("met" if r >= TARGET_RATIO else "missed", f"real-size ratio >= 0.90 of the bare loop: {r:.3f}"))
+    ratios = {k: res[k]["ratio"] for k in ("ratio", "ratio-overlap") if k in res}
+    if ratios:
+        best = max(ratios, key=ratios.get)
+        out.append(("met" if ratios[best] >= TARGET_RATIO else "missed",
+                    "real-size ratio >= 0.90 of the bare loop: "
+                    + ", ".join(f"{v:.3f} ({k})" for k, v in ratios.items())))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bridgepool bench --wire", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="the small model (the smoke test)")
+    p.add_argument("--quick", action="store_true", help="the tiny model (the smoke test)")
     p.add_argument("--ratio", action="store_true", help="also the real-size ratio (base, H=20, ~6 min more)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="", help="file name stem; default wire_<hardware>_<date>")

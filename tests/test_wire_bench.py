@@ -1,0 +1,43 @@
+"""The data-plane benchmark (benchmarks/wire.py): its figures and verdicts, and a real smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import wire
+
+
+def _round(wall: float, work: float, agg: float, ckpt: float, moved: int) -> dict:
+    return {"round": 2, "wall-seconds": wall, "aggregation-seconds": agg, "checkpoint-seconds": ckpt,
+            "bytes-sent": moved // 2, "bytes-received": moved // 2,
+            "centres": {"a": {"compute-seconds": work - 0.5, "eval-seconds": 0.5, "peak-memory-bytes": 1e9},
+                        "b": {"compute-seconds": 1.0, "eval-seconds": 0.1, "peak-memory-bytes": 2e9}}}
+
+
+def test_throughput_is_bytes_over_what_is_left_of_the_round():
+    run = {"rounds": [_round(9.0, 1.0, 0.0, 0.0, 0), _round(5.0, 2.0, 0.5, 0.5, 4_000_000_000)],
+           "final": {"eval-loss-mean": 3.0}}
+    f = wire.wire_figures(run)  # round 1 (no weights) is left out
+    assert f["rounds"][0]["moving"] == pytest.approx(2.0) and f["bytes-per-second"] == pytest.approx(2e9)
+    assert f["worker-peak-rss-bytes"] == 2e9 and f["round-seconds"] == 5.0
+
+
+@pytest.mark.parametrize(("bps", "seconds", "ratio", "want"), [
+    (1.2e9, 3.5, 0.93, ["met", "met", "met"]), (0.9e9, 4.5, 0.85, ["missed", "missed", "missed"])])
+def test_verdicts_on_both_sides_of_each_target(bps, seconds, ratio, want):
+    res = {"plan": {"model": "base"},
+           "scenarios": {"stream fp32": {"bytes-per-second": bps, "round-seconds": seconds},
+                         "flower fp32": {"bytes-per-second": 5.4e7, "round-seconds": 43.0}},
+           "ratio": {"ratio": ratio}}
+    assert [v for v, _ in wire.targets(res)] == want
+
+
+def test_quick_wire_bench_runs_both_data_planes(tmp_path):
+    assert wire.main(["--quick", "--out", str(tmp_path), "--tag", "w"]) == 0
+    res = json.loads((tmp_path / "w.json").read_text())
+    stream, flower = res["scenarios"]["stream fp32"], res["scenarios"]["flower fp32"]
+    assert stream["data-plane"]["bytes-received"] > 0 and flower["data-plane"] is None
+    assert stream["bytes-per-second"] > 0 and flower["bytes-per-second"] > 0
+    assert "effective throughput" in (tmp_path / "w.md").read_text()
