@@ -95,14 +95,22 @@ class OuterOptimizer:
     def state(self) -> StateDict:
         return {k: p.detach().clone() for k, p in self.params.items()}
 
-    @torch.no_grad()
+    def weights(self) -> StateDict:
+        """The master weights as they are (views, no copy): read them before the next step."""
+        return {k: p.detach() for k, p in self.params.items()}
+
     def step(self, avg_pseudo_grad: Mapping[str, torch.Tensor]) -> StateDict:
+        """Apply the round's pseudo-gradient; returns a copy of the new weights."""
+        self.apply(avg_pseudo_grad)
+        return self.state()
+
+    @torch.no_grad()
+    def apply(self, avg_pseudo_grad: Mapping[str, torch.Tensor]) -> None:
         for k, p in self.params.items():
             # No copy: SGD reads the gradient and never writes it (nesterov makes a new tensor).
             p.grad = avg_pseudo_grad[k].to(p.dtype)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return self.state()
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """Momentum buffers by parameter name (flat, so safetensors can store them)."""
@@ -203,10 +211,25 @@ def aggregate(
     `reference` is the model the centres trained from, i.e. what they were sent (with an
     int8 broadcast, server/broadcast.py's b_new, not the master weights); pseudo-gradients are
     taken against it and applied to the master weights. Default: the master weights (fp32)."""
-    current = {k: p.detach() for k, p in outer.params.items()} if reference is None else reference  # read only
+    return outer.step(round_update(outer, local_states, tokens, method, dp_clip, dp_noise_multiplier, reference))
+
+
+def round_update(
+    outer: OuterOptimizer,
+    local_states: Sequence[Mapping[str, torch.Tensor]],
+    tokens: Sequence[float],
+    method: str = "mean",
+    dp_clip: float = 0.0,
+    dp_noise_multiplier: float = 0.0,
+    reference: Mapping[str, torch.Tensor] | None = None,
+) -> StateDict:
+    """The round's combined pseudo-gradient, which `aggregate` applies (the ServerApp frees the
+    updates first). The mean folds one update at a time; the robust aggregators and DP hold a
+    pseudo-gradient per centre at once (n x the model's bytes)."""
+    current = outer.weights() if reference is None else reference  # read only
     if dp_clip == 0 and (method == "mean" or len(local_states) < 3):
-        return outer.step(mean_pseudo_gradient(current, local_states, tokens))
-    grads = [pseudo_gradient(current, s) for s in local_states]  # robust and DP paths: every update at once
+        return mean_pseudo_gradient(current, local_states, tokens)
+    grads = [pseudo_gradient(current, s) for s in local_states]
     if dp_clip > 0:
-        return outer.step(private_mean(grads, dp_clip, dp_noise_multiplier))
-    return outer.step(combine(grads, tokens, method))
+        return private_mean(grads, dp_clip, dp_noise_multiplier)
+    return combine(grads, tokens, method)

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from models.config import ConfigError, RunConfig
 from models.gpt import build_model
 from models.packing import pack, unpack
-from server.aggregation import OuterOptimizer, aggregate
+from server.aggregation import OuterOptimizer, round_update
 from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
 from server.dataplane import Plane, open_plane, upload_shapes
@@ -110,16 +110,17 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
                    if rnd > 1 else "; restart the missing centres and start again")
             )
         t_agg = time.perf_counter()
-        model = aggregate(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
-                          cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, reference=reference)
+        update = round_update(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
+                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, reference=reference)
+        for r in ex.replies:  # the centres' updates (data-plane buffers) go before the outer step allocates
+            r.arrays, r.state = {}, {}
+        outer.apply(update)
+        del update
         agg_seconds = time.perf_counter() - t_agg
         t_ckpt = time.perf_counter()
-        save_checkpoint(run_dir, rnd, model, outer.optimizer_state(), cfg.to_mapping(),
+        save_checkpoint(run_dir, rnd, outer.weights(), outer.optimizer_state(), cfg.to_mapping(),
                         broadcast=broadcast.base if cfg.compression == "int8" else None)
-        del model  # the checkpoint has it; the master weights stay in `outer`
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
-        for r in ex.replies:  # the updates (data-plane buffers) go now, not while the next round's arrive
-            r.arrays, r.state = {}, {}
         record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
         # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
         record["server-peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

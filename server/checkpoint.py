@@ -50,6 +50,20 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def _for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What safetensors will write: each tensor as it is when it alone covers its memory, a copy
+    when it shares memory with another (tied embeddings, views of one flat vector), which
+    safetensors refuses. A model of separate tensors is written without a copy of it in memory."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        storage = v.untyped_storage()
+        whole = v.data_ptr() == storage.data_ptr() and v.numel() * v.element_size() == storage.nbytes()
+        out[k] = v if whole and storage.data_ptr() not in seen else v.clone()
+        seen.add(storage.data_ptr())
+    return out
+
+
 def save_checkpoint(
     run_dir: Path,
     round_: int,
@@ -64,9 +78,8 @@ def save_checkpoint(
     tmp = root / f".round-{round_:04d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # safetensors refuses tensors that share memory (tied embeddings): store copies.
-    save_file({k: v.detach().contiguous().clone() for k, v in model.items()}, tmp / FILES[0])
-    save_file({k: v.detach().contiguous().clone() for k, v in outer.items()}, tmp / FILES[1])
+    save_file(_for_save(model), tmp / FILES[0])
+    save_file(_for_save(outer), tmp / FILES[1])
     files = FILES
     if broadcast is not None:
         save_file({"params": torch.from_numpy(np.array(broadcast, dtype=np.float32))}, tmp / BROADCAST_FILE)
