@@ -102,6 +102,10 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
         run = fed.wait(fed.submit(cfg.to_mapping()))
         wall = time.perf_counter() - t0
         traffic = fed.fleet_traffic()  # counted by the SuperLink on its Fleet API
+    # The weights travel on the data plane by default (server/dataplane.py): its socket counts, too.
+    plane = run.get("final", {}).get("data-plane") or {}
+    traffic = {"inbound": traffic["inbound"] + plane.get("bytes-received", 0),
+               "outbound": traffic["outbound"] + plane.get("bytes-served", 0)}
     moved = traffic["inbound"] + traffic["outbound"]
     if run.get("status") != "finished":
         raise RuntimeError(f"{name}: {run.get('message')}")
@@ -116,7 +120,8 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
     compute = max(per_centre.values())
     # From round 1's push to the last round's checkpoint: the training span, start-up excluded.
     round_wall = rounds[-1]["time"] - (rounds[0]["time"] - rounds[0]["wall-seconds"])
-    return {"wall": wall, "round-wall": round_wall, "bytes-source": "SuperLink Fleet API (flwr ls)",
+    return {"wall": wall, "round-wall": round_wall,
+            "bytes-source": "SuperLink Fleet API (flwr ls)" + (" + data plane sockets" if plane else ""),
             "bytes-up": traffic["inbound"], "bytes-down": traffic["outbound"], "compute": compute,
             "tokens": sum(r["tokens"] for r in rounds), "bytes": moved, "rounds": len(rounds),
             "payload-bytes": sum(r["bytes-sent"] + r["bytes-received"] for r in rounds),

@@ -82,7 +82,7 @@ def soak(rounds: int, centres_n: int, run_dir: Path, warmup: int) -> dict:
     tmp_before = set(os.listdir("/tmp")) | {f"shm:{n}" for n in os.listdir("/dev/shm")}
     samples, seen = [], set()
     t0 = time.monotonic()
-    with LocalFederation(run_dir, centres, base_port=free_base_port(1 + centres_n)) as fed:
+    with LocalFederation(run_dir, centres, base_port=free_base_port(2 + centres_n)) as fed:
         superlink = next(p.popen.pid for p in fed.group.procs if p.name == "SuperLink")
         db = run_dir / "server" / "superlink.db"  # absent with the in-memory SuperLink (the default)
         first = centres[0].name

@@ -144,7 +144,10 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     centres = {r.centre: r.metrics for r in final_ex.replies}
     return {"model": str(final_model), "centres": centres,
             "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values()]),
-            "failures": final_ex.failures}
+            "failures": final_ex.failures,
+            # The run's totals on the data plane's sockets (the final evaluation's downloads included).
+            **({"data-plane": {"bytes-served": plane.server.bytes_served,
+                               "bytes-received": plane.server.bytes_received}} if plane is not None else {})}
 
 
 def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int, Broadcast]:

@@ -172,7 +172,8 @@ class DataPlaneServer:
         handler.end_headers()
         for e in entries:
             handler.wfile.write(memoryview(arrays[e.name]).cast("B"))
-        self.bytes_served += blob.total_bytes(entries)
+        with self._lock:
+            self.bytes_served += blob.total_bytes(entries)
 
     def receive_update(self, handler: _Handler) -> dict[str, int]:
         token, g = self._grant_for(handler.headers.get("Authorization"))
@@ -203,7 +204,7 @@ class DataPlaneServer:
         with self._lock:
             if token in self._grants and not g.ended:  # not if the round ended meanwhile
                 g.received = (entries, buffer)
-        self.bytes_received += size
+            self.bytes_received += size
         return {"bytes": size}
 
 

@@ -52,7 +52,7 @@ def test_missing_data_dir_names_the_centre_and_stops_everything(tmp_path, corpor
     run_dir = tmp_path / "run"
     centres = make_centres(run_dir, corpora, 2)
     shutil.rmtree(centres[1].data_dir)
-    fed = LocalFederation(run_dir, centres, base_port=free_base_port(3))
+    fed = LocalFederation(run_dir, centres, base_port=free_base_port(4))
     with pytest.raises(LaunchError) as info:
         with fed:
             pass
@@ -66,7 +66,7 @@ def test_centre_that_never_connects_fails_the_run_clearly(tmp_path, corpora):
     centres = make_centres(run_dir, corpora, 1)
     values = {**load_defaults(), "model": "tiny", "rounds": 1, "inner-steps": 2, "expected-centres": 2,
               "connect-timeout": 15.0, "run-dir": str(run_dir), "run-name": "r", "threads": 1}
-    with LocalFederation(run_dir, centres, base_port=free_base_port(2)) as fed:
+    with LocalFederation(run_dir, centres, base_port=free_base_port(3)) as fed:
         run = fed.wait(fed.submit(RunConfig.from_mapping(values).to_mapping()), timeout=300)
         roots = [p.popen.pid for p in fed.group.procs]
     assert run["status"] == "failed"

@@ -49,7 +49,7 @@ def test_centre_death_rejoin_then_quorum_loss_and_resume(tmp_path, corpora):
                                             "round-timeout": 45.0})
     seen: dict = {}
 
-    with LocalFederation(run_dir, centres, base_port=free_base_port(1 + len(centres))) as fed:
+    with LocalFederation(run_dir, centres, base_port=free_base_port(2 + len(centres))) as fed:
         def tick(run: dict) -> None:
             rounds = run.get("rounds", [])
             done = rounds[-1]["round"] if rounds else 0
@@ -135,7 +135,7 @@ def test_hostile_centre_rejected_and_coordinator_restart_keeps_weights(tmp_path,
     cfg = tiny_config(run_dir, rounds=len(POISONS), **{"inner-steps": 5, "expected-centres": 3,
                                                       "min-centres": 2})
     kill_after = 2
-    fed = _HostileFederation(run_dir, centres, base_port=free_base_port(1 + len(centres)), durable_superlink=True)
+    fed = _HostileFederation(run_dir, centres, base_port=free_base_port(2 + len(centres)), durable_superlink=True)
     fed.hostile = hostile
     with fed:
         def tick(run: dict) -> None:

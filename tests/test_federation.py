@@ -25,7 +25,7 @@ def tiny_config(run_dir: Path, **over) -> RunConfig:
 
 
 def run_federation(run_dir: Path, centres, cfg: RunConfig, stop_after_round: int | None = None) -> dict:
-    with LocalFederation(run_dir, centres, base_port=free_base_port(1 + len(centres))) as fed:
+    with LocalFederation(run_dir, centres, base_port=free_base_port(2 + len(centres))) as fed:
         proc = fed.submit(cfg.to_mapping())
 
         def tick(run: dict) -> None:

@@ -39,7 +39,7 @@ def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
     assert netns_available() is None, netns_available()
     run_dir = tmp_path / "run"
     a, b = make_centres(run_dir, corpora, 2)
-    span = free_base_port(3)
+    span = free_base_port(4)  # SuperLink, 2 SuperNodes, the data plane
     fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3))
     with fed:
         proc = fed.submit(one_round(run_dir).to_mapping())

@@ -35,11 +35,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
 def test_prometheus_scrapes_what_the_run_reports(tmp_path, corpora):
     run_dir = tmp_path / "run"
     centres = make_centres(run_dir, corpora, 2)
-    # SuperLink, 2 SuperNodes, server + 2 centre metrics endpoints, Prometheus.
-    base = free_base_port(7)
+    # SuperLink, 2 SuperNodes, the data plane, server + 2 centre metrics endpoints, Prometheus.
+    base = free_base_port(8)
     cfg = tiny_config(run_dir)
-    with LocalFederation(run_dir, centres, base_port=base, metrics_port=base + 3) as fed, \
-            Prometheus(run_dir / "prometheus.yml", tmp_path / "tsdb", base + 6, fed.logs / "prometheus.log",
+    with LocalFederation(run_dir, centres, base_port=base, metrics_port=base + 4) as fed, \
+            Prometheus(run_dir / "prometheus.yml", tmp_path / "tsdb", base + 7, fed.logs / "prometheus.log",
                        binary=PROMETHEUS) as prom:
         centre_urls = {f"http://127.0.0.1:{p}/metrics" for p in fed.centre_metrics_ports().values()}
         assert wait_until(lambda: all(prom.targets_up().get(u) == "up" for u in centre_urls), 60), \
