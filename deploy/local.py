@@ -94,6 +94,7 @@ class LocalFederation:
         ports = {self.superlink_port: "SuperLink"}
         ports.update({self.superlink_port + 1 + i: f"SuperNode runtime API of {c.name}"
                       for i, c in enumerate(self.centres)})
+        ports[self.data_plane_port] = "the ServerApp's data plane"
         for port, what in ports.items():
             check_port_free(port, what)
         for who, port in self._metrics_ports().items():
