@@ -39,6 +39,7 @@ from clients.training import Ahead, CentreTrainer, autocast_dtype
 from models import blob
 from models.config import RunConfig
 from models.gpt import build_model, parameter_manifest
+from models.memory import release_freed_memory
 from models.packing import (
     BF16_KEY,
     INT8_BLOCK,
@@ -107,6 +108,7 @@ class CentreWorker:
         try:
             sent = self.held.receive(header.get("broadcast", {}), arrays,
                                      lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
+            arrays = {}  # `sent` (and the held copy, for int8) keep what is needed of them
         except StaleBase as err:  # the server sends the full weights in reply
             log.warning("[%s] %s round %s: %s; asking the server for the full weights", self.centre, op,
                         header["round"], err)
@@ -249,6 +251,7 @@ def broadcast_manifest(wire: Manifest) -> Manifest:
 
 def serve(worker: CentreWorker, socket_path: Path) -> None:
     """Answer requests one at a time until SIGTERM/SIGINT."""
+    release_freed_memory()  # a round's freed gradients and buffers leave resident memory (models/memory.py)
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     if socket_path.exists():

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from models.config import ConfigError, RunConfig
 from models.gpt import build_model
+from models.memory import release_freed_memory
 from models.packing import pack, unpack
 from server.aggregation import OuterOptimizer, round_update
 from server.broadcast import Broadcast
@@ -46,6 +47,7 @@ class QuorumLost(RuntimeError):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
+    release_freed_memory()  # freed model-sized buffers leave resident memory (models/memory.py)
     if not cfg.run_dir:
         raise ConfigError("config key 'run-dir' is empty; pass --run-config 'run-dir=\"/path\"'")
     run_dir = Path(cfg.run_dir)
