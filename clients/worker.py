@@ -34,6 +34,7 @@ from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
 from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
+from clients.policy import Gate, Policy
 from clients.training import Ahead, CentreTrainer, autocast_dtype
 from models.config import RunConfig
 from models.gpt import build_model, parameter_manifest
@@ -46,13 +47,16 @@ class CentreWorker:
     """Turns relayed requests into CentreTrainer calls; usable in-process too."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
-                 metrics: CentreMetrics | None = None):
+                 metrics: CentreMetrics | None = None, policy: Policy | None = None):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         self.threads = threads
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
         self._manifest: Manifest = {}  # what may leave: the current run's parameters as they travel
+        # The operator's policy (clients/policy.py), not the run's: refusals go to the ledger.
+        self.policy = policy or Policy()
+        self.gate = Gate(self.policy, self.egress.refused)
         if nice:
             # When centres share a machine with the federation's own processes (the demo),
             # training yields the CPU to message handling, which otherwise waits behind it.
@@ -74,6 +78,7 @@ class CentreWorker:
             return {"status": "ok", "centre": self.centre}, {}
         if op == "egress-check":
             return self._egress_check(header), {}
+        self.gate.admit(header)  # raises PolicyRefused (recorded in the ledger) before any work
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
             return self._reply(trainer, header, {}, {})
@@ -104,11 +109,12 @@ class CentreWorker:
             self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
+            new = self.policy.privatise(sent, pack(result.state))  # the policy's clip + noise, if set
             if trainer.cfg.compression == "int8":
                 # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
-                out = quantize_int8(sent - pack(result.state))
+                out = quantize_int8(sent - new)
             else:
-                out = {PARAMS_KEY: pack(result.state)}
+                out = {PARAMS_KEY: new}
         return self._reply(trainer, header, metrics, out)
 
     def after_reply(self) -> None:
@@ -201,13 +207,22 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
             while not stop:
                 with listener.accept() as conn:
                     t0 = time.perf_counter()
-                    header, arrays, received = wire.recv_counted(conn)
+                    try:  # bounded in size and time (the policy's): a hostile client is dropped, not served
+                        header, arrays, received = wire.recv_counted(conn, worker.policy.message_limit,
+                                                                     worker.policy.read_timeout)
+                    except wire.WireError as err:
+                        log.warning("[%s] dropped a client of the worker socket: %s", worker.centre, err)
+                        continue
                     try:
                         reply, out = worker.handle(header, arrays)
                     except Exception as err:  # reported to the ClientApp, worker stays up
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
-                    sent = wire.send(conn, reply, out)
+                    try:
+                        sent = wire.send(conn, reply, out)
+                    except OSError as err:  # the client left before its reply: the worker keeps serving
+                        log.warning("[%s] could not send the %s reply: %s", worker.centre, header.get("op"), err)
+                        sent = 0
                     worker.after_reply()
                     if "run-config" in header:  # a run's request, not a health check
                         run = str(header["run-config"].get("run-name", ""))

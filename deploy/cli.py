@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
+    serve.add_argument("--policy", type=Path, default=None,
+                       help="the centre's policy file (TOML or YAML; clients/policy.py): minimum tokens per "
+                            "request, lr bounds, request budget, models, clip + noise, socket limits")
     serve.set_defaults(func=cmd_centre_serve)
     # `bridgepool centre supernode ARGS` goes to clients/supernode.py (see main()).
     centre.add_parser("supernode", help="Flower's SuperNode with a warm ClientApp runtime; takes "
@@ -231,9 +234,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_centre_serve(args: argparse.Namespace) -> int:
+    from clients.policy import Policy
     from clients.worker import CentreWorker, serve
 
-    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice)
+    policy = Policy.load(args.policy) if args.policy is not None else Policy()
+    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
+                          policy=policy)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0

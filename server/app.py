@@ -31,7 +31,7 @@ from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_c
 from server.metrics import ServerMetrics
 from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
-from server.validation import screen
+from server.validation import screen, token_cap
 
 log = logging.getLogger("bridgepool.server")
 app = ServerApp()
@@ -79,7 +79,7 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected())
         clock.observe(ex)
-        accepted = _accept(ex, reference, cfg.max_norm_factor)
+        accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
         for centre, code in ex.codes.values():
             metrics.reject(centre, code)
         if len(accepted) < cfg.quorum:
@@ -116,7 +116,8 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
     save_file({k: v.contiguous().clone() for k, v in outer.state().items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}
     return {"model": str(final_model), "centres": centres,
-            "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values()]),
+            # a final reply without eval-loss is left out of the mean, it does not end the run
+            "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values() if "eval-loss" in m]),
             "failures": final_ex.failures}
 
 
@@ -157,10 +158,11 @@ def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor
     return unpack(broadcast.advance(pack(master)), master)
 
 
-def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float) -> list:
+def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float, max_tokens: float) -> list:
     """Replies whose update passes validation (server/validation.py), in centre-name order,
-    so the floating-point sum of the aggregate does not depend on arrival order."""
-    accepted, rejected = screen([(r.arrays, r.metrics) for r in ex.replies], reference, max_norm_factor)
+    so the floating-point sum of the aggregate does not depend on arrival order.
+    `max_tokens`: the most tokens a reply may claim (validation.token_cap)."""
+    accepted, rejected = screen([(r.arrays, r.metrics) for r in ex.replies], reference, max_norm_factor, max_tokens)
     for i, err in rejected.items():
         centre = ex.replies[i].centre
         ex.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")

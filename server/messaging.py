@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from models.packing import FULL, STALE_BASE_METRIC
 from server.broadcast import Broadcast
 from server.liveness import Liveness
+from server.validation import UpdateRejected, check_layout
 
 log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
@@ -282,6 +283,11 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
         return
     content = msg.content
     centre = _centre(msg, nid)
+    clash = live.renamed(nid, centre)
+    if clash:  # named in the round's failures; its update never reaches validation
+        broadcast.forget(nid)
+        result.fail(_key(live, nid), live.name(nid), "name-changed", clash)
+        return
     live.replied(nid, centre)
     if _stale_base(msg):  # to the full weights: nothing more to send it (the worker never does this)
         broadcast.forget(nid)
@@ -293,5 +299,10 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     if "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())
+        try:  # names, dtypes, shapes and bytes from the record's metadata, before any array is converted
+            check_layout({k: (a.dtype, tuple(a.shape), len(a.data)) for k, a in record.items()}, broadcast.base.size)
+        except UpdateRejected as err:
+            result.fail(_key(live, nid), centre, err.reason, f"rejected ({err.reason}): {err}")
+            return
         arrays = {k: a.numpy() for k, a in record.items()}
     result.replies.append(Reply(nid, centre, arrays, metrics, nbytes))
