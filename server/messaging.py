@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from models.packing import FULL, STALE_BASE_METRIC
 from server.broadcast import Broadcast
 from server.liveness import Liveness
-from server.validation import UpdateRejected, check_layout
+from server.validation import UpdateRejected, read_record
 
 log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
@@ -272,7 +272,8 @@ def _stale_base(msg: Message) -> bool:
 
 
 def _centre(msg: Message, nid: int) -> str:
-    return str(msg.content["centre"]["name"]) if "centre" in msg.content else f"node-{nid}"
+    # .get and [:64]: a reply's claimed name is untrusted (a missing key, a megabyte of text)
+    return str(msg.content["centre"].get("name", f"node-{nid}"))[:64] if "centre" in msg.content else f"node-{nid}"
 
 
 def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast: Broadcast) -> None:
@@ -294,15 +295,18 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
         result.fail(_key(live, nid), centre, "stale-base", "answered stale-base to the full weights")
         return
     broadcast.delivered(nid)
-    metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
+    try:  # a MetricRecord may hold lists: not a number here, and not a reason to end the run
+        metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
+    except (TypeError, ValueError):
+        result.fail(_key(live, nid), centre, "metrics", "rejected (metrics): a metric is not a single number")
+        return
     arrays, nbytes = {}, 0
     if "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())
-        try:  # names, dtypes, shapes and bytes from the record's metadata, before any array is converted
-            check_layout({k: (a.dtype, tuple(a.shape), len(a.data)) for k, a in record.items()}, broadcast.base.size)
+        try:  # names, dtypes, shapes and bytes checked before any array is converted
+            arrays = read_record(record, broadcast.base.size)
         except UpdateRejected as err:
             result.fail(_key(live, nid), centre, err.reason, f"rejected ({err.reason}): {err}")
             return
-        arrays = {k: a.numpy() for k, a in record.items()}
     result.replies.append(Reply(nid, centre, arrays, metrics, nbytes))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,12 +36,13 @@ from models.packing import (
 MAX_ABS_VALUE = 1e6  # weights of a sane model are O(1); 1e30 "updates" are attacks or bugs
 REQUIRED_METRICS = ("tokens", "train-loss", "eval-loss")  # what the round record and the mean read
 Layout = Mapping[str, tuple[str, tuple[int, ...], int]]  # array name -> (dtype name, shape, bytes)
+NPY_HEADER_MAX = 4096  # a Flower array's bytes are an .npy file: the values plus a header this long at most
 
 
 class UpdateRejected(ValueError):
     """An update failed validation; the message says which check and which tensor.
 
-    `reason` is a short fixed code (a metric label): keys, dtype, shape, bytes, non-finite,
+    `reason` is a short fixed code (a metric label): keys, dtype, shape, bytes, malformed, non-finite,
     too-large, metrics, missing-metric, tokens-over-cap or norm-outlier.
     """
 
@@ -62,10 +64,11 @@ def expected_layout(size: int) -> dict[str, dict[str, tuple[str, tuple[int, ...]
             "int8": {INT8_KEY: ("int8", (size,)), SCALE_KEY: ("float32", (-(-size // INT8_BLOCK),))}}
 
 
-def check_layout(layout: Layout, size: int) -> None:
+def check_layout(layout: Layout, size: int, header_max: int = 0) -> None:
     """UpdateRejected unless `layout` (names, dtypes, shapes, byte counts: metadata only) is
     exactly one of `expected_layout(size)`. Cheap, and run before any array is converted, so a
-    reply of huge or many arrays costs no allocation here (issue 19, threat 6)."""
+    reply of huge or many arrays costs no allocation here (issue 19, threat 6). `header_max`:
+    bytes an array's serialised form may hold beyond its values."""
     names = set(layout)
     forms = [f for f in expected_layout(size).values() if set(f) == names]
     if not forms:
@@ -78,8 +81,20 @@ def check_layout(layout: Layout, size: int) -> None:
         if tuple(got_shape) != shape:
             raise UpdateRejected(f"{name} has shape {tuple(got_shape)}, expected {shape}", "shape")
         want = math.prod(shape) * np.dtype(dtype).itemsize
-        if int(got_bytes) != want:
+        if not want <= int(got_bytes) <= want + header_max:
             raise UpdateRejected(f"{name} holds {got_bytes} bytes, its shape and dtype make {want}", "bytes")
+
+
+def read_record(record: Mapping[str, Any], size: int) -> dict[str, np.ndarray]:
+    """A Flower ArrayRecord's arrays as numpy, for a model of `size` values, or UpdateRejected.
+    Each array's declared layout and byte count are checked first (`check_layout`), then it is
+    converted (Flower's Array.numpy: an .npy file, never pickle); the result is checked again by
+    `decode_update`, since the .npy header, not the declared metadata, decides what comes out."""
+    check_layout({k: (str(a.dtype), tuple(a.shape), len(a.data)) for k, a in record.items()}, size, NPY_HEADER_MAX)
+    try:
+        return {k: a.numpy() for k, a in record.items()}
+    except (TypeError, ValueError, EOFError) as err:  # a non-numpy stype, a malformed .npy file
+        raise UpdateRejected(f"an array does not decode ({err.__class__.__name__})", "malformed") from None
 
 
 def _names(names: Collection[str]) -> str:
