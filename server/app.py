@@ -144,12 +144,25 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
         log.info("resume: no checkpoint in %s yet; starting at round 1", run_dir)
         return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
                 Broadcast(initial, cfg.compression))
+    _check_same_run(cfg, ckpt.config, ckpt.path)
     outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
     outer.load_optimizer_state(ckpt.outer)
     log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
     runlog.event("resumed-from", round=ckpt.round, path=str(ckpt.path))
     base = ckpt.broadcast if ckpt.broadcast is not None else pack(ckpt.model)  # older checkpoints: b = m
     return outer, ckpt.round + 1, Broadcast(initial, cfg.compression, base=base)
+
+
+RESUME_FIXED = ("model", "strategy")  # a checkpoint's weights and momentum mean nothing under others
+
+
+def _check_same_run(cfg: RunConfig, saved: dict, path: Path) -> None:
+    """ConfigError unless the checkpoint was written under this run's model and strategy."""
+    now = cfg.to_mapping()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(f"resume: checkpoint {path} belongs to a run with another {', '.join(changed)}; resume "
+                          "with the checkpoint's settings, or start a new run in another --run-dir")
 
 
 def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
