@@ -12,6 +12,8 @@ corpus out (issue 19, threat 2). The policy is set by the centre, on its own com
     inner-lr = [1e-5, 1e-2]           # inclusive bounds
     inner-weight-decay = [0.0, 0.5]
     max-requests-per-run = 200        # train + evaluate requests one run-name may make
+    max-requests-total = 5000         # ... all runs together since the worker started (0 = no limit):
+                                      # a new run-name per request would otherwise reset the budget
     models = ["small", "base"]
     allowed-keys = [...]              # run-config keys a request may carry (default: any RunConfig key)
     update-clip = 1.0                 # L2 clip of the update (pseudo-gradient) before it leaves; 0 = off
@@ -48,7 +50,7 @@ from models.config import MODEL_NAMES, ConfigError, RunConfig
 from models.gpt import model_config
 
 MARGIN_BYTES = 64 << 20  # headers and a second array (the int8 scales) beside the largest model
-GATED_OPS = ("prepare", "train", "evaluate")  # ops that carry a run config
+GATED_OPS = ("prepare", "train", "evaluate", "egress-check")  # ops that carry a run config
 BUDGETED_OPS = ("train", "evaluate")  # ops that read the centre's data
 
 
@@ -87,6 +89,7 @@ class Policy:
     inner_lr: tuple[float, float] = (1e-6, 0.1)
     inner_weight_decay: tuple[float, float] = (0.0, 1.0)
     max_requests_per_run: int = 1000
+    max_requests_total: int = 0  # 0 = no limit across runs
     models: tuple[str, ...] = MODEL_NAMES
     allowed_keys: tuple[str, ...] = ()  # () = any key RunConfig knows
     allowed_values: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -96,7 +99,8 @@ class Policy:
     read_timeout: float = 60.0
 
     def __post_init__(self) -> None:
-        for key in ("min-train-tokens", "min-eval-tokens", "max-requests-per-run", "max-message-bytes"):
+        for key in ("min-train-tokens", "min-eval-tokens", "max-requests-per-run", "max-requests-total",
+                    "max-message-bytes"):
             if not isinstance(getattr(self, _snake(key)), int) or getattr(self, _snake(key)) < 0:
                 raise PolicyError(f"policy key '{key}' must be an integer >= 0, got {getattr(self, _snake(key))!r}")
         for key in ("inner-lr", "inner-weight-decay"):
@@ -241,6 +245,9 @@ class Gate:
         if op in BUDGETED_OPS and used >= self.policy.max_requests_per_run:
             reasons.append(f"run {run!r} has used its budget of {self.policy.max_requests_per_run} train and "
                            "evaluate requests at this centre")
+        total = self.policy.max_requests_total
+        if op in BUDGETED_OPS and total and sum(self.requests.values()) >= total:
+            reasons.append(f"this centre's budget of {total} train and evaluate requests (all runs) is used up")
         if reasons:
             self._refuse(op, header, run, reasons)
         if op in BUDGETED_OPS:

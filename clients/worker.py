@@ -76,9 +76,9 @@ class CentreWorker:
         op = header.get("op")
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
+        self.gate.admit(header)  # the centre's policy: raises PolicyRefused (in the ledger) before any work
         if op == "egress-check":
             return self._egress_check(header), {}
-        self.gate.admit(header)  # raises PolicyRefused (recorded in the ledger) before any work
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
             return self._reply(trainer, header, {}, {})

@@ -75,6 +75,11 @@ def test_the_request_budget_per_run_runs_out(worker, tmp_path):
     with pytest.raises(PolicyRefused, match="used its budget of 2"):
         _request(worker, cfg, "evaluate", 2)
     assert len(_refusals(worker)) == 2
+    _request(worker, _config(tmp_path, **{"run-name": "pol-b"}), "evaluate")  # another run: its own budget
+    _with(worker, Policy(max_requests_total=1))  # ... unless the operator caps all runs together
+    _request(worker, _config(tmp_path, **{"run-name": "pol-c"}), "evaluate")
+    with pytest.raises(PolicyRefused, match="budget of 1 train and evaluate requests \\(all runs\\)"):
+        _request(worker, _config(tmp_path, **{"run-name": "pol-d"}), "evaluate")
     assert worker.handle({"op": "ping"}, {})[0]["status"] == "ok"  # health checks are not budgeted
 
 
