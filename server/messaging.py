@@ -298,7 +298,7 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     try:  # a MetricRecord may hold lists: not a number here, and not a reason to end the run
         metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
     except (TypeError, ValueError):
-        result.fail(_key(live, nid), centre, "metrics", "rejected (metrics): a metric is not a single number")
+        result.fail(centre, centre, "metrics", "rejected (metrics): a metric is not a single number")
         return
     arrays, nbytes = {}, 0
     if "arrays" in content:
@@ -307,6 +307,6 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
         try:  # names, dtypes, shapes and bytes checked before any array is converted
             arrays = read_record(record, broadcast.base.size)
         except UpdateRejected as err:
-            result.fail(_key(live, nid), centre, err.reason, f"rejected ({err.reason}): {err}")
+            result.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")  # keyed as _accept's
             return
     result.replies.append(Reply(nid, centre, arrays, metrics, nbytes))
