@@ -200,6 +200,7 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    limit = worker.policy.message_limit  # bytes per frame on the socket: the largest model + margin by default
     with Listener(str(socket_path), family="AF_UNIX") as listener:
         os.chmod(socket_path, 0o600)  # only the centre's own user may relay
         log.info("[%s] worker ready on %s", worker.centre, socket_path)
@@ -208,8 +209,7 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
                 with listener.accept() as conn:
                     t0 = time.perf_counter()
                     try:  # bounded in size and time (the policy's): a hostile client is dropped, not served
-                        header, arrays, received = wire.recv_counted(conn, worker.policy.message_limit,
-                                                                     worker.policy.read_timeout)
+                        header, arrays, received = wire.recv_counted(conn, limit, worker.policy.read_timeout)
                     except wire.WireError as err:
                         log.warning("[%s] dropped a client of the worker socket: %s", worker.centre, err)
                         continue
