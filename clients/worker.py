@@ -224,8 +224,8 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
                         log.warning("[%s] could not send the %s reply: %s", worker.centre, header.get("op"), err)
                         sent = 0
                     worker.after_reply()
-                    if "run-config" in header:  # a run's request, not a health check
-                        run = str(header["run-config"].get("run-name", ""))
+                    if isinstance(header.get("run-config"), dict):  # a run's request, not a health check
+                        run = str(header["run-config"].get("run-name", ""))[:64]
                         worker.metrics.record_exchange(run, t0, time.perf_counter(), received, sent)
                     log.info("[%s] %s round %s in %.2fs", worker.centre, header.get("op"),
                              header.get("round"), time.perf_counter() - t0)

@@ -102,6 +102,12 @@ def test_hostile_clients_are_dropped_and_the_worker_keeps_serving(served):
     _wait_for(log, "a malformed message")
     garbage.close()
 
+    odd = _raw(sock)  # a run-config that is not a table (was an AttributeError ending the serve loop)
+    head = b'{"op": "train", "round": 1, "run-config": [1, 2]}'
+    odd.sendall(struct.pack("!i", len(head)) + head + struct.pack("!i", 0))
+    _wait_for(log, "the request carries no run config")
+    odd.close()
+
     leaver = _raw(sock)  # a whole request, then gone before the reply
     head = b'{"op": "ping"}'
     leaver.sendall(struct.pack("!i", len(head)) + head + struct.pack("!i", 0))
@@ -116,7 +122,7 @@ def test_a_policy_refusal_reaches_the_client_and_the_ledger(served):
                                      "run-dir": str(tmp_path)}).to_mapping()
     with pytest.raises(wire.WorkerError, match="refused by the centre's policy: .*below the centre's minimum"):
         wire.call(sock, {"op": "evaluate", "round": 1, "run-config": oracle}, timeout=60)
-    (entry,) = read_ledger(tmp_path / "state" / "egress-ledger.jsonl")
+    (entry,) = [e for e in read_ledger(tmp_path / "state" / "egress-ledger.jsonl") if e["run"] == "oracle"]
     assert (entry["verdict"], entry["stage"], entry["run"], entry["op"]) == ("refused", "policy", "oracle", "evaluate")
     _ping(sock)
 
