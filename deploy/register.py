@@ -29,7 +29,8 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
     report = []
     for key in public_keys:
         if not Path(key).is_file():
-            raise FileNotFoundError(f"SuperNode public key {key} not found; create it with deploy/pki.sh")
+            raise FileNotFoundError(f"SuperNode public key {key} not found; the centre makes it with "
+                                    "deploy/centre-key.sh; the coordinator registers it (deploy/pki.sh CENTRE=PUBKEY)")
         argv = wrap(commands.register_supernode(key, connection=connection, exe=venv_bin("flwr")))
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=env if env is not None else dict(os.environ), stdin=subprocess.DEVNULL)
@@ -40,7 +41,7 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
             # Flower answers the same for a key that was unregistered (revoked): such a key can
             # never join again, and nothing here can tell the two apart without its node id.
             report.append(f"{key}: already registered (if it was revoked with `flwr supernode unregister`, "
-                          "it can never join again: issue a new key with deploy/pki.sh)")
+                          "it can never join again: the centre makes a new key with deploy/centre-key.sh)")
         else:
             raise LaunchError(f"registering SuperNode key {key} at connection '{connection}' failed "
                               f"(exit {done.returncode}):\n{out.strip()[-2000:]}")
