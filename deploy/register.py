@@ -51,6 +51,7 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
 # What a SuperNode's log says when the SuperLink will not admit it (Flower 1.41 exit code 305 and
 # the API error inside it), and what it means for an operator.
 _NO_CONNECTION = "Failed to initialize the connection to the SuperLink"
+RUNTIME_LOGGER = "bridgepool.runtime"  # clients/runtime.py's logger name
 _REFUSALS = (
     (("Failed to activate SuperNode",), "refused at activation: its public key is not registered at the "
      "SuperLink, or a SuperNode with this key is already online (the SuperLink log says which); register "
@@ -73,6 +74,9 @@ _REFUSALS = (
 
 def supernode_refusal(log: str) -> str | None:
     """Why the SuperLink refused this SuperNode, from its log; None when the log shows no refusal."""
+    # Our ClientApp runtime's lines say nothing about the SuperLink: it polls the SuperNode's own
+    # port, and once the refused SuperNode has exited it logs "Connection refused" for that port.
+    log = "\n".join(line for line in log.splitlines() if RUNTIME_LOGGER not in line)
     for needles, why in _REFUSALS:
         if all(n in log for n in needles):
             return why

@@ -190,4 +190,7 @@ def test_refusals_are_named():
     for said in ("Server disconnected without sending a response.", "[Errno 104] Connection reset by peer", ""):
         assert "without TLS" in supernode_refusal(insecure + said), said
     assert "nothing listens" in supernode_refusal(insecure + "[Errno 111] Connection refused")
+    # The runtime child, after the refused SuperNode exited, cannot reach the SuperNode's port: not the SuperLink.
+    late = "\n2026-12-01 23:11:46,310 WARNING bridgepool.runtime: task poll failed ([Errno 111] Connection refused)"
+    assert "without TLS" in supernode_refusal(insecure + "Server disconnected without sending a response." + late)
     assert supernode_refusal("SuperNode ID: 42") is None
