@@ -181,7 +181,9 @@ class EgressGuard:
     def __init__(self, centre: str, ledger: Path, on_blocked: Callable[[str], None] | None = None):
         self.centre, self.ledger = centre, Path(ledger)
         self.ledger.parent.mkdir(parents=True, exist_ok=True)
-        self.blocked_total = sum(1 for e in read_ledger(self.ledger) if e.get("verdict") == "blocked")
+        entries = read_ledger(self.ledger)
+        self.blocked_total = sum(1 for e in entries if e.get("verdict") == "blocked")
+        self.refused_total = sum(1 for e in entries if e.get("verdict") == "refused")
         self._on_blocked = on_blocked  # called with the run name, e.g. to count it in Prometheus
 
     def check(self, message: Described, manifest: Manifest, *, run: str, round: int, op: str,
@@ -202,6 +204,16 @@ class EgressGuard:
             raise EgressBlocked(f"egress guard blocked the {op} reply of round {round}: "
                                 + "; ".join(problems))
         return problems
+
+    def refused(self, *, run: str, round: int, op: str, reasons: list[str]) -> None:
+        """A request the centre's policy refused (clients/policy.py): recorded before the error
+        reply leaves, so the ledger names every refusal as well as every reply."""
+        self.refused_total += 1
+        self._append({"time": time.time(), "centre": self.centre, "run": run, "round": round, "op": op,
+                      "stage": "policy", "verdict": "refused", "violations": list(reasons),
+                      "refused-total": self.refused_total, "records": [], "arrays": [], "metrics": [], "bytes": 0})
+        log.error("[%s] REQUEST REFUSED by policy (%s, run %s round %s): %s; recorded in %s", self.centre, op, run,
+                  round, "; ".join(reasons), self.ledger)
 
     def _append(self, entry: dict[str, Any]) -> None:
         # Append-only, one line per reply, on disk before the reply can leave.

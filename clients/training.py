@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.data import TokenSampler, load_split
-from models.config import RunConfig
+from models.config import RunConfig, check_run_name
 from models.gpt import GPT, build_model
 
 log = logging.getLogger("bridgepool.centre")
@@ -102,13 +102,36 @@ def lr_schedule(step: int, cfg: RunConfig) -> float:
     return cfg.inner_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+class StatePathError(ValueError):
+    """A state file would resolve outside the centre's state directory."""
+
+
+def run_state_dir(state_root: Path, run_name: str) -> Path:
+    """STATE_ROOT/RUN_NAME, refused unless the name is one safe path component and the
+    directory (symlinks followed) lies inside STATE_ROOT. The worker's operator chose
+    STATE_ROOT; the run-name comes from whoever submitted the run (issue 19, threat 4)."""
+    check_run_name(run_name)
+    return inside(state_root, Path(state_root) / run_name)
+
+
+def inside(root: Path, path: Path) -> Path:
+    """`path` if, resolved, it is `root` or below it; else StatePathError naming both."""
+    real_root, real = Path(root).resolve(), Path(path).resolve()
+    if real != real_root and real_root not in real.parents:
+        raise StatePathError(f"state path {path} resolves to {real}, outside the state directory {real_root}; "
+                             "refused (a run-name or a symlink pointing elsewhere)")
+    return Path(path)
+
+
 class CentreTrainer:
     """One centre's model, data and inner optimiser, kept warm across rounds."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig):
         self.centre, self.cfg = centre, cfg
-        self.state_dir = Path(state_dir) / cfg.run_name
+        self.state_root = Path(state_dir)
+        self.state_dir = run_state_dir(self.state_root, cfg.run_name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        inside(self.state_root, self.state_dir)  # again once it exists: a symlink created meanwhile
         self.device = resolve_device(cfg.device)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.model: GPT = build_model(cfg.model, seed=cfg.seed).to(self.device)
@@ -247,7 +270,7 @@ class CentreTrainer:
                 v.add_(ahead.state[k] - ahead.base[k])
 
     def _local_path(self, server_round: int) -> Path:
-        return self.state_dir / f"local-model-round-{server_round:04d}.safetensors"
+        return inside(self.state_dir, self.state_dir / f"local-model-round-{server_round:04d}.safetensors")
 
     def _save_local(self, server_round: int) -> None:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}  # untie
@@ -257,12 +280,12 @@ class CentreTrainer:
     def _keep(self, path: Path, write: Callable[[Path], None]) -> None:
         """Write `path` whole or not at all (a crash leaves the previous rounds' files), then drop
         all but the newest KEEP_OPTIM_ROUNDS files of its kind (same name but the round number)."""
-        tmp = path.with_suffix(".tmp")
+        tmp = inside(self.state_dir, path.with_suffix(".tmp"))
         write(tmp)
         tmp.replace(path)
         kind = path.name.rsplit("-", 1)[0] + "-*" + path.suffix
         for old in sorted(self.state_dir.glob(kind))[:-KEEP_OPTIM_ROUNDS]:
-            old.unlink()
+            inside(self.state_dir, old).unlink()
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return forward(self.model, x, y, self.device, self.amp_dtype)
@@ -275,7 +298,7 @@ class CentreTrainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _optim_path(self, server_round: int) -> Path:
-        return self.state_dir / f"inner-optim-round-{server_round:04d}.pt"
+        return inside(self.state_dir, self.state_dir / f"inner-optim-round-{server_round:04d}.pt")
 
     def _load_optim(self, after_round: int) -> None:
         """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).
@@ -297,5 +320,5 @@ class CentreTrainer:
     def _save_optim(self, server_round: int) -> None:
         self._keep(self._optim_path(server_round), lambda tmp: torch.save(self.optim.state_dict(), tmp))
         self._optim_round = server_round
-        (self.state_dir / "position.json").write_text(json.dumps(
+        inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(
             {"round": server_round, "next-step": server_round * self.cfg.inner_steps}))

@@ -35,6 +35,7 @@ from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
 from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_blob, describe_worker_reply, packed_manifest
 from clients.metrics import CentreMetrics, Peak, device_peak
+from clients.policy import Gate, Policy
 from clients.training import Ahead, CentreTrainer, autocast_dtype
 from models import blob
 from models.config import RunConfig
@@ -60,7 +61,8 @@ class CentreWorker:
     """Turns relayed requests into CentreTrainer calls; usable in-process too."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
-                 metrics: CentreMetrics | None = None, destination: dataplane.Destination | None = None):
+                 metrics: CentreMetrics | None = None, policy: Policy | None = None,
+                 destination: dataplane.Destination | None = None):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
@@ -71,6 +73,9 @@ class CentreWorker:
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
         self._manifest: Manifest = {}  # what may leave: the current run's parameters as they travel
+        # The operator's policy (clients/policy.py), not the run's: refusals go to the ledger.
+        self.policy = policy or Policy()
+        self.gate = Gate(self.policy, self.egress.refused)
         if nice:
             # When centres share a machine with the federation's own processes (the demo),
             # training yields the CPU to message handling, which otherwise waits behind it.
@@ -90,6 +95,7 @@ class CentreWorker:
         op = header.get("op")
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
+        self.gate.admit(header)  # the centre's policy: raises PolicyRefused (in the ledger) before any work
         if op == "egress-check":
             return self._egress_check(header), {}
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
@@ -127,19 +133,20 @@ class CentreWorker:
                 ahead = trainer.train_ahead(rnd)
                 if ahead is not None:  # the global model it was sent: train_ahead loaded the round's start
                     trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
-            if trainer.cfg.compression != "int8":
-                sent = None  # not needed past here: the model holds it
+            if trainer.cfg.compression != "int8" and self.policy.update_clip <= 0:
+                sent = None  # not needed past here (int8 and the policy's clip take the update against it)
             result = trainer.train_round(rnd, ahead)
             self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
             metrics.update(result.metrics)
+            new = self.policy.privatise(sent, pack(result.state))  # the policy's clip + noise, if set
             if trainer.cfg.compression == "int8":
                 # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
-                out = quantize_int8(sent - pack(result.state))
+                out = quantize_int8(sent - new)
             elif trainer.cfg.wire_dtype == "bf16":  # the new weights rounded to bf16: half the bytes
-                out = {BF16_KEY: to_bf16_bits(pack(result.state))}
+                out = {BF16_KEY: to_bf16_bits(new)}
             else:
-                out = {PARAMS_KEY: pack(result.state)}
+                out = {PARAMS_KEY: new}
         return self._reply(trainer, header, metrics, out)
 
     def after_reply(self) -> None:
@@ -264,6 +271,7 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
+    limit = worker.policy.message_limit  # bytes per frame on the socket: the largest model + margin by default
     with Listener(str(socket_path), family="AF_UNIX") as listener:
         os.chmod(socket_path, 0o600)  # only the centre's own user may relay
         log.info("[%s] worker ready on %s", worker.centre, socket_path)
@@ -271,16 +279,24 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
             while not stop:
                 with listener.accept() as conn:
                     t0 = time.perf_counter()
-                    header, arrays, received = wire.recv_counted(conn)
+                    try:  # bounded in size and time (the policy's): a hostile client is dropped, not served
+                        header, arrays, received = wire.recv_counted(conn, limit, worker.policy.read_timeout)
+                    except wire.WireError as err:
+                        log.warning("[%s] dropped a client of the worker socket: %s", worker.centre, err)
+                        continue
                     try:
                         reply, out = worker.handle(header, arrays)
                     except Exception as err:  # reported to the ClientApp, worker stays up
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
-                    sent = wire.send(conn, reply, out)
+                    try:
+                        sent = wire.send(conn, reply, out)
+                    except OSError as err:  # the client left before its reply: the worker keeps serving
+                        log.warning("[%s] could not send the %s reply: %s", worker.centre, header.get("op"), err)
+                        sent = 0
                     worker.after_reply()
-                    if "run-config" in header:  # a run's request, not a health check
-                        run = str(header["run-config"].get("run-name", ""))
+                    if isinstance(header.get("run-config"), dict):  # a run's request, not a health check
+                        run = str(header["run-config"].get("run-name", ""))[:64]
                         plane_in, plane_out = worker.plane_bytes  # the model's bytes moved on the data plane
                         worker.metrics.record_exchange(run, t0, time.perf_counter(), received + plane_in,
                                                        sent + plane_out)

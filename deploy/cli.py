@@ -103,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
                             "default: loopback only, the single-machine demo)")
     serve.add_argument("--data-plane-ca", type=Path, metavar="FILE",
                        help="CA certificate the coordinator's data plane must present; plaintext is then refused")
+    serve.add_argument("--policy", type=Path, default=None,
+                       help="the centre's policy file (TOML or YAML; clients/policy.py): minimum tokens per "
+                            "request, lr bounds, request budget, models, clip + noise, socket limits")
     serve.set_defaults(func=cmd_centre_serve)
     # `bridgepool centre supernode ARGS` goes to clients/supernode.py (see main()).
     centre.add_parser("supernode", help="Flower's SuperNode with a warm ClientApp runtime; takes "
@@ -237,13 +240,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_centre_serve(args: argparse.Namespace) -> int:
     from clients.dataplane import LOOPBACK_HOSTS, Destination
+    from clients.policy import Policy
     from clients.worker import CentreWorker, serve
 
     if args.data_plane_ca and not Path(args.data_plane_ca).is_file():
         raise FileNotFoundError(f"--data-plane-ca {args.data_plane_ca}: no such file (the deployment's CA certificate)")
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
+    policy = Policy.load(args.policy) if args.policy is not None else Policy()
     worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
-                          destination=destination)
+                          policy=policy, destination=destination)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0

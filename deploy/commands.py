@@ -57,8 +57,11 @@ class Pki:
     def centre_dir(self, centre: str) -> str:
         return str(self.root / "centres" / centre)
 
-    def centre_ca_cert(self, centre: str) -> str:
-        return str(self.root / "centres" / centre / "ca.crt")
+    def centre_ca_cert(self, centre: str) -> str:  # the CA certificate the coordinator publishes
+        return str(self.root / "public" / "ca.crt")
+
+    def centre_public_key(self, centre: str) -> str:  # made by the centre itself, handed over
+        return str(self.root / "centres" / centre / "supernode.key.pub")
 
     def private_key(self, centre: str) -> str:  # only this centre's SuperNode reads it
         return str(self.root / "centres" / centre / "supernode.key")
@@ -172,9 +175,27 @@ def register_keys(public_keys: Sequence[str], *, connection: str = CONNECTION,
     return [*prog, "deploy", "register", "--connection", connection, *public_keys]
 
 
-def make_pki(script: str, out: str, centres: Sequence[str], sans: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """deploy/pki.sh: argv and the environment it reads (the SuperLink certificate's SANs)."""
-    return ["sh", script, out, *centres], {"SUPERLINK_SANS": ",".join(sans)}
+def centre_key(script: str, centre_dir: str, centre: str, outbox: str | None = None) -> list[str]:
+    """deploy/centre-key.sh, run at the centre: its own SuperNode key pair in `centre_dir`, the
+    public half also copied to `outbox` for hand-over."""
+    return ["sh", script, centre_dir, centre, *([outbox] if outbox else [])]
+
+
+def make_pki(script: str, out: str, public_keys: Mapping[str, str],
+             sans: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """deploy/pki.sh, run by the coordinator: argv (the CA, the SuperLink certificate, the centres'
+    public keys to register, centre -> path) and the environment it reads (the certificate's SANs)."""
+    return ["sh", script, out, *(f"{c}={k}" for c, k in public_keys.items())], {"SUPERLINK_SANS": ",".join(sans)}
+
+
+def pki_steps(deploy_dir: str, pki: Pki, centres: Sequence[str],
+              sans: Sequence[str]) -> list[tuple[list[str], dict[str, str]]]:
+    """For launchers that play every part on one machine (local, netns, tests): each centre makes its
+    key pair in its own directory, then the coordinator registers only the public halves."""
+    steps: list[tuple[list[str], dict[str, str]]] = [
+        (centre_key(f"{deploy_dir}/centre-key.sh", pki.centre_dir(c), c), {}) for c in centres]
+    steps.append(make_pki(f"{deploy_dir}/pki.sh", str(pki.root), {c: pki.centre_public_key(c) for c in centres}, sans))
+    return steps
 
 
 def flwr_config(address: str, pki: Pki | None = None, *, insecure: bool = False,
@@ -196,5 +217,5 @@ def toml_value(value: Any) -> str:
 
 
 __all__ = ["CONNECTION", "SUPERLINK_PORT", "SUPERNODE_RUNTIME_PORT", "InsecureRefused", "Pki", "flwr_config",
-           "flwr_run", "make_pki", "node_config", "prepare_data", "register_keys", "register_supernode",
-           "superlink", "supernode", "toml_value", "worker"]
+           "centre_key", "flwr_run", "make_pki", "pki_steps", "node_config", "prepare_data", "register_keys",
+           "register_supernode", "superlink", "supernode", "toml_value", "worker"]

@@ -4,8 +4,10 @@
     bridgepool deploy compose --check    # exit 1 if the committed file differs from the generated one
 
 Topology (`docker compose up` starts a training run; Grafana on http://127.0.0.1:3000):
-  pki                 one-shot: deploy/pki.sh writes the CA, the SuperLink certificate and one
-                      SuperNode key per centre, each into its own volume
+  key-C               one-shot, per centre: deploy/centre-key.sh makes the centre's own SuperNode
+                      key pair in its own volume and places only the public half in a hand-over volume
+  pki                 one-shot: deploy/pki.sh writes the CA and the SuperLink certificate and takes
+                      the centres' public keys from the hand-over volumes; it mounts no centre key
   superlink           SuperLink (state in --database on a volume); runs each ServerApp in a
                       subprocess of its own SuperExec (Flower 1.41 `--isolation subprocess`), so
                       there is no separate server-side container to authenticate
@@ -38,6 +40,7 @@ BUILD = {"context": ".", "dockerfile": "deploy/Dockerfile"}
 PROMETHEUS_IMAGE = "prom/prometheus:v2.42.0"  # the versions deploy/grafana/compose.yml uses
 GRAFANA_IMAGE = "grafana/grafana:10.4.2"
 PKI = Pki(PurePosixPath("/pki"))
+HANDOVER = "/handover"  # where the centres' public keys travel to the coordinator's pki step
 SERVER_METRICS_PORT = 9300  # ServerApp, on 127.0.0.1 of the SuperLink's network namespace
 CENTRE_METRICS_PORT = 9301  # each worker, in its own container
 DATA_MAX_BYTES = 3_000_000  # per centre, as `bridgepool demo`
@@ -74,13 +77,19 @@ def _env(flwr_home: str) -> dict[str, str]:
 def compose(n_centres: int = 3) -> dict[str, Any]:
     centres = centres_and_sources(n_centres)
     names = [name for name, _ in centres]
-    pki_argv, pki_env = commands.make_pki("/app/deploy/pki.sh", str(PKI.root), names,
-                                          ["DNS:superlink", "DNS:localhost", "IP:127.0.0.1"])
+    # Every client reaches the SuperLink as "superlink" (the healthcheck is plain TCP): its only SAN.
+    pki_argv, pki_env = commands.make_pki("/app/deploy/pki.sh", str(PKI.root),
+                                          {c: f"{HANDOVER}/{c}/{c}.pub" for c in names}, ["DNS:superlink"])
     superlink_addr = f"superlink:{commands.SUPERLINK_PORT}"
     services: dict[str, Any] = {
+        **{f"key-{c}": _ours(command=commands.centre_key("/app/deploy/centre-key.sh", PKI.centre_dir(c), c,
+                                                         f"{HANDOVER}/{c}"),
+                             network_mode="none", volumes=[f"pki-{c}:{PKI.centre_dir(c)}", f"pub-{c}:{HANDOVER}/{c}"])
+           for c in names},
         "pki": _ours(command=pki_argv, environment=pki_env, network_mode="none", volumes=[
             "pki-ca:/pki/ca", "pki-server:/pki/server", "pki-public:/pki/public",
-            *(f"pki-{c}:{PKI.centre_dir(c)}" for c in names)]),
+            *(f"pub-{c}:{HANDOVER}/{c}:ro" for c in names)],
+            depends_on={f"key-{c}": {"condition": "service_completed_successfully"} for c in names}),
         "superlink": _ours(
             command=commands.superlink(commands.SUPERLINK_PORT, "/state/superlink.db", PKI),
             environment=_env("/state/flwr-home"),
@@ -113,7 +122,7 @@ def compose(n_centres: int = 3) -> dict[str, Any]:
             command=commands.supernode(name, superlink_addr, "/state/worker.sock", commands.SUPERNODE_RUNTIME_PORT,
                                        PKI),
             environment=_env("/state/flwr-home"),
-            volumes=[f"state-{name}:/state", f"pki-{name}:{PKI.centre_dir(name)}:ro"],
+            volumes=[f"state-{name}:/state", f"pki-{name}:{PKI.centre_dir(name)}:ro", "pki-public:/pki/public:ro"],
             networks=[f"centre-{name}"], restart="on-failure",
             depends_on={f"worker-{name}": {"condition": "service_healthy"},
                         "register": {"condition": "service_completed_successfully"}})
@@ -135,7 +144,7 @@ def compose(n_centres: int = 3) -> dict[str, Any]:
                     "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro", "grafana-data:/var/lib/grafana"],
         "depends_on": ["prometheus"]}
     volumes = ["pki-ca", "pki-server", "pki-public", "superlink-state", "runs", "prometheus-data", "grafana-data",
-               *(f"{kind}-{c}" for c in names for kind in ("pki", "data", "state"))]
+               *(f"{kind}-{c}" for c in names for kind in ("pki", "pub", "data", "state"))]
     return {
         "name": "bridgepool",
         "services": services,

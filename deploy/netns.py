@@ -69,9 +69,8 @@ class NetnsFederation(LocalFederation):
     def make_pki(self) -> None:
         assert self.pki is not None
         sans = ["DNS:superlink", "DNS:localhost", "IP:127.0.0.1", f"IP:{self.addresses['server']}"]
-        argv, env = commands.make_pki(str(Path(__file__).with_name("pki.sh")), str(self.pki.root),
-                                      [c.name for c in self.centres], sans)
-        _run(argv, env={**os.environ, **env})
+        for argv, env in commands.pki_steps(str(Path(__file__).parent), self.pki, [c.name for c in self.centres], sans):
+            _run(argv, env={**os.environ, **env})
 
     def create_network(self) -> None:
         server = self.namespaces["server"]

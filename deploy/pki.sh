@@ -1,30 +1,51 @@
 #!/bin/sh
-# Certificates and SuperNode keys for a bridgepool federation (TLS + SuperNode authentication).
+# The coordinator's side of a bridgepool federation's PKI: the CA, the SuperLink's TLS certificate,
+# and the registry of the centres' PUBLIC keys. It never makes or sees a centre's private key: each
+# centre makes its own pair with deploy/centre-key.sh and hands over only the public half.
 #
-#   sh deploy/pki.sh OUT CENTRE...            e.g. sh deploy/pki.sh pki fr-genci de-lrz es-bsc
-#   SUPERLINK_SANS="DNS:superlink,DNS:localhost,IP:127.0.0.1,IP:10.77.0.1" sh deploy/pki.sh ...
+#   SUPERLINK_SANS="DNS:superlink" sh deploy/pki.sh OUT [CENTRE=PUBKEY...]
+#   e.g. SUPERLINK_SANS="DNS:link.example.org" sh deploy/pki.sh pki fr-genci=inbox/fr-genci.pub
 #
+# SUPERLINK_SANS (required): the names and addresses the SuperLink is reached at, and nothing else.
 # Writes (nothing that exists is regenerated, so it is safe to run on every `docker compose up`):
-#   OUT/ca/ca.key, ca.crt                   the CA; its key never leaves this directory
+#   OUT/ca/ca.key, ca.crt                   the CA (basicConstraints CA:TRUE pathlen:0, keyUsage
+#                                           keyCertSign+cRLSign, both critical); its key never leaves ca/
 #   OUT/server/ca.crt, server.crt, .key     the SuperLink's TLS certificate (SANs: SUPERLINK_SANS)
-#   OUT/public/ca.crt, CENTRE.pub           what the SuperLink operator needs: CA and public keys
-#   OUT/centres/CENTRE/ca.crt, supernode.key, supernode.key.pub
-#                                           one centre's SuperNode identity; only that centre mounts it
-# SuperNode keys are ECDSA P-384 in OpenSSH format: flower-supernode loads them with
-# load_ssh_private_key and accepts only elliptic-curve keys; `flwr supernode register` takes the .pub.
+#   OUT/public/ca.crt, CENTRE.pub           public only: the CA certificate the centres verify the
+#                                           SuperLink with, and the keys to register (deploy register)
 # Needs openssl and ssh-keygen (Debian: openssl, openssh-client).
 set -eu
-[ $# -ge 1 ] || { echo "usage: $0 OUT [CENTRE...]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: SUPERLINK_SANS=DNS:host[,IP:addr] $0 OUT [CENTRE=PUBKEY...]" >&2; exit 2; }
 out=$1
 shift
-sans=${SUPERLINK_SANS:-DNS:superlink,DNS:localhost,IP:127.0.0.1}
+sans=${SUPERLINK_SANS:?pki: set SUPERLINK_SANS to the names the SuperLink is reached at, e.g. DNS:superlink}
 days=${PKI_DAYS:-825}
+for arg in "$@"; do  # check every key before writing anything
+  centre=${arg%%=*}
+  key=${arg#*=}
+  case $arg in
+    *=*) ;;
+    *) echo "pki: '$arg' is not CENTRE=PUBKEY; centres make their own keys (sh deploy/centre-key.sh DIR CENTRE)" \
+            "and hand over only the public half" >&2; exit 2 ;;
+  esac
+  case $centre in
+    *[!A-Za-z0-9._-]*|""|.|..) echo "pki: centre name '$centre' must be letters, digits, . _ -" >&2; exit 2 ;;
+  esac
+  [ -s "$key" ] || { echo "pki: public key $key of $centre not found" >&2; exit 2; }
+  if grep -q "PRIVATE KEY" "$key"; then
+    echo "pki: $key is a PRIVATE key; refusing it. $centre must hand over only supernode.key.pub" >&2; exit 2
+  fi
+  ssh-keygen -l -f "$key" 2>/dev/null | grep -q "(ECDSA)" || {
+    echo "pki: $key is not an ECDSA OpenSSH public key (make it with deploy/centre-key.sh)" >&2; exit 2; }
+done
 umask 077
 mkdir -p "$out/ca" "$out/server" "$out/public"
 
 if [ ! -s "$out/ca/ca.crt" ]; then
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-384 -nodes -sha384 -days "$days" \
-    -keyout "$out/ca/ca.key" -out "$out/ca/ca.crt" -subj "/CN=bridgepool federation CA" 2>/dev/null
+    -keyout "$out/ca/ca.key" -out "$out/ca/ca.crt" -subj "/CN=bridgepool federation CA" \
+    -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+    -addext "subjectKeyIdentifier=hash" 2>/dev/null
 fi
 
 if [ ! -s "$out/server/server.crt" ]; then
@@ -39,19 +60,14 @@ if [ ! -s "$out/server/server.crt" ]; then
   rm -f "$out/server/server.csr" "$ext"
 fi
 
-for centre in "$@"; do
-  dir="$out/centres/$centre"
-  mkdir -p "$dir"
-  if [ ! -s "$dir/supernode.key" ]; then
-    ssh-keygen -q -t ecdsa -b 384 -N "" -C "$centre" -f "$dir/supernode.key"
-  fi
-  cp "$out/ca/ca.crt" "$dir/ca.crt"
-  cp "$dir/supernode.key.pub" "$out/public/$centre.pub"
+for arg in "$@"; do
+  cp "${arg#*=}" "$out/public/${arg%%=*}.pub"
 done
 cp "$out/ca/ca.crt" "$out/server/ca.crt"
 cp "$out/ca/ca.crt" "$out/public/ca.crt"
 # Public parts are world-readable; private keys stay 0600 (umask above).
-chmod 0644 "$out/server/ca.crt" "$out/server/server.crt" "$out/public/"* 2>/dev/null || true
-for centre in "$@"; do chmod 0644 "$out/centres/$centre/ca.crt" "$out/centres/$centre/supernode.key.pub"; done
-for d in "$out/server" "$out/public" "$out/centres" "$out/centres/"*; do [ -d "$d" ] && chmod 0755 "$d"; done
-echo "pki: $out ready (SuperLink certificate SANs: $(openssl x509 -in "$out/server/server.crt" -noout -ext subjectAltName | tail -n 1 | tr -d ' '); centres: ${*:-none})"
+chmod 0644 "$out/server/ca.crt" "$out/server/server.crt" "$out/public/"*
+chmod 0755 "$out/server" "$out/public"
+names=""
+for arg in "$@"; do names="$names ${arg%%=*}"; done
+echo "pki: $out ready (SuperLink certificate SANs: $(openssl x509 -in "$out/server/server.crt" -noout -ext subjectAltName | tail -n 1 | tr -d ' '); public keys registered:${names:- none})"

@@ -29,7 +29,8 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
     report = []
     for key in public_keys:
         if not Path(key).is_file():
-            raise FileNotFoundError(f"SuperNode public key {key} not found; create it with deploy/pki.sh")
+            raise FileNotFoundError(f"SuperNode public key {key} not found; the centre makes it with "
+                                    "deploy/centre-key.sh; the coordinator registers it (deploy/pki.sh CENTRE=PUBKEY)")
         argv = wrap(commands.register_supernode(key, connection=connection, exe=venv_bin("flwr")))
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                               env=env if env is not None else dict(os.environ), stdin=subprocess.DEVNULL)
@@ -40,7 +41,7 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
             # Flower answers the same for a key that was unregistered (revoked): such a key can
             # never join again, and nothing here can tell the two apart without its node id.
             report.append(f"{key}: already registered (if it was revoked with `flwr supernode unregister`, "
-                          "it can never join again: issue a new key with deploy/pki.sh)")
+                          "it can never join again: the centre makes a new key with deploy/centre-key.sh)")
         else:
             raise LaunchError(f"registering SuperNode key {key} at connection '{connection}' failed "
                               f"(exit {done.returncode}):\n{out.strip()[-2000:]}")
@@ -50,6 +51,7 @@ def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONN
 # What a SuperNode's log says when the SuperLink will not admit it (Flower 1.41 exit code 305 and
 # the API error inside it), and what it means for an operator.
 _NO_CONNECTION = "Failed to initialize the connection to the SuperLink"
+RUNTIME_LOGGER = "bridgepool.runtime"  # clients/runtime.py's logger name
 _REFUSALS = (
     (("Failed to activate SuperNode",), "refused at activation: its public key is not registered at the "
      "SuperLink, or a SuperNode with this key is already online (the SuperLink log says which); register "
@@ -72,6 +74,9 @@ _REFUSALS = (
 
 def supernode_refusal(log: str) -> str | None:
     """Why the SuperLink refused this SuperNode, from its log; None when the log shows no refusal."""
+    # Our ClientApp runtime's lines say nothing about the SuperLink: it polls the SuperNode's own
+    # port, and once the refused SuperNode has exited it logs "Connection refused" for that port.
+    log = "\n".join(line for line in log.splitlines() if RUNTIME_LOGGER not in line)
     for needles, why in _REFUSALS:
         if all(n in log for n in needles):
             return why

@@ -10,6 +10,7 @@ message naming the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -25,6 +26,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 AGGREGATORS = ("mean", "trimmed-mean", "median")
 DATA_PLANES = ("stream", "flower")
 WIRE_DTYPES = ("fp32", "bf16")
+# A run-name becomes a directory under each centre's state directory: one path component only,
+# never "." or ".." (issue 19, threat 4: "../../de-lrz/state/victim" wrote into another centre).
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -79,6 +83,7 @@ class RunConfig:
         _choice("device", self.device, DEVICES)
         _choice("precision", self.precision, PRECISIONS)
         _choice("aggregator", self.aggregator, AGGREGATORS)
+        check_run_name(self.run_name)
         for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres"):
             _at_least(key, getattr(self, _snake(key)), 1)
         for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port",
@@ -171,6 +176,14 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_run_name(name: str) -> str:
+    """`name` if it is a safe run-name (RUN_NAME_PATTERN, not '.' or '..'), else ConfigError."""
+    if not isinstance(name, str) or not RUN_NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"config key 'run-name' must be 1-64 characters of A-Z a-z 0-9 . _ - and not "
+                          f"'.' or '..' (it names a directory on every centre), got {name!r}")
+    return name
 
 
 def load_defaults(app_dir: Path = APP_DIR) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_c
 from server.metrics import ServerMetrics
 from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
-from server.validation import screen
+from server.validation import screen, token_cap
 
 log = logging.getLogger("bridgepool.server")
 app = ServerApp()
@@ -99,7 +99,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected(), plane=plane)
         clock.observe(ex)
-        accepted = _accept(ex, reference, cfg.max_norm_factor)
+        accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
         for centre, code in ex.codes.values():
             metrics.reject(centre, code)
         if len(accepted) < cfg.quorum:
@@ -145,7 +145,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     save_file({k: p.detach().contiguous() for k, p in outer.params.items()}, final_model)
     centres = {r.centre: r.metrics for r in final_ex.replies}
     return {"model": str(final_model), "centres": centres,
-            "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values()]),
+            # a final reply without eval-loss is left out of the mean, it does not end the run
+            "eval-loss-mean": _mean([m["eval-loss"] for m in centres.values() if "eval-loss" in m]),
             "failures": final_ex.failures,
             # The run's totals on the data plane's sockets (the final evaluation's downloads included).
             **({"data-plane": {"bytes-served": plane.server.bytes_served,
@@ -175,6 +176,7 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
         log.info("resume: no checkpoint in %s yet; starting at round 1", run_dir)
         return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
                 Broadcast(initial, cfg.compression))
+    _check_same_run(cfg, ckpt.config, ckpt.path)
     outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
     outer.load_optimizer_state(ckpt.outer)
     log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
@@ -183,16 +185,29 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
     return outer, ckpt.round + 1, Broadcast(initial, cfg.compression, base=base)
 
 
+RESUME_FIXED = ("model", "strategy")  # a checkpoint's weights and momentum mean nothing under others
+
+
+def _check_same_run(cfg: RunConfig, saved: dict, path: Path) -> None:
+    """ConfigError unless the checkpoint was written under this run's model and strategy."""
+    now = cfg.to_mapping()
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_FIXED if k in saved and saved[k] != now[k]]
+    if changed:
+        raise ConfigError(f"resume: checkpoint {path} belongs to a run with another {', '.join(changed)}; resume "
+                          "with the checkpoint's settings, or start a new run in another --run-dir")
+
+
 def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
     """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
     master = {k: p.detach() for k, p in outer.params.items()}  # pack copies: no clone needed first
     return unpack(broadcast.advance(pack(master)), master, copy=False)  # views of b (replaced, never changed)
 
 
-def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float) -> list:
+def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float, max_tokens: float) -> list:
     """Replies whose update passes validation (server/validation.py), in centre-name order,
-    so the floating-point sum of the aggregate does not depend on arrival order."""
-    accepted, rejected = screen([(r.arrays, r.metrics) for r in ex.replies], reference, max_norm_factor)
+    so the floating-point sum of the aggregate does not depend on arrival order.
+    `max_tokens`: the most tokens a reply may claim (validation.token_cap)."""
+    accepted, rejected = screen([(r.arrays, r.metrics) for r in ex.replies], reference, max_norm_factor, max_tokens)
     for i, err in rejected.items():
         centre = ex.replies[i].centre
         ex.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")

@@ -30,8 +30,18 @@ class Liveness:
         """The centre's name if the node ever replied, else node-ID."""
         return self.names.get(node_id, f"node-{node_id}")
 
+    def renamed(self, node_id: int, centre: str) -> str | None:
+        """Why a reply from `node_id` claiming to be `centre` is refused, or None. A node keeps the
+        name of its first reply: one that later claims another centre's name (to take its place
+        in the round record, or its weight) is lying (issue 19, threat 5)."""
+        known = self.names.get(node_id)
+        if known is None or known == centre:
+            return None
+        return (f"node {node_id} replied as {centre[:64]!r} but has been {known!r} in this run; "
+                "a node cannot change its centre name")
+
     def replied(self, node_id: int, centre: str | None = None) -> None:
-        if centre:
+        if centre and node_id not in self.names:  # the first name sticks (see `renamed`)
             self.names[node_id] = centre
         self.suspects.discard(node_id)
         self.stale = {m: n for m, n in self.stale.items() if n != node_id}

@@ -29,6 +29,7 @@ from models.packing import FULL, STALE_BASE_METRIC
 from server.broadcast import Broadcast
 from server.dataplane import Plane
 from server.liveness import Liveness
+from server.validation import UpdateRejected, read_record
 
 log = logging.getLogger("bridgepool.server")
 POLL_SECONDS = 0.1  # each pull is one small HTTP request to the SuperLink; replies wait up to this long
@@ -299,7 +300,8 @@ def _stale_base(msg: Message) -> bool:
 
 
 def _centre(msg: Message, nid: int) -> str:
-    return str(msg.content["centre"]["name"]) if "centre" in msg.content else f"node-{nid}"
+    # .get and [:64]: a reply's claimed name is untrusted (a missing key, a megabyte of text)
+    return str(msg.content["centre"].get("name", f"node-{nid}"))[:64] if "centre" in msg.content else f"node-{nid}"
 
 
 def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast: Broadcast,
@@ -311,13 +313,22 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
         return
     content = msg.content
     centre = _centre(msg, nid)
+    clash = live.renamed(nid, centre)
+    if clash:  # named in the round's failures; its update never reaches validation
+        broadcast.forget(nid)
+        result.fail(_key(live, nid), live.name(nid), "name-changed", clash)
+        return
     live.replied(nid, centre)
     if _stale_base(msg):  # to the full weights: nothing more to send it (the worker never does this)
         broadcast.forget(nid)
         result.fail(_key(live, nid), centre, "stale-base", "answered stale-base to the full weights")
         return
     broadcast.delivered(nid)
-    metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
+    try:  # a MetricRecord may hold lists: not a number here, and not a reason to end the run
+        metrics = {k: float(v) for k, v in content["metrics"].items()} if "metrics" in content else {}
+    except (TypeError, ValueError):
+        result.fail(centre, centre, "metrics", "rejected (metrics): a metric is not a single number")
+        return
     arrays, nbytes = {}, 0
     if plane is not None and "arrays" in content:  # only the centre's worker sends model bytes, on the data plane
         result.fail(_key(live, nid), centre, "upload", "update refused: arrays inside the Flower reply, not on "
@@ -334,5 +345,9 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     elif "arrays" in content:
         record = content["arrays"]
         nbytes = int(record.count_bytes())
-        arrays = {k: a.numpy() for k, a in record.items()}
+        try:  # names, dtypes, shapes and bytes checked before any array is converted
+            arrays = read_record(record, broadcast.base.size)
+        except UpdateRejected as err:
+            result.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")  # keyed as _accept's
+            return
     result.replies.append(Reply(nid, centre, arrays, metrics, nbytes))

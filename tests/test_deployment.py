@@ -30,7 +30,7 @@ FLOWER = {"flower-superlink": ["flower-superlink"], "flower-supernode": ["flower
 
 
 def centre_services(centre: str) -> list[str]:
-    return [f"prep-{centre}", f"worker-{centre}", f"supernode-{centre}"]
+    return [f"prep-{centre}", f"worker-{centre}", f"supernode-{centre}", f"key-{centre}"]
 
 
 def mounts(service: str) -> dict[str, str]:
@@ -87,8 +87,11 @@ def test_centre_volumes_stay_with_their_centre_and_data_is_read_only():
         for kind in ("data", "state", "pki"):
             volume = f"{kind}-{centre}"
             users = {name for name in SERVICES if volume in mounts(name)}
-            allowed = set(centre_services(centre)) | ({"pki"} if kind == "pki" else set())  # pki: its writer
-            assert users and users <= allowed, (volume, users)
+            assert users and users <= set(centre_services(centre)), (volume, users)  # not even the pki step
+        # The public half travels to the coordinator's pki step, read-only there; the key pair stays home.
+        assert {name for name in SERVICES if f"pub-{centre}" in mounts(name)} == {f"key-{centre}", "pki"}
+        assert mounts("pki")[f"pub-{centre}"].endswith(":ro")
+        assert SERVICES[f"key-{centre}"]["network_mode"] == "none"
         data = f"data-{centre}"
         assert not mounts(f"prep-{centre}")[data].endswith(":ro")  # the one writer
         assert mounts(f"worker-{centre}")[data].endswith(":ro")
@@ -106,7 +109,7 @@ def test_each_centre_network_holds_only_that_centre_and_the_superlink():
         members = {name for name, svc in SERVICES.items() if net in svc.get("networks", [])}
         assert members == {"superlink", f"worker-{centre}", f"supernode-{centre}"}, members
         assert SERVICES[f"prep-{centre}"]["network_mode"] == "none"
-        for name in centre_services(centre)[1:]:
+        for name in centre_services(centre)[1:3]:
             assert SERVICES[name]["networks"] == [net], name
     assert SERVICES["prometheus"]["network_mode"] == SERVICES["grafana"]["network_mode"] == "service:superlink"
 
@@ -127,7 +130,8 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
             _parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag or value
             checked.add("bridgepool")
         elif argv[0] == "sh":
-            assert argv[1] == "/app/deploy/pki.sh" and (ROOT / "deploy" / "pki.sh").is_file()
+            assert argv[1] in ("/app/deploy/pki.sh", "/app/deploy/centre-key.sh"), argv
+            assert (ROOT / argv[1].removeprefix("/app/")).is_file()
         else:
             which = next(k for k, v in FLOWER.items() if argv[: len(v)] == v)
             unknown = {f for f in flags(argv) if not re.search(rf"{re.escape(f)}\b", flower_help[which])}
@@ -186,4 +190,7 @@ def test_refusals_are_named():
     for said in ("Server disconnected without sending a response.", "[Errno 104] Connection reset by peer", ""):
         assert "without TLS" in supernode_refusal(insecure + said), said
     assert "nothing listens" in supernode_refusal(insecure + "[Errno 111] Connection refused")
+    # The runtime child, after the refused SuperNode exited, cannot reach the SuperNode's port: not the SuperLink.
+    late = "\n2026-12-01 23:11:46,310 WARNING bridgepool.runtime: task poll failed ([Errno 111] Connection refused)"
+    assert "without TLS" in supernode_refusal(insecure + "Server disconnected without sending a response." + late)
     assert supernode_refusal("SuperNode ID: 42") is None

@@ -25,7 +25,7 @@ from deploy.register import supernode_refusal
 from tests.conftest import free_base_port, make_centres
 from tests.test_multinode import one_round
 
-PKI_SCRIPT = str(Path(__file__).resolve().parent.parent / "deploy" / "pki.sh")
+DEPLOY = str(Path(__file__).resolve().parent.parent / "deploy")
 
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")  # a SuperNode's log, once the SuperLink activated it
 ACTIVATED = re.compile(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)")  # the SuperLink's log
@@ -33,9 +33,10 @@ TRAIN = "Receiving: train message"  # a SuperNode's log, as it pulls the round's
 
 
 def make_pki(root: Path, centres: list[str]) -> commands.Pki:
-    argv, env = commands.make_pki(PKI_SCRIPT, str(root), centres, ["DNS:localhost", "IP:127.0.0.1"])
-    subprocess.run(argv, env={**os.environ, **env}, check=True, capture_output=True)
-    return commands.Pki(root)
+    pki = commands.Pki(root)
+    for argv, env in commands.pki_steps(DEPLOY, pki, centres, ["DNS:localhost", "IP:127.0.0.1"]):
+        subprocess.run(argv, env={**os.environ, **env}, check=True, capture_output=True)
+    return pki
 
 
 def node_id(log: Path, proc_alive=lambda: True, timeout: float = 180) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import RunConfig, load_defaults
+from models.config import ConfigError, RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import pack
 from server.app import start_point
@@ -48,7 +48,10 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, caplog, how):
     assert start == 2  # round 2 is re-run from round 1's weights and momentum
     assert np.array_equal(broadcast.base, pack(good))  # a checkpoint without b: b = the model
     assert all(torch.equal(outer.state()[k], v) for k, v in good.items())
-    assert all(torch.equal(b, torch.ones_like(b)) for b in outer.optimizer_state().values())
+    restored = outer.optimizer_state()  # key by key: an empty dict must not pass (issue 19)
+    assert set(restored) == set(outer.params) and restored
+    for k, buf in restored.items():
+        assert torch.equal(buf, torch.ones_like(good[k])), k
     assert bad_file in caplog.text and "corrupted or truncated" in caplog.text
     events = {e["event"]: e for e in runlog.data["events"]}
     assert bad_file in events["checkpoint-refused"]["error"]
@@ -70,3 +73,14 @@ def test_fresh_start_and_resume_without_checkpoints(tmp_path):
     fresh = _cfg(tmp_path, resume=False)
     outer, start, _ = start_point(fresh, tmp_path, RunLog(tmp_path, fresh.to_mapping()))
     assert start == 1 and outer.optimizer_state() == {}  # resume off: checkpoints ignored
+
+
+@pytest.mark.parametrize(("key", "value"), [("model", "small"), ("strategy", "fedavg")])
+def test_resume_under_another_model_or_strategy_is_refused(tmp_path, key, value):
+    saved = _cfg(tmp_path, resume=True)
+    _save(tmp_path, 1, saved)
+    other = saved.replace(**{key: value})
+    with pytest.raises(ConfigError, match=f"another {key} '.*' -> '{value}'"):
+        start_point(other, tmp_path, RunLog(tmp_path, other.to_mapping(), resume=True))
+    outer, start, _ = start_point(saved, tmp_path, RunLog(tmp_path, saved.to_mapping(), resume=True))
+    assert start == 2  # the same settings resume

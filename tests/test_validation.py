@@ -17,13 +17,17 @@ from server.validation import MAX_ABS_VALUE, UpdateRejected, decode_update, scre
 
 REFERENCE = {"wte": torch.zeros(6, 4), "ln.bias": torch.zeros(4), "head": torch.zeros(3, 4)}
 SIZE = sum(t.numel() for t in REFERENCE.values())
-METRICS = {"tokens": 100.0, "train-loss": 2.0}
+METRICS = {"tokens": 100.0, "train-loss": 2.0, "eval-loss": 2.1}
+CAP = 1000.0  # the most tokens a reply may claim (validation.token_cap of the round)
 MALFORMATIONS = ("short", "long", "matrix", "float64", "float16", "int32", "missing", "extra", "renamed",
-                 "nan", "inf", "-inf", "huge", "metric-nan", "no-tokens")
+                 "nan", "inf", "-inf", "huge", "metric-nan", "no-tokens", "tokens-3e38", "tokens-cap+1",
+                 "tokens-inf", "no-train-loss", "no-eval-loss", "tokens-missing")
 REASON = {"short": "shape", "long": "shape", "matrix": "shape", "float64": "dtype", "float16": "dtype",
           "int32": "dtype", "missing": "keys", "extra": "keys", "renamed": "keys", "nan": "non-finite",
           "inf": "non-finite", "-inf": "non-finite", "huge": "too-large", "metric-nan": "metrics",
-          "no-tokens": "metrics"}
+          "no-tokens": "metrics", "tokens-3e38": "tokens-over-cap", "tokens-cap+1": "tokens-over-cap",
+          "tokens-inf": "metrics", "no-train-loss": "missing-metric", "no-eval-loss": "missing-metric",
+          "tokens-missing": "missing-metric"}
 
 
 def _honest(seed: int, scale: float = 0.01) -> np.ndarray:
@@ -55,6 +59,14 @@ def malform(kind: str, vec: np.ndarray, where: int, huge: float) -> tuple[dict, 
         metrics["train-loss"] = float("nan")
     elif kind == "no-tokens":
         metrics["tokens"] = 0.0 if where % 2 else -5.0
+    elif kind == "tokens-3e38":  # issue 19: one centre claiming the whole mean's weight
+        metrics["tokens"] = 3e38
+    elif kind == "tokens-cap+1":
+        metrics["tokens"] = CAP + 1.0
+    elif kind == "tokens-inf":
+        metrics["tokens"] = float("inf")
+    elif kind in ("no-train-loss", "no-eval-loss", "tokens-missing"):  # issue 19: was a KeyError ending the run
+        del metrics[{"no-train-loss": "train-loss", "no-eval-loss": "eval-loss", "tokens-missing": "tokens"}[kind]]
     return arrays, metrics
 
 
@@ -67,7 +79,7 @@ def test_any_malformed_update_is_rejected_and_changes_nothing(kind, where, seed,
     bad = malform(kind, _honest(seed + 99), where, huge)
     replies = honest[:position] + [bad] + honest[position:]
 
-    accepted, rejected = screen(replies, REFERENCE, max_norm_factor=10.0)
+    accepted, rejected = screen(replies, REFERENCE, max_norm_factor=10.0, max_tokens=CAP)
 
     assert set(rejected) == {position} and set(accepted) == set(range(4)) - {position}
     assert rejected[position].reason == REASON[kind], str(rejected[position])
@@ -90,7 +102,7 @@ def test_norm_far_above_the_median_is_rejected(seed, factor, excess, n):
     attack = direction / np.linalg.norm(direction) * median * factor * excess
     replies = [({PARAMS_KEY: h}, dict(METRICS)) for h in honest] + [({PARAMS_KEY: attack.astype(np.float32)},
                                                                      dict(METRICS))]
-    accepted, rejected = screen(replies, REFERENCE, max_norm_factor=factor)
+    accepted, rejected = screen(replies, REFERENCE, max_norm_factor=factor, max_tokens=CAP)
     assert set(rejected) == {n - 1} and rejected[n - 1].reason == "norm-outlier"
     assert "max-norm-factor" in str(rejected[n - 1])
     assert len(accepted) == n - 1
@@ -99,10 +111,10 @@ def test_norm_far_above_the_median_is_rejected(seed, factor, excess, n):
 def test_norm_check_off_or_too_few_updates():
     small, big = _honest(1), _honest(2, scale=100.0)
     two = [({PARAMS_KEY: small}, METRICS), ({PARAMS_KEY: big}, METRICS)]
-    assert screen(two, REFERENCE, 10.0)[1] == {}  # a median of two says nothing
+    assert screen(two, REFERENCE, 10.0, CAP)[1] == {}  # a median of two says nothing
     three = [*two, ({PARAMS_KEY: _honest(3)}, METRICS)]
-    assert set(screen(three, REFERENCE, 10.0)[1]) == {1}
-    assert screen(three, REFERENCE, 0.0)[1] == {}  # max-norm-factor = 0: off
+    assert set(screen(three, REFERENCE, 10.0, CAP)[1]) == {1}
+    assert screen(three, REFERENCE, 0.0, CAP)[1] == {}  # max-norm-factor = 0: off
 
 
 def test_decode_names_the_problem():
@@ -119,7 +131,7 @@ def test_rejections_are_logged_counted_and_recorded_by_centre(caplog):
         ex.replies.append(Reply(i, name, {PARAMS_KEY: vec}, dict(METRICS), vec.nbytes))
     ex.fail("d (node 9)", "d", "no-reply", "no reply within the 20s round deadline")
 
-    accepted = _accept(ex, REFERENCE, 10.0)
+    accepted = _accept(ex, REFERENCE, 10.0, CAP)
     for centre, code in ex.codes.values():
         metrics.reject(centre, code)
 
