@@ -122,6 +122,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         t_ckpt = time.perf_counter()
         save_checkpoint(run_dir, rnd, outer.weights(), outer.optimizer_state(), cfg.to_mapping(),
                         broadcast=broadcast.base if cfg.compression == "int8" else None)
+        reference = None  # the old b goes as soon as the next round's replaces it
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
         record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
         # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
@@ -200,7 +201,8 @@ def _check_same_run(cfg: RunConfig, saved: dict, path: Path) -> None:
 def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
     """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
     master = {k: p.detach() for k, p in outer.params.items()}  # pack copies: no clone needed first
-    return unpack(broadcast.advance(pack(master)), master, copy=False)  # views of b (replaced, never changed)
+    # pack's fresh vector becomes b itself; the reference is views of it (b is replaced, never changed)
+    return unpack(broadcast.advance(pack(master), owned=True), master, copy=False)
 
 
 def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float, max_tokens: float) -> list:

@@ -60,14 +60,15 @@ class Broadcast:
         self._delta: dict[str, np.ndarray] | None = None  # q of the current message (int8)
         self._from_sha = self.base_sha  # the b that q applies to
 
-    def advance(self, master: np.ndarray) -> np.ndarray:
+    def advance(self, master: np.ndarray, owned: bool = False) -> np.ndarray:
         """Start a message for master weights `master`: b becomes b_new, which is returned
-        (the reference the replies are validated and aggregated against)."""
+        (the reference the replies are validated and aggregated against). `owned`: `master` is a
+        fresh fp32 vector nobody else changes, kept as b without a copy."""
         self._from_sha = self.base_sha
         if self.compression == "int8":
             self._delta, self.base = int8_broadcast_step(master, self.base)
         else:
-            self._delta, self.base = None, np.array(master, dtype=np.float32, copy=True)
+            self._delta, self.base = None, master if owned else np.array(master, dtype=np.float32, copy=True)
         self.base_sha = vector_sha256(self.base)
         return self.base
 
