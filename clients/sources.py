@@ -273,7 +273,10 @@ def _strings(ds: Any, where: str) -> Iterator[str]:
                 yield t
 
 
-def _local(path: Path) -> Iterator[str]:
+UNDECODABLE = ("stop", "skip")  # what a .txt/.md that is not UTF-8 does: stop preparation, or skip the file
+
+
+def _local(path: Path, undecodable: str = "stop", skipped: list[Path] | None = None) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
@@ -284,27 +287,95 @@ def _local(path: Path) -> Iterator[str]:
         raise DataSourceError(f"source '{path}': unsupported file type, use {LOCAL_SUFFIXES}")
     for f in files:
         if f.suffix in (".txt", ".md"):
-            if text := f.read_text(encoding="utf-8"):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                if undecodable == "skip":
+                    if skipped is not None:
+                        skipped.append(f)
+                    continue
+                raise DataSourceError(
+                    f"{f}: not UTF-8 text ({err.reason} at byte {err.start}); convert it (e.g. `iconv -f "
+                    f"latin1 -t utf-8`), remove it, or skip such files with --undecodable skip "
+                    f"(spec: undecodable = \"skip\"), which counts them in the manifest") from None
+            if text:
                 yield text
         else:
             yield from _text_column(f, "parquet" if f.suffix == ".parquet" else "json")
 
 
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub (HF_ENDPOINT) cannot be reached from here, or None if it can.
+    A TCP connect with a deadline: without it, a machine without network spends ~24 s in
+    retries before `datasets` gives up with a ConnectionError."""
+    import concurrent.futures
+    import os
+    import socket
+    import urllib.parse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") \
+            not in ("", "0"):
+        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+    def connect() -> None:
+        socket.create_connection((host, port), timeout=timeout).close()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:  # DNS lookups take no timeout of their own: the whole attempt gets one
+        pool.submit(connect).result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        return f"{url.scheme}://{host}:{port} did not answer within {timeout:.0f}s"
+    except OSError as err:
+        return f"{url.scheme}://{host}:{port}: {err.strerror or err}"
+    finally:
+        pool.shutdown(wait=False)
+    return None
+
+
 def _hub(spec: str) -> Iterator[str]:
     name, _, config = spec.partition(":")
     with quiet_datasets() as datasets:
-        ds = datasets.load_dataset(name, config or None, split="train")
+        if why := hub_unreachable():
+            ds = _cached_only(datasets, spec, why)
+        else:
+            ds = datasets.load_dataset(name, config or None, split="train")
     if "text" not in ds.column_names:
         raise DataSourceError(f"source 'hf:{spec}': no 'text' column (columns: {ds.column_names})")
     yield from _strings(ds, f"hf:{spec}")
 
 
-def read_documents(source: str, max_bytes: int | None = None) -> Iterator[str]:
+def _cached_only(datasets: Any, spec: str, why: str) -> Any:
+    """The dataset from the local Hugging Face cache, or a DataSourceError saying it is not there."""
+    import huggingface_hub.constants as hub_constants
+
+    name, _, config = spec.partition(":")
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True  # no network attempt, no retries
+    try:
+        return datasets.load_dataset(name, config or None, split="train")
+    except Exception as err:  # datasets raises several types for "not cached" (ConnectionError, FileNotFoundError..)
+        raise DataSourceError(
+            f"source 'hf:{spec}': not in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) and "
+            f"the Hub is unreachable ({why}); download it where the Hub is reachable "
+            f"(`bridgepool data prepare --source hf:{spec}` there, or copy its cache), or use a local path "
+            f"[{type(err).__name__}]") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def read_documents(source: str, max_bytes: int | None = None, *, undecodable: str = "stop",
+                   skipped: list[Path] | None = None) -> Iterator[str]:
     """Yield the documents of ``source``: ``manpages:LANG``, ``hf:NAME[:CONFIG]`` or a path.
 
     ``max_bytes`` caps the total UTF-8 size (the last document is cut on a character
     boundary) so tests and demos can take a small, still deterministic, prefix.
+    ``undecodable``: a local .txt/.md that is not UTF-8 stops with an error naming it ("stop"),
+    or is left out and appended to ``skipped`` ("skip").
     """
+    if undecodable not in UNDECODABLE:
+        raise DataSourceError(f"undecodable must be one of {', '.join(UNDECODABLE)}; got {undecodable!r}")
     if source.startswith("manpages:"):
         lang = source.split(":", 1)[1]
         _manpage_paths(lang)  # fail now, not on first next(), with the install hint
@@ -315,7 +386,7 @@ def read_documents(source: str, max_bytes: int | None = None) -> Iterator[str]:
         path = Path(source).expanduser()
         if not path.exists():
             raise DataSourceError(f"source '{source}': no such file or directory")
-        docs = _local(path)
+        docs = _local(path, undecodable, skipped)
     return _capped(docs, max_bytes)
 
 

@@ -46,9 +46,10 @@ class CentreWorker:
     """Turns relayed requests into CentreTrainer calls; usable in-process too."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
-                 metrics: CentreMetrics | None = None):
+                 metrics: CentreMetrics | None = None, device: str = ""):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         self.threads = threads
+        self.device = device  # this centre's device over the run config's ("" = the run config's)
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
@@ -157,6 +158,7 @@ class CentreWorker:
     def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
         if self._trainer is None or run_config != self._config:
             cfg = RunConfig.from_mapping(run_config)
+            cfg = cfg.replace(device=self.device) if self.device else cfg
             torch.set_num_threads(self.threads or cfg.threads or
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
             self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
