@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.processes import check_port_range
 from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
 from models.config import ConfigError, parse_overrides
 
@@ -158,9 +157,6 @@ def apply_flags(spec: FederationSpec, args: argparse.Namespace) -> FederationSpe
         co = dataclasses.replace(co, keep_metrics=True)
     if co.keep_metrics and not co.metrics_port:
         raise ConfigError("--keep-metrics needs the metrics endpoints: a --metrics-port > 0")
-    for flag, port in (("--base-port", co.base_port), ("--metrics-port", co.metrics_port),
-                       ("--prometheus-port", co.prometheus_port)):
-        check_port_range(port or 1, 1, "a port", flag)  # 0 = off where allowed; the ranges are checked later
     centres = spec.centres
     if args.max_bytes is not None:
         if args.max_bytes < 0:

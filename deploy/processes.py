@@ -49,7 +49,7 @@ def check_port_range(first: int, count: int, what: str, flag: str) -> None:
     last = first + count - 1
     if first < 1 or last > 65535:
         span = f"ports {first}-{last}" if count > 1 else f"port {first}"
-        raise LaunchError(f"{flag} {first}: {what} needs {span}, but TCP ports are 1-65535; "
+        raise LaunchError(f"{flag} {first}: {what} would use {span}, but TCP ports are 1-65535; "
                           f"choose {flag} between 1024 and {65535 - count + 1}")
 
 

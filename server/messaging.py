@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -137,7 +138,9 @@ def prepare(grid: Grid, node_ids: list[int], timeout: float, quorum: int = 0) ->
         for msg in _pull(grid, list(pending), deadline):
             nid = pending.pop(msg.metadata.reply_to_message_id, None)
             if nid is not None and msg.has_error():
-                problems[f"node-{nid}"] = msg.error.reason
+                # Flower wraps the ClientApp's exception as "<class 'T'>:<'text'>": keep the centre's text.
+                wrapped = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", msg.error.reason, re.S)
+                problems[f"node-{nid}"] = wrapped[1] if wrapped else msg.error.reason
         if pending:
             time.sleep(_poll_wait(time.monotonic() - t0, {}))
     if quorum and len(node_ids) - len(problems) < quorum:
