@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from clients.hub import HubSourceError, cached_only, hub_unreachable
+
 MAN_ROOT = Path("/usr/share/man")
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 
@@ -304,65 +306,19 @@ def _local(path: Path, undecodable: str = "stop", skipped: list[Path] | None = N
             yield from _text_column(f, "parquet" if f.suffix == ".parquet" else "json")
 
 
-def hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the Hugging Face Hub (HF_ENDPOINT) cannot be reached from here, or None if it can.
-    A TCP connect with a deadline: without it, a machine without network spends ~24 s in
-    retries before `datasets` gives up with a ConnectionError."""
-    import concurrent.futures
-    import os
-    import socket
-    import urllib.parse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") \
-            not in ("", "0"):
-        return "offline mode is set (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)"
-    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
-
-    def connect() -> None:
-        socket.create_connection((host, port), timeout=timeout).close()
-
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:  # DNS lookups take no timeout of their own: the whole attempt gets one
-        pool.submit(connect).result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        return f"{url.scheme}://{host}:{port} did not answer within {timeout:.0f}s"
-    except OSError as err:
-        return f"{url.scheme}://{host}:{port}: {err.strerror or err}"
-    finally:
-        pool.shutdown(wait=False)
-    return None
-
-
 def _hub(spec: str) -> Iterator[str]:
     name, _, config = spec.partition(":")
     with quiet_datasets() as datasets:
         if why := hub_unreachable():
-            ds = _cached_only(datasets, spec, why)
+            try:
+                ds = cached_only(datasets, spec, why)
+            except HubSourceError as err:
+                raise DataSourceError(str(err)) from None
         else:
             ds = datasets.load_dataset(name, config or None, split="train")
     if "text" not in ds.column_names:
         raise DataSourceError(f"source 'hf:{spec}': no 'text' column (columns: {ds.column_names})")
     yield from _strings(ds, f"hf:{spec}")
-
-
-def _cached_only(datasets: Any, spec: str, why: str) -> Any:
-    """The dataset from the local Hugging Face cache, or a DataSourceError saying it is not there."""
-    import huggingface_hub.constants as hub_constants
-
-    name, _, config = spec.partition(":")
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True  # no network attempt, no retries
-    try:
-        return datasets.load_dataset(name, config or None, split="train")
-    except Exception as err:  # datasets raises several types for "not cached" (ConnectionError, FileNotFoundError..)
-        raise DataSourceError(
-            f"source 'hf:{spec}': not in the local Hugging Face cache ({datasets.config.HF_DATASETS_CACHE}) and "
-            f"the Hub is unreachable ({why}); download it where the Hub is reachable "
-            f"(`bridgepool data prepare --source hf:{spec}` there, or copy its cache), or use a local path "
-            f"[{type(err).__name__}]") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
 def read_documents(source: str, max_bytes: int | None = None, *, undecodable: str = "stop",
