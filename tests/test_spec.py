@@ -127,3 +127,27 @@ def test_netns_takes_the_same_spec(tmp_path, capsys):
     path = _spec(tmp_path, GOOD.replace("rounds = 2", "rounds = -3"))
     assert main(["deploy", "netns", "--spec", str(path)]) == 2
     assert f"{path}: [config]: config key 'rounds' must be >= 1" in capsys.readouterr().err
+
+
+def test_a_centres_own_device_and_threads_reach_its_worker(worker, tmp_path):
+    """A spec's centre device/threads become its worker's flags, and its device wins over the run's."""
+    from clients.worker import CentreWorker
+    from deploy import commands
+    from deploy.cli import _parser
+    from models.config import load_defaults
+
+    argv = commands.worker("site-a", "d", "s", "s/worker.sock", threads=2, device="cpu")
+    args = _parser().parse_args(argv[1:])
+    assert (args.device, args.threads) == ("cpu", 2)
+    own = CentreWorker("fr-genci", worker.data_dir, tmp_path / "state-own", device="cpu")
+    run = {**load_defaults(), "model": "tiny", "device": "cuda", "run-name": "r"}  # the run asks for a GPU
+    assert own._trainer_for(run).device.type == "cpu"
+
+
+def test_run_of_a_compose_spec_writes_its_compose_file(tmp_path, capsys):
+    path = _spec(tmp_path, GOOD.replace('deployment = "local"', 'deployment = "compose"'))
+    assert main(["run", str(path)]) == 0
+    out = tmp_path / "fed.compose.yml"
+    printed = capsys.readouterr().out
+    assert f"wrote {out} for 2 centres" in printed and f"docker compose -f {out} up --build" in printed
+    assert "worker-site-a" in yaml.safe_load(out.read_text())["services"]
