@@ -235,7 +235,7 @@ def quiet_datasets() -> Iterator[Any]:
             datasets.enable_progress_bars()
 
 
-def _manpage_paths(lang: str) -> list[Path]:
+def manpage_paths(lang: str) -> list[Path]:
     root = MAN_ROOT if lang == "en" else MAN_ROOT / lang
     pattern = "man7/*.gz" if lang == "en" else "man*/*.gz"
     paths = sorted(root.glob(pattern)) if root.is_dir() else []
@@ -248,7 +248,7 @@ def _manpage_paths(lang: str) -> list[Path]:
 
 
 def _manpages(lang: str) -> Iterator[str]:
-    for path in _manpage_paths(lang):
+    for path in manpage_paths(lang):
         if path.is_symlink():  # aliases (atq -> at) would duplicate documents
             continue
         raw = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
@@ -334,7 +334,7 @@ def read_documents(source: str, max_bytes: int | None = None, *, undecodable: st
         raise DataSourceError(f"undecodable must be one of {', '.join(UNDECODABLE)}; got {undecodable!r}")
     if source.startswith("manpages:"):
         lang = source.split(":", 1)[1]
-        _manpage_paths(lang)  # fail now, not on first next(), with the install hint
+        manpage_paths(lang)  # fail now, not on first next(), with the install hint
         docs = _manpages(lang)
     elif source.startswith("hf:"):
         docs = _hub(source[3:])

@@ -169,6 +169,12 @@ def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreS
         lang = source.split(":", 1)[1]
         if not re.fullmatch(r"[a-z]{2}(_[A-Z]{2})?", lang):
             raise SpecError(f"{where.path}: {at} source {source!r}: manpages: needs a language such as fr, de, en")
+        from clients.sources import DataSourceError, manpage_paths
+
+        try:
+            manpage_paths(lang)  # installed? (the error says which package)
+        except DataSourceError as err:
+            raise SpecError(f"{where.path}: {at} {err}") from None
     else:
         local = (root / source).expanduser().resolve()
         if not local.exists():

@@ -151,3 +151,10 @@ def test_run_of_a_compose_spec_writes_its_compose_file(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"wrote {out} for 2 centres" in printed and f"docker compose -f {out} up --build" in printed
     assert "worker-site-a" in yaml.safe_load(out.read_text())["services"]
+
+
+def test_a_manpages_language_that_is_not_installed_is_named_with_its_package(tmp_path):
+    path = _spec(tmp_path, GOOD.replace('source = "manpages:fr"', 'source = "manpages:zz"'))
+    with pytest.raises(SpecError, match=r"centre 'site-b' source 'manpages:zz': no man pages found under .*"
+                                         r"apt-get install manpages-zz"):
+        load_spec(path)
