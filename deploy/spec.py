@@ -91,6 +91,9 @@ class FederationSpec:
         try:
             return RunConfig.from_mapping(values)
         except ConfigError as err:
+            if overrides or saved:  # the spec alone passed load_spec: the flags (or the resumed run) made this
+                where = "the command line's --set and flags" + (" and the resumed run's config" if saved else "")
+                raise ConfigError(f"{err} (from {where}, over {self.path})") from None
             raise SpecError(f"{self.path}: [config]: {err}") from None
 
     def with_centres(self, n: int) -> FederationSpec:

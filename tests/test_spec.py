@@ -90,6 +90,10 @@ def test_spec_errors_end_the_command_with_exit_2_before_anything_starts(tmp_path
     path = _spec(tmp_path, GOOD.replace("rounds = 2", "inner-lr = -1.0"))
     assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
     assert f"bridgepool: error: {path}: [config]: config key 'inner-lr' must be > 0" in capsys.readouterr().err
+    good = _spec(tmp_path, GOOD)
+    assert main(["run", str(good), "--set", "outer-momentum=-0.1", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "config key 'outer-momentum' must be in [0, 1), got -0.1 (from the command line's --set and flags, " \
+           f"over {good})" in capsys.readouterr().err  # the flag's fault, not the file's
     assert main(["run", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: no such file" in capsys.readouterr().err
     (tmp_path / "bad.toml").write_text("[federation\n")
