@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-# The bare loop run for the demo's own rounds and H: the reference for the demo rows' utilisation.
+# The bare loop run for the demo's own rounds and H: the reference for the demo rows' throughput ratio.
 DEMO_LOCAL_ROW = "local loop (demo's rounds and H)"
 # Appended to a row run with each centre in a CPU share of its own (benchmarks/cpushare.py).
 SEPARATE = ", each centre on its own {cores:g} core"
@@ -30,7 +30,9 @@ def figures(s: dict[str, Any]) -> dict[str, float]:
         "wall": s["wall"],
         # Training-time rate: round wall time for Flower, training time for the baselines.
         "tokens-per-second": s["tokens"] / s.get("round-wall", s["wall"]),
-        "utilisation": min(1.0, s["compute"] / s.get("round-wall", s["wall"])),
+        # Compute share: the fraction of round wall time a centre spent training (the table's column).
+        # Not the throughput ratio of the targets (federated tokens/s over the bare loop's).
+        "compute-share": min(1.0, s["compute"] / s.get("round-wall", s["wall"])),
         "bytes": s["bytes"],
         "bytes-per-round": s["bytes"] / max(1, s.get("rounds", 1)),
         "bytes-per-token": s["bytes"] / s["tokens"],
@@ -49,7 +51,7 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
     # The demo rows against the bare loop run for the demo's own rounds and H, when the plan has one.
     ref = sc.get(DEMO_LOCAL_ROW, local) if demo else local
     rows = [
-        ("utilisation >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s, "
+        ("throughput ratio >= 95 % for the demo's default configuration (federated tok/s / local loop tok/s, "
          "same rounds and H)",
          "; ".join(f"{100 * sc[k]['tokens-per-second'] / ref['tokens-per-second']:.1f} % ({k})"
                    for k in [best, *others]),
@@ -77,12 +79,12 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def _separate_target(res: dict[str, Any], sc: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
-    """The utilisation target again, with each centre on its own CPU share and the coordinator
+    """The throughput-ratio target again, with each centre on its own CPU share and the coordinator
     outside them (separate machines, emulated), against the same centres' loop on the same shares."""
     info = res.get("separate-machines")
     if not info:
         return []
-    what = (f"utilisation >= 95 %, each centre on its own {info['cores']:g} core, the coordinator outside "
+    what = (f"throughput ratio >= 95 %, each centre on its own {info['cores']:g} core, the coordinator outside "
             "(separate machines, emulated with cgroups)")
     ref_name = DEMO_LOCAL_ROW + SEPARATE.format(cores=info["cores"])
     ref = sc.get(ref_name)
@@ -128,7 +130,7 @@ def _overlap_lines(res: dict[str, Any]) -> list[str]:
     return [f"Overlap: `{with_overlap}` trains each round's first {k} inner steps on the centre's own model while "
             f"the server aggregates, then adds them onto the new global model. Against `{demo}`: "
             f"{on['tokens-per-second']:,.0f} vs {off['tokens-per-second']:,.0f} tokens/s, "
-            f"utilisation {100 * on['utilisation']:.0f} % vs {100 * off['utilisation']:.0f} %, held-out loss "
+            f"compute share {100 * on['compute-share']:.0f} % vs {100 * off['compute-share']:.0f} %, held-out loss "
             f"{on['eval-mean']:.3f} vs {off['eval-mean']:.3f} "
             f"({100 * (on['eval-mean'] / off['eval-mean'] - 1):+.2f} %).", ""]
 
@@ -160,14 +162,17 @@ def markdown(res: dict[str, Any], stem: str) -> str:
              f"Model `{plan['model']}`, {plan['centres']} centres, {plan['steps']} inner steps per centre "
              f"(same tokens in every scenario), H in {plan['hs']}. Python {env['python']}, torch {env['torch']}, "
              f"flwr {env['flwr']}, {env['cores']} cores ({env['cpu']}), {env['date']}.", "",
-             "| scenario | tokens | wall s | tokens/s | utilisation | bytes total | bytes/round | bytes/token "
+             "Two ratios, not to be confused: **compute share** (table) is a centre's training time over the "
+             "round's wall time; **throughput ratio** (targets) is federated tokens/s over the bare local "
+             "loop's tokens/s on the same cores.", "",
+             "| scenario | tokens | wall s | tokens/s | compute share | bytes total | bytes/round | bytes/token "
              "| overhead/round s | held-out loss (per centre) | mean |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in res["scenarios"].items():
         f = figures(s)
         per = ", ".join(f"{k} {v:.3f}" for k, v in s.get("eval", {}).items()) or "-"
         lines.append(f"| {name} | {f['tokens']:,.0f} | {f['wall']:.1f} | {f['tokens-per-second']:,.0f} | "
-                     f"{100 * f['utilisation']:.0f} % | {f['bytes']:,.0f} | {f['bytes-per-round']:,.0f} | "
+                     f"{100 * f['compute-share']:.0f} % | {f['bytes']:,.0f} | {f['bytes-per-round']:,.0f} | "
                      f"{f['bytes-per-token']:.1f} | {f['overhead-per-round']:.2f} | {per} | {f['eval-mean']:.3f} |")
     fixed, stock = res["fixed-cost"], res.get("fixed-cost-stock")
     lines += ["", f"Fixed cost: tiny model, 1 inner step, {fixed['rounds']} rounds: "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,12 +56,13 @@ def _split_stats(texts: Sequence[str]) -> dict[str, Any]:
 
 def prepare_centre(source: str, out_dir: Path, *, validation_fraction: float = 0.05,
                    max_bytes: int | None = None, seed: int = 0,
-                   overwrite: bool = False) -> dict[str, Any]:
+                   overwrite: bool = False, undecodable: str = "stop") -> dict[str, Any]:
     """Read ``source``, shuffle documents by ``seed``, write train/validation Arrow splits.
 
     Writes ``out_dir/{train,validation}`` (``datasets`` ``save_to_disk``) and
     ``out_dir/manifest.json``; returns the manifest. The whole directory is built under
     ``<out_dir>.tmp`` and renamed into place, so a crash never leaves half-written data.
+    ``undecodable``: see ``read_documents``; the manifest counts the files skipped.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
@@ -68,10 +70,14 @@ def prepare_centre(source: str, out_dir: Path, *, validation_fraction: float = 0
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise FileExistsError(f"{out_dir} already exists and is not empty; choose another "
                               "--out or pass overwrite=True (--overwrite) to replace it")
-    docs = list(read_documents(source, max_bytes=max_bytes))
+    skipped: list[Path] = []
+    docs = list(read_documents(source, max_bytes=max_bytes, undecodable=undecodable, skipped=skipped))
     if len(docs) < 2:
         raise DataSourceError(f"source '{source}' gave {len(docs)} document(s); need at least 2 "
                               "(one for training, one for validation)")
+    if skipped:  # names stay here, in the centre's own log; the manifest holds only the count
+        logging.getLogger("bridgepool.data").warning("%s: skipped %d file(s) that are not UTF-8: %s", source,
+                                                     len(skipped), ", ".join(str(p) for p in skipped[:20]))
     # Shuffle whole documents (not bytes) so validation is held-out pages, not page halves.
     order = np.random.default_rng(seed).permutation(len(docs))
     n_val = min(len(docs) - 1, max(1, round(len(docs) * validation_fraction)))
@@ -88,6 +94,8 @@ def prepare_centre(source: str, out_dir: Path, *, validation_fraction: float = 0
         "tokenizer": "utf-8 bytes (vocab 256)",
         "fingerprint": "sha256 of the split's documents as UTF-8 joined by b'\\n\\n'",
         "splits": {},
+        # Files left out as not UTF-8 (undecodable = "skip"): how many, never their names or content.
+        "skipped-undecodable-files": len(skipped),
     }
     for split in SPLITS:
         with quiet_datasets() as datasets:

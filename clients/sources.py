@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from clients.hub import HubSourceError, cached_only, hub_unreachable
+
 MAN_ROOT = Path("/usr/share/man")
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 
@@ -233,7 +235,7 @@ def quiet_datasets() -> Iterator[Any]:
             datasets.enable_progress_bars()
 
 
-def _manpage_paths(lang: str) -> list[Path]:
+def manpage_paths(lang: str) -> list[Path]:
     root = MAN_ROOT if lang == "en" else MAN_ROOT / lang
     pattern = "man7/*.gz" if lang == "en" else "man*/*.gz"
     paths = sorted(root.glob(pattern)) if root.is_dir() else []
@@ -246,7 +248,7 @@ def _manpage_paths(lang: str) -> list[Path]:
 
 
 def _manpages(lang: str) -> Iterator[str]:
-    for path in _manpage_paths(lang):
+    for path in manpage_paths(lang):
         if path.is_symlink():  # aliases (atq -> at) would duplicate documents
             continue
         raw = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
@@ -273,7 +275,10 @@ def _strings(ds: Any, where: str) -> Iterator[str]:
                 yield t
 
 
-def _local(path: Path) -> Iterator[str]:
+UNDECODABLE = ("stop", "skip")  # what a .txt/.md that is not UTF-8 does: stop preparation, or skip the file
+
+
+def _local(path: Path, undecodable: str = "stop", skipped: list[Path] | None = None) -> Iterator[str]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES)
         if not files:
@@ -284,7 +289,18 @@ def _local(path: Path) -> Iterator[str]:
         raise DataSourceError(f"source '{path}': unsupported file type, use {LOCAL_SUFFIXES}")
     for f in files:
         if f.suffix in (".txt", ".md"):
-            if text := f.read_text(encoding="utf-8"):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as err:
+                if undecodable == "skip":
+                    if skipped is not None:
+                        skipped.append(f)
+                    continue
+                raise DataSourceError(
+                    f"{f}: not UTF-8 text ({err.reason} at byte {err.start}); convert it (e.g. `iconv -f "
+                    f"latin1 -t utf-8`), remove it, or skip such files with --undecodable skip "
+                    f"(spec: undecodable = \"skip\"), which counts them in the manifest") from None
+            if text:
                 yield text
         else:
             yield from _text_column(f, "parquet" if f.suffix == ".parquet" else "json")
@@ -293,21 +309,32 @@ def _local(path: Path) -> Iterator[str]:
 def _hub(spec: str) -> Iterator[str]:
     name, _, config = spec.partition(":")
     with quiet_datasets() as datasets:
-        ds = datasets.load_dataset(name, config or None, split="train")
+        if why := hub_unreachable():
+            try:
+                ds = cached_only(datasets, spec, why)
+            except HubSourceError as err:
+                raise DataSourceError(str(err)) from None
+        else:
+            ds = datasets.load_dataset(name, config or None, split="train")
     if "text" not in ds.column_names:
         raise DataSourceError(f"source 'hf:{spec}': no 'text' column (columns: {ds.column_names})")
     yield from _strings(ds, f"hf:{spec}")
 
 
-def read_documents(source: str, max_bytes: int | None = None) -> Iterator[str]:
+def read_documents(source: str, max_bytes: int | None = None, *, undecodable: str = "stop",
+                   skipped: list[Path] | None = None) -> Iterator[str]:
     """Yield the documents of ``source``: ``manpages:LANG``, ``hf:NAME[:CONFIG]`` or a path.
 
     ``max_bytes`` caps the total UTF-8 size (the last document is cut on a character
     boundary) so tests and demos can take a small, still deterministic, prefix.
+    ``undecodable``: a local .txt/.md that is not UTF-8 stops with an error naming it ("stop"),
+    or is left out and appended to ``skipped`` ("skip").
     """
+    if undecodable not in UNDECODABLE:
+        raise DataSourceError(f"undecodable must be one of {', '.join(UNDECODABLE)}; got {undecodable!r}")
     if source.startswith("manpages:"):
         lang = source.split(":", 1)[1]
-        _manpage_paths(lang)  # fail now, not on first next(), with the install hint
+        manpage_paths(lang)  # fail now, not on first next(), with the install hint
         docs = _manpages(lang)
     elif source.startswith("hf:"):
         docs = _hub(source[3:])
@@ -315,7 +342,7 @@ def read_documents(source: str, max_bytes: int | None = None) -> Iterator[str]:
         path = Path(source).expanduser()
         if not path.exists():
             raise DataSourceError(f"source '{source}': no such file or directory")
-        docs = _local(path)
+        docs = _local(path, undecodable, skipped)
     return _capped(docs, max_bytes)
 
 

@@ -62,13 +62,14 @@ class CentreWorker:
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
                  metrics: CentreMetrics | None = None, policy: Policy | None = None,
-                 destination: dataplane.Destination | None = None):
+                 destination: dataplane.Destination | None = None, device: str = ""):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
         self._uploads: dict[tuple[str, int, str], str] = {}  # (run, round, op) -> SHA-256 of the sent manifest
         self.plane_bytes = [0, 0]  # this request's bytes on the data plane: received, sent (for the metrics)
         self.threads = threads
+        self.device = device  # this centre's device over the run config's ("" = the run config's)
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
@@ -227,6 +228,7 @@ class CentreWorker:
     def _trainer_for(self, run_config: dict[str, Any]) -> CentreTrainer:
         if self._trainer is None or run_config != self._config:
             cfg = RunConfig.from_mapping(run_config)
+            cfg = cfg.replace(device=self.device) if self.device else cfg
             torch.set_num_threads(self.threads or cfg.threads or
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
             self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)

@@ -18,6 +18,7 @@ from typing import Any
 from clients.egress import ALLOWED_METRICS, LEDGER_NAME, read_ledger
 
 REPORT_FORMAT = "bridgepool-residency/1"
+NO_TRAFFIC = "no traffic"  # verdict: nothing sent and nothing blocked (not a residency failure)
 
 
 def audit(run_dir: Path) -> dict[str, Any]:
@@ -34,7 +35,7 @@ def audit(run_dir: Path) -> dict[str, Any]:
     names += sorted({n for r in run.get("rounds", []) for n in r.get("centres", {})} - set(names))
     centres = {n: _centre(run_dir / "centres" / n, n, run, allowed_arrays) for n in names}
     dp = _dp(run)
-    verdict = "pass" if centres and all(c["verdict"] == "pass" for c in centres.values()) else "fail"
+    verdict = _verdict([c["verdict"] for c in centres.values()])
     return {
         "format": REPORT_FORMAT, "run-dir": str(run_dir.resolve()), "run": cfg.get("run-name"),
         "status": run.get("status"), "model": cfg.get("model"), "rounds": len(run.get("rounds", [])),
@@ -87,7 +88,8 @@ def _centre(root: Path, name: str, run: dict[str, Any], allowed: dict) -> dict[s
     ledgered = {e.get("round") for e in sent if e.get("op") == "train"}
     problems += [f"round {r}: the server recorded a reply from {name} that its ledger does not hold"
                  for r in sorted(set(server) - ledgered)]
-    if not entries and not ledger_path.exists():
+    silent = not entries and not server  # nothing sent, nothing blocked, nothing received from it
+    if not entries and not ledger_path.exists() and not silent:
         problems.append(f"no egress ledger at {ledger_path}")
     return {
         "data": _fingerprint(root / "data" / "manifest.json"),
@@ -103,8 +105,18 @@ def _centre(root: Path, name: str, run: dict[str, Any], allowed: dict) -> dict[s
         "blocked": {"count": len(blocked), "rounds": sorted({e.get("round") for e in blocked}),
                     "reasons": sorted({v for e in blocked for v in e.get("violations", [])})},
         "problems": problems,
-        "verdict": "pass" if not problems else "fail",
+        # "no traffic": the centre sent nothing and nothing was blocked (e.g. the run failed before
+        # it started): not a residency failure, and not evidence of residency either.
+        "verdict": "fail" if problems else NO_TRAFFIC if silent else "pass",
     }
+
+
+def _verdict(centres: list[str]) -> str:
+    """The run's: "fail" if any centre's is (blocked or unaccounted egress); "no traffic" when no
+    centre sent anything; else "pass"."""
+    if not centres or "fail" in centres:
+        return "fail"
+    return NO_TRAFFIC if all(v == NO_TRAFFIC for v in centres) else "pass"
 
 
 def _recheck(entry: dict[str, Any], allowed: dict) -> list[str]:

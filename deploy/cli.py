@@ -1,9 +1,11 @@
 """The `bridgepool` command.
 
+    bridgepool run FEDERATION.toml          # your own centres and data (examples/, deploy/spec.py)
     bridgepool demo                         # 3 centres, real Flower federation, ~5 min on 2 CPU cores
     bridgepool demo --centres 2 --rounds 3 --model tiny --run-dir runs/quick
     bridgepool demo --resume runs/quick     # continue from the last good checkpoint
     bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
+    bridgepool demo --prometheus-port 9090 --keep-metrics   # ... kept up after the run until Ctrl-C
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
     bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
     bridgepool centre supernode --superlink HOST:PORT ...  # flower-supernode's flags; warm ClientApp runtime
@@ -15,18 +17,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from models.config import ConfigError, RunConfig, load_defaults, parse_overrides
-
-DEMO_MAX_BYTES = 3_000_000  # per centre: enough text for the demo, prepared in seconds
+from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
+from models.config import ConfigError, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,24 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bridgepool", description="Sovereign pooled pre-training on Flower")
     sub = p.add_subparsers(required=True, dest="command")
 
-    d = sub.add_parser("demo", help="run a real local federation end to end")
-    d.add_argument("--centres", type=int, default=3, help="number of centres (default 3)")
+    d = sub.add_parser("demo", help="run the built-in federation (deploy/specs/demo.toml) end to end")
+    d.add_argument("--centres", type=int, default=3, help="the first N centres of the built-in spec (default 3)")
     d.add_argument("--rounds", type=int)
     d.add_argument("--inner-steps", type=int)
     d.add_argument("--model", help="tiny | small | base | large | xl")
     d.add_argument("--strategy", help="diloco | fedavg")
-    d.add_argument("--device", help="auto | cpu | cuda")
-    d.add_argument("--run-dir", type=Path, help="default: runs/demo-YYYYmmdd-HHMMSS")
-    d.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    d.add_argument("--base-port", type=int, default=9200, help="SuperLink port; SuperNodes use the next ones")
-    d.add_argument("--metrics-port", type=int, default=9300,
-                   help="server's Prometheus endpoint; centres use the next ports (0 = no metrics)")
-    d.add_argument("--prometheus-port", type=int, default=0, metavar="PORT",
-                   help="also run Debian's prometheus on RUN_DIR/prometheus.yml at this port (0 = don't)")
-    d.add_argument("--max-bytes", type=int, default=DEMO_MAX_BYTES, help="text per centre (0 = all)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
+    _run_flags(d)
     d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("run", help="run the federation a spec file describes (centres, data, config, deployment)")
+    r.add_argument("spec", type=Path, metavar="FEDERATION.toml", help="see examples/ and deploy/spec.py")
+    _run_flags(r)
+    r.set_defaults(func=cmd_run)
 
     data = sub.add_parser("data", help="prepare centre corpora").add_subparsers(required=True, dest="data_cmd")
     prep = data.add_parser("prepare", help="build a centre's train/validation directory")
@@ -86,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--overwrite", action="store_true")
     prep.add_argument("--if-missing", action="store_true",
                       help="keep a centre's data dir that already holds a manifest.json (e.g. a compose restart)")
+    prep.add_argument("--undecodable", choices=("stop", "skip"), default="stop",
+                      help="a .txt/.md that is not UTF-8: stop with its name (default), or skip it "
+                           "(the manifest counts the skipped files)")
     prep.set_defaults(func=cmd_data_prepare)
 
     centre = sub.add_parser("centre", help="centre-side processes").add_subparsers(required=True, dest="centre_cmd")
@@ -95,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--state-dir", type=Path, required=True)
     serve.add_argument("--socket", type=Path, required=True)
     serve.add_argument("--threads", type=int, default=0)
+    serve.add_argument("--device", default="", help="auto | cpu | cuda: this centre's, over the run config's")
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
@@ -128,113 +127,98 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    """Flags `bridgepool demo` and `bridgepool run` share; each overrides the spec."""
+    p.add_argument("--device", help="auto | cpu | cuda (run config; a centre's own device in the spec wins)")
+    p.add_argument("--run-dir", type=Path, help="default: runs/NAME-YYYYmmdd-HHMMSS")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--base-port", type=int, help="SuperLink port; SuperNodes use the next ones (spec: 9200)")
+    p.add_argument("--metrics-port", type=int,
+                   help="server's Prometheus endpoint; centres use the next ports (0 = no metrics; spec: 9300)")
+    p.add_argument("--prometheus-port", type=int, metavar="PORT",
+                   help="also run Debian's prometheus on RUN_DIR/prometheus.yml at this port (0 = don't)")
+    p.add_argument("--keep-metrics", action="store_true",
+                   help="after the run, keep Prometheus and the centres' metrics up until Ctrl-C, and print "
+                        "the URL and the queries to open")
+    p.add_argument("--max-bytes", type=int, help="text per centre (0 = all; the spec's max-bytes otherwise)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
+
+
 # ---------------------------------------------------------------- commands
-def demo_config(args: argparse.Namespace, run_dir: Path) -> RunConfig:
-    """Defaults from pyproject, then the flags; validated before anything starts."""
-    values: dict[str, Any] = load_defaults()
-    if args.resume:
-        saved = json.loads((run_dir / "run.json").read_text())["config"]
-        values.update(saved)
-    values.update(parse_overrides(args.set))
-    flags = {"rounds": args.rounds, "inner-steps": args.inner_steps, "model": args.model,
-             "strategy": args.strategy, "device": args.device}
+def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Run-config keys from `--set` and the named flags (over the spec's [config])."""
+    values = parse_overrides(args.set)
+    flags = {"rounds": getattr(args, "rounds", None), "inner-steps": getattr(args, "inner_steps", None),
+             "model": getattr(args, "model", None), "strategy": getattr(args, "strategy", None),
+             "device": args.device}
     values.update({k: v for k, v in flags.items() if v is not None})
-    values.update({"expected-centres": args.centres, "run-dir": str(run_dir.resolve()),
-                   "run-name": run_dir.name, "resume": bool(args.resume)})
-    return RunConfig.from_mapping(values)
+    return values
+
+
+def apply_flags(spec: FederationSpec, args: argparse.Namespace) -> FederationSpec:
+    """The spec with the command line's coordinator and data flags over it."""
+    co = spec.coordinator
+    flags = {"base_port": args.base_port, "metrics_port": args.metrics_port, "prometheus_port": args.prometheus_port}
+    co = dataclasses.replace(co, **{k: v for k, v in flags.items() if v is not None})
+    if args.keep_metrics:
+        co = dataclasses.replace(co, keep_metrics=True)
+    if co.keep_metrics and not co.metrics_port:
+        raise ConfigError("--keep-metrics needs the metrics endpoints: a --metrics-port > 0")
+    centres = spec.centres
+    if args.max_bytes is not None:
+        if args.max_bytes < 0:
+            raise ConfigError(f"--max-bytes must be >= 0 (0 = all), got {args.max_bytes}")
+        centres = tuple(dataclasses.replace(c, max_bytes=args.max_bytes) for c in centres)
+    return dataclasses.replace(spec, coordinator=co, centres=centres)
+
+
+def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
+    """Everything `bridgepool run` and `bridgepool demo` do after parsing: validate, then run."""
+    spec = apply_flags(spec, args)
+    if args.resume and not (args.resume / "run.json").exists():
+        raise FileNotFoundError(f"--resume {args.resume}: no run.json there; pass a run directory")
+    run_dir = (args.resume or args.run_dir or Path("runs") / time.strftime(f"{spec.name}-%Y%m%d-%H%M%S")).resolve()
+    saved = json.loads((run_dir / "run.json").read_text())["config"] if args.resume else None
+    cfg = spec.run_config(run_dir, run_overrides(args), saved)
+    if spec.deployment == "netns":
+        from deploy.multinode import run_netns
+
+        return run_netns(spec, run_dir, cfg)
+    if spec.deployment == "compose":
+        from deploy.multinode import write_compose
+
+        return write_compose(spec, spec.path.with_name(f"{spec.path.stem}.compose.yml"))
+    from deploy.runner import run_local
+
+    return run_local(spec, run_dir, cfg)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from clients.data import DEFAULT_CENTRES
-    from deploy.live import LiveView, summary_table
-    from deploy.local import LocalFederation, centre_dirs
-    from deploy.report import plot_run, summary_rows
-
-    console = Console()
-    if not 1 <= args.centres <= len(DEFAULT_CENTRES):
-        raise ConfigError(f"--centres must be between 1 and {len(DEFAULT_CENTRES)} "
-                          f"(one corpus each: {', '.join(n for n, _ in DEFAULT_CENTRES)})")
-    if args.resume and not (args.resume / "run.json").exists():
-        raise FileNotFoundError(f"--resume {args.resume}: no run.json there; pass a demo run directory")
-    run_dir = (args.resume or args.run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
-    cfg = demo_config(args, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, name) for name, _ in DEFAULT_CENTRES[: args.centres]]
-    _prepare_demo_data(console, centres, dict(DEFAULT_CENTRES), args.max_bytes or None)
-
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    t0 = time.monotonic()
-    console.print(f"[bold]bridgepool demo[/]: {len(centres)} centres, {cfg.rounds} rounds x "
-                  f"{cfg.inner_steps} inner steps, model {cfg.model}, strategy {cfg.strategy}; "
-                  f"run directory {run_dir}")
-    with LocalFederation(run_dir, centres, base_port=args.base_port, metrics_port=args.metrics_port) as fed, \
-            contextlib.ExitStack() as stack:
-        console.print(f"SuperLink on 127.0.0.1:{fed.superlink_port}; logs in {fed.logs}")
-        _start_monitoring(console, fed, stack, args.prometheus_port)
-        flwr_run = fed.submit(cfg.to_mapping())
-        with LiveView(console, cfg.rounds, [c.name for c in centres]) as view:
-            run = fed.wait(flwr_run, on_tick=view.update)
-    wall = time.monotonic() - t0
-    _audit(console, run_dir)  # also for a failed run: a blocked egress is one way to fail
-    if run.get("status") != "finished":
-        raise RuntimeError(f"run failed: {run.get('message', 'see logs in ' + str(run_dir / 'logs'))}")
-    pngs = plot_run(run_dir)
-    console.print(summary_table(summary_rows(run), f"bridgepool demo finished in {wall:.0f}s"))
-    console.print(f"final model: {run['final']['model']}\nrun record:  {run_dir / 'run.json'}\n"
-                  f"plots:       {', '.join(str(p) for p in pngs)}\n"
-                  f"checkpoints: {run_dir / 'checkpoints'}")
-    return 0
+    return run_spec(load_spec(BUILTIN_DEMO).with_centres(args.centres), args)
 
 
-def _start_monitoring(console: Any, fed: Any, stack: contextlib.ExitStack, prometheus_port: int) -> None:
-    """Print the metrics endpoints; start Prometheus on them if asked (stopped with the demo)."""
-    from deploy.prometheus import Prometheus
-
-    for who, url in fed.metrics_endpoints().items():
-        console.print(f"metrics of {who}: {url}")
-    if not fed.metrics_port:
-        return
-    config = fed.run_dir / "prometheus.yml"
-    if prometheus_port:
-        prom = stack.enter_context(Prometheus(config, fed.run_dir / "prometheus", prometheus_port,
-                                              fed.logs / "prometheus.log"))
-        console.print(f"Prometheus: {prom.url} (try `sum(rate(bridgepool_tokens_total[30s]))`)")
-    else:
-        console.print(f"scrape config: {config} (`prometheus --config.file {config}`, or --prometheus-port)")
-
-
-def _prepare_demo_data(console: Any, centres: list, sources: dict[str, str], max_bytes: int | None) -> None:
-    from clients.data import prepare_centre
-
-    for c in centres:
-        if (c.data_dir / "manifest.json").exists():
-            continue  # prepared earlier (e.g. a resumed run): never rebuilt under a running centre
-        m = prepare_centre(sources[c.name], c.data_dir, max_bytes=max_bytes)
-        console.print(f"prepared {c.name} from {sources[c.name]}: {_describe(m)}")
-
-
-def _describe(manifest: dict) -> str:
-    splits = manifest.get("splits", {})
-    return ", ".join(f"{name} {s['documents']} documents / {s['bytes'] / 1e6:.2f} MB"
-                     for name, s in splits.items())
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_spec(load_spec(args.spec), args)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from clients.data import DEFAULT_CENTRES, prepare_centre
+    from deploy.runner import describe
 
     max_bytes = args.max_bytes or None
     if args.if_missing and args.source and (args.out / "manifest.json").exists():
         print(f"{args.out} already prepared (manifest.json); kept")
         return 0
     if args.source:
-        m = prepare_centre(args.source, args.out, max_bytes=max_bytes, overwrite=args.overwrite)
-        print(f"prepared {args.out} from {args.source}: {_describe(m)}")
+        m = prepare_centre(args.source, args.out, max_bytes=max_bytes, overwrite=args.overwrite,
+                           undecodable=args.undecodable)
+        print(f"prepared {args.out} from {args.source}: {describe(m)}")
         return 0
     for name, source in DEFAULT_CENTRES[: args.centres]:
-        m = prepare_centre(source, args.out / name, max_bytes=max_bytes, overwrite=args.overwrite)
-        print(f"prepared {args.out / name} from {source}: {_describe(m)}")
+        m = prepare_centre(source, args.out / name, max_bytes=max_bytes, overwrite=args.overwrite,
+                           undecodable=args.undecodable)
+        print(f"prepared {args.out / name} from {source}: {describe(m)}")
     return 0
 
 
@@ -248,25 +232,19 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
     worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
-                          policy=policy, destination=destination)
+                          policy=policy, destination=destination, device=args.device)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0
 
 
-def _audit(console: Any, run_dir: Path) -> dict:
-    from deploy.audit import summary, write_report
-
-    js, md, report = write_report(run_dir)
-    console.print(f"{summary(report)}\nresidency:   {md} (and {js.name})")
-    return report
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    report = _audit(Console(), args.run_dir)
-    return 0 if report["verdict"] == "pass" else 1
+    from deploy.runner import audit_run
+
+    report = audit_run(Console(), args.run_dir)
+    return 1 if report["verdict"] == "fail" else 0  # "no traffic" is no residency failure
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -124,15 +124,18 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
            metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
-           prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+           device: str = "", prog: Sequence[str] = ("bridgepool",)) -> list[str]:
     """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
-    `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show."""
+    `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show;
+    `device`: the centre's own (a spec's centre device), over the run config's."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
     if nice:
         argv += ["--nice", str(nice)]
     if threads:
         argv += ["--threads", str(threads)]
+    if device:
+        argv += ["--device", device]
     if metrics_port:
         argv += ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host]
     if coordinator:
@@ -142,12 +145,14 @@ def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: 
     return argv
 
 
-def prepare_data(out: str, source: str, *, max_bytes: int = 0, if_missing: bool = True,
+def prepare_data(out: str, source: str, *, max_bytes: int = 0, if_missing: bool = True, undecodable: str = "stop",
                  prog: Sequence[str] = ("bridgepool",)) -> list[str]:
     """One centre's corpus (`bridgepool data prepare`); `if_missing` keeps a prepared one."""
     argv = [*prog, "data", "prepare", "--out", out, "--source", source]
     if max_bytes:
         argv += ["--max-bytes", str(max_bytes)]
+    if undecodable != "stop":
+        argv += ["--undecodable", undecodable]
     if if_missing:
         argv += ["--if-missing"]
     return argv

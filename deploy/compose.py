@@ -74,8 +74,9 @@ def _env(flwr_home: str) -> dict[str, str]:
     return {"FLWR_HOME": flwr_home, "FLWR_TELEMETRY_ENABLED": "0"}
 
 
-def compose(n_centres: int = 3) -> dict[str, Any]:
-    centres = centres_and_sources(n_centres)
+def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """`centres`: (name, source) pairs, e.g. a federation spec's (deploy/spec.py); default the demo's."""
+    centres = centres if centres is not None else centres_and_sources(n_centres)
     names = [name for name, _ in centres]
     # Every client reaches the SuperLink as "superlink" (the healthcheck is plain TCP): its only SAN.
     pki_argv, pki_env = commands.make_pki("/app/deploy/pki.sh", str(PKI.root),
@@ -108,9 +109,12 @@ def compose(n_centres: int = 3) -> dict[str, Any]:
             depends_on={"superlink": {"condition": "service_healthy"}}),
     }
     for name, source in centres:
+        # A spec's local corpus (an absolute path on this host) is bind-mounted read-only into its prep step only.
+        local = not source.startswith(("hf:", "manpages:"))
         services[f"prep-{name}"] = _ours(
-            command=commands.prepare_data("/data/corpus", source, max_bytes=DATA_MAX_BYTES),
-            network_mode="none", volumes=[f"data-{name}:/data"])  # the only writer of the centre's data
+            command=commands.prepare_data("/data/corpus", "/source" if local else source, max_bytes=DATA_MAX_BYTES),
+            network_mode="none",  # the only writer of the centre's data
+            volumes=[f"data-{name}:/data", *([f"{source}:/source:ro"] if local else [])])
         services[f"worker-{name}"] = _ours(
             command=commands.worker(name, "/data/corpus", "/state", "/state/worker.sock",
                                     metrics_port=CENTRE_METRICS_PORT, metrics_host="0.0.0.0"),
@@ -183,13 +187,20 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:
                                                              style="|" if "\n" in v else None))
 
 
-def render(n_centres: int = 3) -> str:
-    return HEADER + yaml.dump(compose(n_centres), Dumper=_Dumper, sort_keys=False, width=120,
+def render(n_centres: int = 3, centres: list[tuple[str, str]] | None = None) -> str:
+    return HEADER + yaml.dump(compose(n_centres, centres), Dumper=_Dumper, sort_keys=False, width=120,
                               default_flow_style=False)
 
 
-def main(args: argparse.Namespace) -> int:
-    text = render()
+def write(out: Path, centres: list[tuple[str, str]]) -> Path:
+    """The compose file for these (name, source) centres, at `out`."""
+    out = Path(out)
+    out.write_text(render(centres=centres))
+    return out
+
+
+def main(args: argparse.Namespace, centres: list[tuple[str, str]] | None = None) -> int:
+    text = render(centres=centres)
     out = Path(args.out)
     if args.check:
         if not out.exists() or out.read_text() != text:

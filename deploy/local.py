@@ -38,15 +38,17 @@ class Centre:
     name: str
     data_dir: Path
     state_dir: Path
+    device: str = ""  # this centre's worker: auto | cpu | cuda; "" = the run config's device
+    threads: int = 0  # this centre's worker's torch threads; 0 = the federation's default
 
     @property
     def socket(self) -> Path:
         return self.state_dir / "worker.sock"
 
 
-def centre_dirs(run_dir: Path, name: str) -> Centre:
+def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0) -> Centre:
     root = run_dir / "centres" / name
-    return Centre(name, root / "data", root / "state")
+    return Centre(name, root / "data", root / "state", device, threads)
 
 
 class LocalFederation:
@@ -249,7 +251,8 @@ class LocalFederation:
         return f"the run ended without a result; last lines of {log}:\n{tail}{hint}"
 
     def _worker_argv(self, c: Centre) -> list[str]:
-        return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket), threads=self.threads,
+        return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket),
+                               threads=c.threads or self.threads, device=c.device,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
                                metrics_host=self.metrics_host, coordinator=self.data_plane_host,

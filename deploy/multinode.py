@@ -3,6 +3,8 @@
     bridgepool deploy compose [--check]          # (re)generate docker-compose.yml from deploy/commands.py
     bridgepool deploy register --connection bridgepool KEY.pub...   # SuperNode keys, at the SuperLink
     sudo bridgepool deploy netns --centres 3 --rounds 2 --model tiny   # hosts as network namespaces
+    sudo bridgepool deploy netns --spec examples/own-jsonl.toml         # a spec's centres and data
+    bridgepool deploy compose --spec examples/own-jsonl.toml --out my-compose.yml
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def add_deploy_parser(sub: Any) -> None:
     comp = dep.add_parser("compose", help="generate docker-compose.yml from the launchers' command lines")
     comp.add_argument("--out", type=Path, default=None, help="default: docker-compose.yml at the repository root")
     comp.add_argument("--check", action="store_true", help="only check that the file is up to date")
+    comp.add_argument("--spec", type=Path, help="a federation spec: its centres and their sources (examples/)")
     comp.set_defaults(func=cmd_compose)
 
     reg = dep.add_parser("register", help="register SuperNode public keys at the SuperLink (idempotent)")
@@ -29,14 +32,16 @@ def add_deploy_parser(sub: Any) -> None:
     reg.set_defaults(func=cmd_register)
 
     ns = dep.add_parser("netns", help="run a federation with the server and each centre in its own namespaces")
-    ns.add_argument("--centres", type=int, default=3)
-    ns.add_argument("--rounds", type=int, default=2)
-    ns.add_argument("--inner-steps", type=int, default=20)
-    ns.add_argument("--model", default="tiny", help="tiny | small | base | large | xl")
+    ns.add_argument("--spec", type=Path, help="a federation spec (examples/); default: the built-in demo's")
+    ns.add_argument("--centres", type=int, default=3, help="without --spec: the first N demo centres")
+    ns.add_argument("--rounds", type=int, help="default: the spec's; without --spec 2")
+    ns.add_argument("--inner-steps", type=int, help="default: the spec's; without --spec 20")
+    ns.add_argument("--model", help="tiny | small | base | large | xl; default: the spec's; without --spec tiny")
     ns.add_argument("--run-dir", type=Path, help="default: runs/netns-YYYYmmdd-HHMMSS")
     ns.add_argument("--base-port", type=int, default=commands.SUPERLINK_PORT,
                     help="SuperLink port (inside the server namespace); SuperNodes use the next ones")
-    ns.add_argument("--max-bytes", type=int, default=300_000, help="text per centre (0 = all)")
+    ns.add_argument("--max-bytes", type=int, default=None,
+                    help="text per centre (0 = all; default: the spec's, 300 kB per demo centre)")
     ns.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
     ns.set_defaults(func=cmd_netns)
@@ -46,7 +51,24 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from deploy import compose
 
     args.out = args.out or compose.COMPOSE_FILE
-    return compose.main(args)
+    if args.spec is None:
+        return compose.main(args)
+    from deploy.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.check:
+        return compose.main(args, centres=spec.sources())
+    return write_compose(spec, args.out)
+
+
+def write_compose(spec: Any, out: Path) -> int:
+    """docker-compose.yml for the spec's centres and sources (`deploy compose --spec`, `run` of a compose spec)."""
+    from deploy import compose
+
+    path = compose.write(out, spec.sources())
+    print(f"wrote {path} for {len(spec.centres)} centres of {spec.path}; start it with "
+          f"`docker compose -f {path} up --build`")
+    return 0
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -58,29 +80,51 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_netns(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from deploy.cli import run_overrides
+    from deploy.spec import BUILTIN_DEMO, load_spec
+
+    if args.spec is not None:
+        spec = load_spec(args.spec)
+    else:  # the demo's centres, small: a quick look at the topology
+        spec = load_spec(BUILTIN_DEMO).with_centres(args.centres)
+        spec = dataclasses.replace(spec, name="netns", centres=tuple(
+            dataclasses.replace(c, max_bytes=300_000) for c in spec.centres))
+    if args.max_bytes is not None:
+        spec = dataclasses.replace(spec, centres=tuple(
+            dataclasses.replace(c, max_bytes=args.max_bytes) for c in spec.centres))
+    spec = dataclasses.replace(spec, coordinator=dataclasses.replace(spec.coordinator, base_port=args.base_port))
+    run_dir = (args.run_dir or Path("runs") / time.strftime(f"{spec.name}-netns-%Y%m%d-%H%M%S")).resolve()
+    quick = {"rounds": 2, "inner-steps": 20, "model": "tiny", "device": "cpu"} if args.spec is None else {}
+    flags = {"rounds": args.rounds, "inner-steps": args.inner_steps, "model": args.model}
+    overrides = {**quick, **{k: v for k, v in flags.items() if v is not None},
+                 **run_overrides(argparse.Namespace(set=args.set, device=None))}
+    return run_netns(spec, run_dir, spec.run_config(run_dir, overrides))
+
+
+def run_netns(spec: Any, run_dir: Path, cfg: Any) -> int:
+    """The spec's federation with the server and each centre in network namespaces of their own."""
     from rich.console import Console
 
-    from clients.data import DEFAULT_CENTRES
-    from deploy.cli import _prepare_demo_data, demo_config
     from deploy.live import summary_table
     from deploy.local import centre_dirs
     from deploy.netns import NetnsFederation, netns_available
+    from deploy.processes import check_port_range
     from deploy.report import summary_rows
+    from deploy.runner import check_devices, prepare_centres
 
     if why := netns_available():
         raise RuntimeError(why)
-    if not 1 <= args.centres <= len(DEFAULT_CENTRES):
-        raise ValueError(f"--centres must be between 1 and {len(DEFAULT_CENTRES)}")
+    check_port_range(spec.coordinator.base_port, len(spec.centres) + 1, "the SuperLink and the SuperNodes",
+                     "--base-port")
+    check_devices(spec, cfg)
     console = Console()
-    run_dir = (args.run_dir or Path("runs") / time.strftime("netns-%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    demo_args = argparse.Namespace(resume=None, set=args.set, rounds=args.rounds, inner_steps=args.inner_steps,
-                                   model=args.model, strategy=None, device="cpu", centres=args.centres)
-    cfg = demo_config(demo_args, run_dir)
-    centres = [centre_dirs(run_dir, name) for name, _ in DEFAULT_CENTRES[: args.centres]]
-    _prepare_demo_data(console, centres, dict(DEFAULT_CENTRES), args.max_bytes or None)
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads) for c in spec.centres]
+    prepare_centres(console, spec, run_dir)
     t0 = time.monotonic()
-    with NetnsFederation(run_dir, centres, base_port=args.base_port) as fed:
+    with NetnsFederation(run_dir, centres, base_port=spec.coordinator.base_port) as fed:
         for where, ns in fed.namespaces.items():
             console.print(f"{where}: network namespace {ns}, address {fed.addresses[where]}")
         console.print(f"SuperLink on {fed.superlink_address} (TLS, SuperNode authentication); logs in {fed.logs}")

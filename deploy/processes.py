@@ -28,15 +28,29 @@ def venv_bin(name: str) -> str:
 
 
 def check_port_free(port: int, what: str, host: str = "127.0.0.1", flag: str = "--base-port") -> None:
+    check_port_range(port, 1, what, flag)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
+        except PermissionError as err:
+            raise LaunchError(f"port {port} ({what}) on {host} needs root (ports below 1024 are privileged); "
+                              f"choose a port >= 1024 with {flag}") from err
         except OSError as err:
             raise LaunchError(
                 f"port {port} ({what}) on {host} is already in use; stop what holds it "
                 f"(`ss -ltnp 'sport = :{port}'`) or choose other ports with {flag}"
             ) from err
+
+
+def check_port_range(first: int, count: int, what: str, flag: str) -> None:
+    """`count` consecutive TCP ports from `first` exist (1-65535); else a LaunchError naming the flag.
+    Checked before anything starts: an out-of-range port would otherwise end in an OverflowError."""
+    last = first + count - 1
+    if first < 1 or last > 65535:
+        span = f"ports {first}-{last}" if count > 1 else f"port {first}"
+        raise LaunchError(f"{flag} {first}: {what} would use {span}, but TCP ports are 1-65535; "
+                          f"choose {flag} between 1024 and {65535 - count + 1}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ message naming the key and what it accepts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -105,8 +106,17 @@ class RunConfig:
         if self.overlap_steps > self.inner_steps:
             raise ConfigError(f"config key 'overlap-steps' ({self.overlap_steps}) exceeds 'inner-steps' "
                               f"({self.inner_steps}): at most a whole round can be trained ahead")
-        if self.inner_weight_decay < 0:
-            raise ConfigError("config key 'inner-weight-decay' must be >= 0")
+        if not self.inner_weight_decay >= 0:  # "not >=" also refuses NaN, which torch's AdamW refuses later
+            raise ConfigError(f"config key 'inner-weight-decay' must be >= 0, got {self.inner_weight_decay}")
+        # Values torch's optimisers would take and turn into NaN weights a round later, or refuse
+        # inside the federation: refused here, before anything starts.
+        for key in ("inner-lr", "outer-lr", "inner-weight-decay", "outer-momentum", "dp-clip",
+                    "dp-noise-multiplier"):
+            if not math.isfinite(getattr(self, _snake(key))):
+                raise ConfigError(f"config key '{key}' must be a finite number, got {getattr(self, _snake(key))}")
+        if self.metrics_port > 65535:
+            raise ConfigError(f"config key 'metrics-port' must be a TCP port (1-65535, 0 = off), "
+                              f"got {self.metrics_port}")
         self._check_dp()
         self._check_data_plane()
         if self.min_centres > self.expected_centres:

@@ -78,7 +78,7 @@ def weighted_average(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Seq
 class OuterOptimizer:
     """Holds the global fp32 CPU parameters and applies averaged pseudo-gradients.
 
-    `diloco`: SGD(lr, momentum, nesterov=True). `fedavg`: SGD(lr=1, momentum=0),
+    `diloco`: SGD(lr, momentum, nesterov=True), or plain SGD(lr) when momentum is 0. `fedavg`: SGD(lr=1, momentum=0),
     which makes theta <- theta - mean(theta - theta_i) = mean(theta_i).
     """
 
@@ -88,7 +88,9 @@ class OuterOptimizer:
         self.strategy = strategy
         self.params = {k: torch.nn.Parameter(v.detach().float().cpu().clone()) for k, v in state.items()}
         if strategy == "diloco":
-            self.opt = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum, nesterov=True)
+            # Nesterov needs momentum > 0 (torch refuses it otherwise); momentum 0 is plain outer SGD,
+            # which with lr 1 is FedAvg.
+            self.opt = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum, nesterov=momentum > 0)
         else:
             self.opt = torch.optim.SGD(self.params.values(), lr=1.0, momentum=0.0)
 

@@ -89,7 +89,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     liveness = Liveness()
 
     ready = wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
-    for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout)).items():
+    for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout), cfg.quorum).items():
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
     for rnd in range(start, cfg.rounds + 1):

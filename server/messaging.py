@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -116,11 +117,18 @@ def wait_for_centres(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def prepare(grid: Grid, node_ids: list[int], timeout: float) -> dict[str, str]:
+class CentresRefused(RuntimeError):
+    """Before round 1, too many centres answered `prepare` with an error to meet the quorum."""
+
+
+def prepare(grid: Grid, node_ids: list[int], timeout: float, quorum: int = 0) -> dict[str, str]:
     """Before round 1, ask every centre to get ready (clients/app.py `prepare`: its runtime installs
     the app, its worker builds the run's model and reads its data), so round 1 starts warm and a
     centre that cannot start says so now. Returns node/centre -> reason for those that did not
-    answer "ready" within `timeout`: a warning only, round 1 deals with them (quorum, deadline)."""
+    answer "ready" within `timeout`: a warning only, round 1 deals with them (quorum, deadline).
+    A centre that answered with an error cannot train this run as configured (e.g. no GPU for
+    device = "cuda"): when fewer than `quorum` centres are left, CentresRefused ends the run
+    now, in the centres' own words, instead of in round 1's quorum message."""
     pending = {}
     messages = [Message(content=RecordDict({"config": ConfigRecord({"server-round": 0})}), dst_node_id=nid,
                         message_type="query", group_id="prepare", ttl=timeout + 60.0) for nid in node_ids]
@@ -133,9 +141,14 @@ def prepare(grid: Grid, node_ids: list[int], timeout: float) -> dict[str, str]:
         for msg in _pull(grid, list(pending), deadline):
             nid = pending.pop(msg.metadata.reply_to_message_id, None)
             if nid is not None and msg.has_error():
-                problems[f"node-{nid}"] = msg.error.reason
+                # Flower wraps the ClientApp's exception as "<class 'T'>:<'text'>": keep the centre's text.
+                wrapped = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", msg.error.reason, re.S)
+                problems[f"node-{nid}"] = wrapped[1] if wrapped else msg.error.reason
         if pending:
             time.sleep(_poll_wait(time.monotonic() - t0, {}))
+    if quorum and len(node_ids) - len(problems) < quorum:
+        raise CentresRefused(f"before round 1, {len(problems)} of {len(node_ids)} centres could not start this run "
+                             f"(quorum {quorum}): " + "; ".join(f"{k}: {v}" for k, v in problems.items()))
     problems.update({f"node-{nid}": f"not ready within {timeout:.0f}s" for nid in pending.values()})
     return problems
 

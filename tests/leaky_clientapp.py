@@ -46,3 +46,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return shell.evaluate(msg, context)
+
+
+@app.query()
+def prepare(msg: Message, context: Context) -> Message:
+    return shell.prepare(msg, context)  # as the installed shell: the server's pre-round-1 `prepare`

@@ -62,6 +62,18 @@ def test_outer_step_matches_hand_computed_nesterov():
     assert torch.allclose(outer.optimizer_state()["w"], buf2)
 
 
+def test_diloco_with_zero_momentum_is_plain_sgd_and_fedavg_at_lr_one():
+    """outer-momentum = 0 is valid (issue 18): plain outer SGD, no Nesterov (torch refuses it without momentum)."""
+    p0, g1, g2 = torch.tensor([1.0, -2.0]), torch.tensor([0.1, -0.3]), torch.tensor([0.2, 0.05])
+    outer = OuterOptimizer({"w": p0}, "diloco", lr=0.5, momentum=0.0)
+    assert torch.allclose(outer.step({"w": g1})["w"], p0 - 0.5 * g1)
+    assert torch.allclose(outer.step({"w": g2})["w"], p0 - 0.5 * g1 - 0.5 * g2)  # no momentum carried
+    glob = {"w": torch.tensor([1.0, 1.0])}
+    locals_ = [{"w": torch.tensor([3.0, 1.0])}, {"w": torch.tensor([0.0, 5.0])}]
+    new = aggregate(OuterOptimizer(glob, "diloco", lr=1.0, momentum=0.0), locals_, tokens=[1.0, 3.0])
+    assert torch.allclose(new["w"], torch.tensor([0.75, 4.0]))  # == FedAvg's weighted mean
+
+
 def test_fedavg_is_weighted_mean_of_models():
     glob = {"w": torch.tensor([1.0, 1.0])}
     outer = OuterOptimizer(glob, "fedavg", lr=0.7, momentum=0.9)  # lr/momentum ignored by fedavg

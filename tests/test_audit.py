@@ -107,3 +107,24 @@ def test_cli_audit_writes_both_files_and_exits_by_verdict(tmp_path):
     bad = _run_dir(tmp_path / "bad", rounds=1, server_rounds=2)
     assert main(["audit", str(bad)]) == 1
     assert main(["audit", str(tmp_path / "nowhere")]) == 2  # no run.json: a clear error, not a traceback
+
+
+def test_a_run_that_failed_before_any_centre_sent_anything_is_no_traffic_not_fail(tmp_path, capsys):
+    """Issue 18: nothing sent, nothing blocked is its own verdict; "fail" stays for unaccounted egress."""
+    run_dir = _run_dir(tmp_path, rounds=0)
+    (run_dir / "centres" / "fr-genci" / "state" / "egress-ledger.jsonl").unlink(missing_ok=True)  # no worker
+    (run_dir / "centres" / "de-lrz" / "data").mkdir(parents=True)  # a centre with a ledger that stayed empty
+    (run_dir / "centres" / "de-lrz" / "state").mkdir(parents=True)
+    (run_dir / "centres" / "de-lrz" / "state" / "egress-ledger.jsonl").write_text("")
+    run = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**run, "status": "failed", "message": "only 0 of 2 connected"}))
+    js, md, report = write_report(run_dir)
+    assert report["verdict"] == "no traffic"
+    assert {n: c["verdict"] for n, c in report["centres"].items()} == {"fr-genci": "no traffic", "de-lrz": "no traffic"}
+    assert all(c["problems"] == [] for c in report["centres"].values())
+    assert "**Verdict: NO TRAFFIC**" in md.read_text()
+    assert main(["audit", str(run_dir)]) == 0  # not a residency failure
+    assert "residency verdict: no traffic" in capsys.readouterr().out
+    # The same silent ledger with a reply the server recorded is unaccounted egress: still "fail".
+    bad = _run_dir(tmp_path / "bad", rounds=0, server_rounds=1)
+    assert audit(bad)["verdict"] == "fail"

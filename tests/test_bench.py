@@ -21,7 +21,7 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
     for name, s in res["scenarios"].items():
         f = figures(s)
         assert f["tokens"] > 0 and f["wall"] > 0, name
-        assert 0 < f["utilisation"] <= 1, name
+        assert 0 < f["compute-share"] <= 1, name
         if name != "centralised" and not name.startswith("local"):
             assert f["bytes"] > 0, name  # measured traffic, not computed
         if s.get("dp"):  # DP's noise is the cost this row shows: finite, and its epsilon reported
@@ -49,3 +49,6 @@ def test_every_scenario_runs_and_figures_are_consistent(tmp_path):
     assert res["fixed-cost"]["overhead-per-round"] > 0 and res["fixed-cost-stock"]["overhead-per-round"] > 0
     md = paths[1].read_text()
     assert "| centralised |" in md and "## Targets" in md and "Overlap: `DiLoCo H=4 overlap 2`" in md
+    # Two different ratios, two names (issue 18): the table's compute share, the targets' throughput ratio.
+    assert "| compute share |" in md and "throughput ratio >= 95 %" in md.split("## Targets")[1]
+    assert "utilisation" not in md.lower()

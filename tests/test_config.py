@@ -20,6 +20,13 @@ def test_defaults_parse():
     ("aggregator", "krum", "'aggregator' must be one of mean, trimmed-mean, median"),
     ("max-norm-factor", 0.5, "'max-norm-factor' must be 0 \\(off\\) or > 1"),
     ("max-norm-factor", float("nan"), "'max-norm-factor'"),
+    # Values torch would refuse (or turn into NaN weights) once the federation runs (issue 18).
+    ("inner-weight-decay", float("nan"), "'inner-weight-decay' must be >= 0"),
+    ("inner-lr", float("inf"), "'inner-lr' must be a finite number"),
+    ("outer-lr", float("inf"), "'outer-lr' must be a finite number"),
+    ("outer-momentum", float("nan"), "'outer-momentum' must be in"),
+    ("dp-clip", float("inf"), "'dp-clip' must be a finite number"),
+    ("metrics-port", 70000, "'metrics-port' must be a TCP port"),
 ])
 def test_invalid_values_name_the_key(key, value, needle):
     values = {**load_defaults(), key: value}
@@ -37,3 +44,8 @@ def test_overrides_are_toml_values():
         "rounds": 3, "inner-lr": 1e-3, "model": "tiny", "device": "cpu"}
     with pytest.raises(ConfigError):
         parse_overrides(["rounds"])
+
+
+def test_zero_outer_momentum_is_valid():
+    """Plain outer SGD (with outer-lr = 1: FedAvg); server/aggregation.py uses Nesterov only when > 0."""
+    assert RunConfig.from_mapping({**load_defaults(), "outer-momentum": 0.0}).outer_momentum == 0.0
