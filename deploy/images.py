@@ -74,25 +74,26 @@ def fill_wheels(cache: Path | None = None) -> list[Path]:
     return out
 
 
-def ensure_base(docker: str = "docker", image: str = BASE_IMAGE) -> None:
+def ensure_base(docker: str = "docker", image: str = BASE_IMAGE, env: dict[str, str] | None = None) -> None:
+    env = dict(env or os.environ)
     if shutil.which("debootstrap") is None and subprocess.run(
-            [docker, "image", "inspect", image], capture_output=True).returncode != 0 \
+            [docker, "image", "inspect", image], capture_output=True, env=env).returncode != 0 \
             and not (cache_dir() / "base-bookworm.tar").exists():
         raise RuntimeError("no base image and no debootstrap to make one: apt-get install debootstrap "
                            "(or pass --base-image with an image that has python3.11 and its venv module)")
     _run(["sh", str(ROOT / "deploy" / "docker-base.sh"), image], f"making the base image {image}",
-         env={**os.environ, "DOCKER": docker})
+         env={**env, "DOCKER": docker})
 
 
 def build(docker: str = "docker", *, offline: bool = True, base_image: str | None = None,
-          tag: str = IMAGE) -> None:
+          tag: str = IMAGE, env: dict[str, str] | None = None) -> None:
     """docker build of deploy/Dockerfile; offline: from the debootstrap base and the cached wheels."""
     args = ["--build-arg", "WITH_PROMETHEUS=1"] if offline else []
     if offline:
         base = base_image or BASE_IMAGE
         if base_image is None:
-            ensure_base(docker, base)
+            ensure_base(docker, base, env)
         fill_wheels()
         args += ["--build-arg", f"BASE_IMAGE={base}"]
     _run([docker, "build", "--network", "host", "-q", "-f", str(ROOT / "deploy" / "Dockerfile"), "-t", tag,
-          *args, str(ROOT)], f"building {tag}")
+          *args, str(ROOT)], f"building {tag}", env=env)
