@@ -10,6 +10,7 @@ bind-mounted read-only. Environment variables with defaults (both versions subst
   PROMETHEUS_IMAGE       prom/prometheus for users; the project image offline (Debian's prometheus)
   PROMETHEUS_PORT, GRAFANA_PORT   host ports (loopback only) of their UIs
   BRIDGEPOOL_RUN_CONFIG  extra `flwr run --run-config` pairs, e.g. 'model="tiny" rounds=3'
+  BRIDGEPOOL_MAX_BYTES   text per centre prepared on first start (default 3 MB, as the demo)
 
 Topology (`docker compose up` starts a training run; Grafana on http://127.0.0.1:3000):
   pki                 one-shot: deploy/pki.sh writes the CA, the SuperLink certificate and one
@@ -114,22 +115,23 @@ def compose(n_centres: int = 3) -> dict[str, Any]:
             ports=["127.0.0.1:${GRAFANA_PORT:-3000}:3000", "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"],
             healthcheck={"test": ["CMD", "python", "-c", "import socket; socket.create_connection("
                                   f"('127.0.0.1', {commands.SUPERLINK_PORT}), 2)"],
-                         "interval": "2s", "timeout": "3s", "retries": 30},
+                         "interval": "2s", "timeout": "10s", "retries": 150},  # loaded hosts: 5 min
             depends_on={"pki": {"condition": "service_completed_successfully"}}),
         "register": _flwr_cli(
             command=commands.register_keys([PKI.public_key(c) for c in names]),
             depends_on={"superlink": {"condition": "service_healthy"}}),
     }
     for name, source in centres:
+        prep = commands.prepare_data("/data/corpus", source, max_bytes=DATA_MAX_BYTES)
+        prep[prep.index("--max-bytes") + 1] = f"${{BRIDGEPOOL_MAX_BYTES:-{DATA_MAX_BYTES}}}"  # tests: less
         services[f"prep-{name}"] = _ours(
-            command=commands.prepare_data("/data/corpus", source, max_bytes=DATA_MAX_BYTES),
-            network_mode="none", volumes=[f"data-{name}:/data"])  # the only writer of the centre's data
+            command=prep, network_mode="none", volumes=[f"data-{name}:/data"])  # the only writer of the centre's data
         services[f"worker-{name}"] = _ours(
             command=commands.worker(name, "/data/corpus", "/state", "/state/worker.sock",
                                     metrics_port=CENTRE_METRICS_PORT, metrics_host="0.0.0.0"),
             environment=_env("/state/flwr-home"), volumes=[f"data-{name}:/data:ro", f"state-{name}:/state"],
             networks=[f"centre-{name}"],
-            healthcheck={"test": ["CMD", "test", "-S", "/state/worker.sock"], "interval": "2s", "retries": 90},
+            healthcheck={"test": ["CMD", "test", "-S", "/state/worker.sock"], "interval": "2s", "retries": 300},
             depends_on={f"prep-{name}": {"condition": "service_completed_successfully"}})
         services[f"supernode-{name}"] = _ours(
             command=commands.supernode(name, superlink_addr, "/state/worker.sock", commands.SUPERNODE_RUNTIME_PORT,

@@ -101,12 +101,13 @@ def run_config_string(overrides: Sequence[str]) -> str:
     return " ".join(f"{k}={commands.toml_value(v)}" for k, v in values.items())
 
 
-def up_env(offline: bool, run_config: str, ports: Mapping[str, int] | None = None) -> dict[str, str]:
+def up_env(offline: bool, run_config: str, variables: Mapping[str, int] | None = None) -> dict[str, str]:
+    """The compose variables: the run-config pairs, the offline Prometheus image, host ports and the like."""
     env = {"BRIDGEPOOL_RUN_CONFIG": run_config}
     if offline:
         env["PROMETHEUS_IMAGE"] = images.IMAGE  # Debian's prometheus, in the project image
-    for name, port in (ports or {}).items():
-        env[name] = str(port)
+    for name, value in (variables or {}).items():
+        env[name] = str(value)
     return env
 
 

@@ -28,7 +28,7 @@ CENTRES = [name for name, _ in compose.centres_and_sources()]
 VICTIM = CENTRES[-1]
 ROUNDS = 8
 RUN_CONFIG = (f'model="tiny" rounds={ROUNDS} inner-steps=10 batch-size=8 inner-lr=1e-2 inner-warmup-steps=5 '
-              'threads=1 eval-batches=2 min-centres=2 round-timeout=40.0 connect-timeout=300.0')
+              'threads=1 eval-batches=2 min-centres=2 round-timeout=60.0 connect-timeout=300.0')
 SERVER_SIDE = ["superlink", "register", "submit", "prometheus"]
 
 
@@ -104,7 +104,8 @@ def stack(engine, tmp_path_factory):
     """Build, up, run with the kill and restart, then yield what was seen; `down -v` at the end."""
     ports = free_base_port(2)
     env = {"DOCKER_HOST": engine.env["DOCKER_HOST"],
-           **dockerup.up_env(True, RUN_CONFIG, {"PROMETHEUS_PORT": ports, "GRAFANA_PORT": ports + 1})}
+           **dockerup.up_env(True, RUN_CONFIG, {"PROMETHEUS_PORT": ports, "GRAFANA_PORT": ports + 1,
+                                                 "BRIDGEPOOL_MAX_BYTES": 200_000})}
     c = dockerup.Compose(PROJECT, env, docker=engine.docker)
     seen: dict = {"compose": " ".join(c.argv[:-4])}
     t0 = time.monotonic()

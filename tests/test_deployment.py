@@ -139,6 +139,7 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
         argv = svc.get("command")
         if argv is None:
             continue
+        argv = [_default(a) for a in argv]  # what runs when no variable is set
         if name == "prometheus":  # prom/prometheus or Debian's (offline): the same 2.42 flags
             assert svc["entrypoint"] == ["prometheus"]
             done = subprocess.run(["prometheus", "--help"], capture_output=True, text=True)
