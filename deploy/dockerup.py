@@ -36,7 +36,8 @@ class Compose:
     def __init__(self, project: str = PROJECT, env: Mapping[str, str] | None = None, docker: str = "docker",
                  compose_file: Path = compose.COMPOSE_FILE) -> None:
         self.project, self.docker, self.file = project, docker, compose_file
-        self.env = {**os.environ, **(env or {})}
+        # Compose v1 gives up on a daemon call after 60 s; a loaded host's daemon can take longer.
+        self.env = {"COMPOSE_HTTP_TIMEOUT": "600", "DOCKER_CLIENT_TIMEOUT": "600", **os.environ, **(env or {})}
         self.argv = [*compose_command(docker, self.env), "-p", project, "-f", str(compose_file)]
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
