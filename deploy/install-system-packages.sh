@@ -5,8 +5,14 @@
 # network-namespace canary test (deploy/tls_decrypt.py); openssl and openssh-client (ssh-keygen)
 # make the TLS certificates and SuperNode keys (deploy/pki.sh); iproute2 and util-linux the
 # namespace hosts (deploy/netns.py). Installs only what is missing.
+#   sh deploy/install-system-packages.sh          # what the demo and the tests need
+#   sh deploy/install-system-packages.sh docker   # also a Docker engine, Compose v1 and debootstrap:
+#       tests/test_compose_up.py and `bridgepool deploy up --offline` (.ci/run installs them)
 set -eu
 PKGS="manpages manpages-fr manpages-de manpages-es prometheus tcpdump tshark iproute2 openssl openssh-client util-linux"
+if [ "${1:-}" = docker ]; then
+  PKGS="$PKGS docker.io docker-compose debootstrap"
+fi
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

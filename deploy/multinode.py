@@ -1,6 +1,8 @@
 """`bridgepool deploy ...`: the multi-node deployment commands.
 
     bridgepool deploy compose [--check]          # (re)generate docker-compose.yml from deploy/commands.py
+    bridgepool deploy up [--offline] [--set rounds=3]   # build, start, wait, summary, residency verdict
+    bridgepool deploy down                       # remove the compose project's containers, networks, volumes
     bridgepool deploy register --connection bridgepool KEY.pub...   # SuperNode keys, at the SuperLink
     sudo bridgepool deploy netns --centres 3 --rounds 2 --model tiny   # hosts as network namespaces
     sudo bridgepool deploy netns --spec examples/own-jsonl.toml         # a spec's centres and data
@@ -25,6 +27,21 @@ def add_deploy_parser(sub: Any) -> None:
     comp.add_argument("--check", action="store_true", help="only check that the file is up to date")
     comp.add_argument("--spec", type=Path, help="a federation spec: its centres and their sources (examples/)")
     comp.set_defaults(func=cmd_compose)
+
+    up = dep.add_parser("up", help="docker-compose.yml: build, start, wait for the run, summary and verdict")
+    up.add_argument("--offline", action="store_true",
+                    help="no image registry: debootstrap base, cached wheels, Prometheus from Debian, no Grafana")
+    up.add_argument("--no-build", action="store_true", help="use the image already built")
+    up.add_argument("--project", default="bridgepool", help="compose project name (default bridgepool)")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any [tool.flwr.app.config] key for the run, e.g. --set model=tiny")
+    up.add_argument("--out", type=Path, help="where run.json and the residency report go "
+                    "(default runs/compose-YYYYmmdd-HHMMSS)")
+    up.add_argument("--timeout", type=float, default=7200, help="seconds to wait for the run")
+    up.set_defaults(func=cmd_up)
+    down = dep.add_parser("down", help="remove the compose project's containers, networks and volumes")
+    down.add_argument("--project", default="bridgepool")
+    down.set_defaults(func=cmd_down)
 
     reg = dep.add_parser("register", help="register SuperNode public keys at the SuperLink (idempotent)")
     reg.add_argument("--connection", default=commands.CONNECTION, help="[superlink.NAME] in $FLWR_HOME/config.toml")
@@ -69,6 +86,18 @@ def write_compose(spec: Any, out: Path) -> int:
     print(f"wrote {path} for {len(spec.centres)} centres of {spec.path}; start it with "
           f"`docker compose -f {path} up --build`")
     return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy.dockerup import cmd_up as up
+
+    return up(args)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from deploy.dockerup import cmd_down as down
+
+    return down(args)
 
 
 def cmd_register(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from clients.supernode import parser as supernode_parser
-from deploy import commands, compose
+from deploy import commands, compose, images
 from deploy.cli import _parser
 from deploy.local import Centre, LocalFederation
 from deploy.netns import NetnsFederation
@@ -61,6 +61,25 @@ def flower_help() -> dict[str, str]:
 def test_committed_compose_is_the_generated_one():
     assert (ROOT / "docker-compose.yml").read_text() == compose.render(), \
         "docker-compose.yml is stale: run `bridgepool deploy compose`"
+    for rel, text in compose.config_files().items():
+        assert (ROOT / rel).read_text() == text, f"{rel} is stale: run `bridgepool deploy compose`"
+
+
+def test_one_file_for_compose_v1_and_v2():
+    """Nothing only Compose v2 reads (tests/test_compose_up.py runs `config` and `up` with v1 for real)."""
+    assert "name" not in COMPOSE, "top-level name: Compose v2 only (the project name: -p or .env)"
+    assert "configs" not in COMPOSE or not any("content" in c for c in COMPOSE["configs"].values()), \
+        "configs.*.content: Compose v2.23+ only"
+    text = (ROOT / "docker-compose.yml").read_text()
+    variables = re.findall(r"\$\{([^}]*)\}", text)
+    assert variables and all(re.fullmatch(r"[A-Z_]+:-[^}]*", v) for v in variables), variables  # all defaulted
+    assert (ROOT / ".env").read_text().count("COMPOSE_PROJECT_NAME=bridgepool") == 1
+
+
+def _default(value: str) -> str:
+    """`${VAR:-default}` -> default (what Compose uses when VAR is unset)."""
+    m = re.fullmatch(r"\$\{\w+:-(.*)\}", value)
+    return m.group(1) if m else value
 
 
 def test_every_service_can_be_built_or_pulled():
@@ -68,7 +87,7 @@ def test_every_service_can_be_built_or_pulled():
         if "build" in svc:
             assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file(), name
         else:  # pulled: pinned to a version, never `latest`
-            image = svc["image"]
+            image = _default(svc["image"])
             assert re.fullmatch(r"[\w./-]+:v?\d+(\.\d+)+", image), (name, image)
         for source in mounts(name):
             if source.startswith("."):
@@ -79,7 +98,10 @@ def test_every_service_can_be_built_or_pulled():
     pyproject = (ROOT / "pyproject.toml").read_text()
     for pin in re.findall(r"(?:flwr|torch)==[\d.]+", pyproject):  # the image installs the same pins
         assert pin in dockerfile or pin.startswith("flwr"), pin
-    assert "pip install ." in dockerfile and '"flwr==1.41.0"' in pyproject
+    # It installs pyproject's dependency list (so flwr's pin too), then this package without deps.
+    assert "['project']['dependencies']" in dockerfile and "-r /src/requirements.txt" in dockerfile
+    assert "--no-deps --no-build-isolation --no-index ." in dockerfile and '"flwr==1.41.0"' in pyproject
+    assert images.TORCH.split("+")[0] in pyproject  # the offline build's CPU wheel: the same pin
 
 
 def test_centre_volumes_stay_with_their_centre_and_data_is_read_only():
@@ -120,6 +142,14 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
         argv = svc.get("command")
         if argv is None:
             continue
+        argv = [_default(a) for a in argv]  # what runs when no variable is set
+        if name == "prometheus":  # prom/prometheus or Debian's (offline): the same 2.42 flags
+            assert svc["entrypoint"] == ["prometheus"]
+            done = subprocess.run(["prometheus", "--help"], capture_output=True, text=True)
+            usage = done.stdout + done.stderr
+            assert flags(argv) and not {f for f in flags(argv) if f not in usage}, argv
+            checked.add("prometheus")
+            continue
         if argv[:3] == ["bridgepool", "centre", "supernode"]:  # Flower's SuperNode: its flags are Flower's
             ours = {a.dest.replace("_", "-") for a in supernode_parser()._actions}
             unknown = {f for f in flags(argv) if f[2:] not in ours
@@ -139,7 +169,7 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
             checked.add(which)
     register = commands.register_supernode("k.pub")  # run by `bridgepool deploy register`
     assert not {f for f in flags(register) if f not in flower_help["flwr supernode register"]}
-    assert checked >= {"bridgepool", "flower-superlink", "flower-supernode", "flwr run"}
+    assert checked >= {"bridgepool", "flower-superlink", "flower-supernode", "flwr run", "prometheus"}
 
 
 def test_ports_agree_across_services():
@@ -150,13 +180,14 @@ def test_ports_agree_across_services():
     for centre in CENTRES:
         node = SERVICES[f"supernode-{centre}"]["command"]
         assert node[node.index("--superlink") + 1] == f"superlink:{port}"
-    assert f'address = "superlink:{port}"' in COMPOSE["configs"]["flwr-cli"]["content"]
-    prom = yaml.safe_load(COMPOSE["configs"]["prometheus"]["content"])
+    assert f'address = "superlink:{port}"' in (ROOT / compose.FLWR_CONFIG).read_text()
+    prom = yaml.safe_load((ROOT / compose.PROMETHEUS_CONFIG).read_text())
+    assert f"./{compose.PROMETHEUS_CONFIG}:/etc/prometheus/prometheus.yml:ro" in SERVICES["prometheus"]["volumes"]
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     worker_ports = {f"worker-{c}:" + (w := SERVICES[f"worker-{c}"]["command"])[w.index("--metrics-port") + 1]
                     for c in CENTRES}
     assert targets == {f"127.0.0.1:{compose.SERVER_METRICS_PORT}"} | worker_ports
-    assert f"metrics-port={compose.SERVER_METRICS_PORT}" in SERVICES["submit"]["command"][-1]
+    assert f"metrics-port={compose.SERVER_METRICS_PORT}" in SERVICES["submit"]["command"][-3]
     demo = yaml.safe_load(scrape_config(1, {"a": 2}))  # the demo's jobs: the dashboard queries both alike
     assert [j["job_name"] for j in demo["scrape_configs"]] == [j["job_name"] for j in prom["scrape_configs"]]
 

@@ -1,0 +1,221 @@
+"""docker-compose.yml brought up for real (issue 17), in a private Docker engine.
+
+The image is built offline (deploy/images.py: debootstrap base, cached wheels, Debian's
+Prometheus); the 3-centre federation runs with the tiny model and a quorum of 2 of 3. While it
+runs, Prometheus (in compose) must scrape every target and see training tokens; then one
+centre's containers are `docker kill`ed, the run must go on without it, and `docker start`
+brings it back into a later round. After the run: residency of the volumes (docker inspect, and
+reads attempted from inside the containers), an unregistered SuperNode key refused, and
+`down -v` leaving nothing. Skipped, with the reason, only where no Docker engine can start.
+Build and run times are printed (-s), not asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy import compose, dockerup, images
+from deploy.processes import free_base_port
+from deploy.register import supernode_refusal
+from tests.docker_engine import EngineUnavailable, PrivateEngine
+
+PROJECT = "bptest"
+CENTRES = [name for name, _ in compose.centres_and_sources()]
+VICTIM = CENTRES[-1]
+ROUNDS = 16  # enough that the killed centre, refused until its old session lapses (~60 s), rejoins in time
+RUN_CONFIG = (f'model="tiny" rounds={ROUNDS} inner-steps=5 batch-size=8 inner-lr=1e-2 inner-warmup-steps=5 '
+              'threads=1 eval-batches=2 min-centres=2 round-timeout=60.0 connect-timeout=300.0')
+SERVER_SIDE = ["superlink", "register", "submit", "prometheus"]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = PrivateEngine()
+    try:
+        eng.start()
+    except EngineUnavailable as why:
+        pytest.skip(f"no Docker engine can start here: {why}")
+    try:
+        yield eng
+    finally:
+        eng.stop()
+
+
+def _prometheus(c: dockerup.Compose, path: str) -> dict:
+    """Prometheus's HTTP API, asked from inside the SuperLink's network namespace (Prometheus's own)."""
+    code = ("import sys, urllib.request; "
+            "print(urllib.request.urlopen('http://127.0.0.1:9090' + sys.argv[1], timeout=5).read().decode())")
+    done = c.docker_cmd("exec", c.container("superlink"), "python", "-c", code, path, check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
+
+
+def _run_json(c: dockerup.Compose) -> dict:
+    raw = c.read("superlink", f"{dockerup.RUN_DIR}/run.json")
+    return json.loads(raw) if raw else {}
+
+
+def _accepted(r: dict, centre: str) -> bool:
+    return centre in r["centres"] and centre not in r.get("failed", {})
+
+
+def _watch(c: dockerup.Compose, seen: dict, timeout: float) -> None:
+    """Poll run.json; Prometheus checks after round 1, then kill the victim, then restart it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and c.state("submit")["Status"] != "exited":
+        rounds = _run_json(c).get("rounds", [])
+        done = rounds[-1]["round"] if rounds else 0
+        if done >= 1 and "targets" not in seen:
+            targets = _prometheus(c, "/api/v1/targets").get("data", {}).get("activeTargets", [])
+            tokens = _prometheus(c, "/api/v1/query?query=sum(bridgepool_tokens_total)")
+            value = float((tokens.get("data", {}).get("result") or [{"value": [0, "0"]}])[0]["value"][1])
+            seen["last-prometheus"] = (targets, value)
+            if len(targets) == 1 + len(CENTRES) and all(t["health"] == "up" for t in targets) and value > 0:
+                seen["targets"], seen["tokens"] = targets, value
+        elif "targets" in seen and "killed" not in seen:
+            for svc in (f"supernode-{VICTIM}", f"worker-{VICTIM}"):
+                c.docker_cmd("kill", c.container(svc))
+            seen["killed"], seen["killed-at"] = done, time.time()
+        elif "killed" in seen and "restarted" not in seen and any(
+                r["round"] > seen["killed"] and not _accepted(r, VICTIM) for r in rounds):
+            # A round closed without the victim: bring it back, the worker first (the SuperNode's
+            # ClientApp relays to the worker's socket).
+            c.docker_cmd("start", c.container(f"worker-{VICTIM}"))
+            _wait_healthy(c, f"worker-{VICTIM}")
+            c.docker_cmd("start", c.container(f"supernode-{VICTIM}"))
+            seen["restarted"], seen["restarted-after"] = time.time(), done
+        time.sleep(2)
+
+
+def _wait_healthy(c: dockerup.Compose, service: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if c.state(service).get("Health", {}).get("Status") == "healthy":
+            return
+        time.sleep(1)
+    raise TimeoutError(f"{service} not healthy after restart")
+
+
+@pytest.fixture(scope="module")
+def stack(engine, tmp_path_factory):
+    """Build, up, run with the kill and restart, then yield what was seen; `down -v` at the end."""
+    ports = free_base_port(2)
+    env = {"DOCKER_HOST": engine.env["DOCKER_HOST"],
+           **dockerup.up_env(True, RUN_CONFIG, {"PROMETHEUS_PORT": ports, "GRAFANA_PORT": ports + 1,
+                                                 "BRIDGEPOOL_MAX_BYTES": 200_000})}
+    c = dockerup.Compose(PROJECT, env, docker=engine.docker)
+    seen: dict = {"compose": " ".join(c.argv[:-4])}
+    t0 = time.monotonic()
+    images.build(engine.docker, offline=True, env=engine.env)
+    seen["build-s"] = time.monotonic() - t0
+    seen["image-bytes"] = int(c.docker_cmd("image", "inspect", "--format", "{{.Size}}", images.IMAGE).stdout)
+    t1 = time.monotonic()
+    try:
+        dockerup.start(c, offline=True)
+        _watch(c, seen, timeout=1500)
+        seen["exit"] = dockerup.wait_submit(c, timeout=300)
+        seen["run-s"] = time.monotonic() - t1
+        seen["run"] = _run_json(c)
+        seen["out"] = dockerup.collect(c, tmp_path_factory.mktemp("compose-run"))
+        print(f"\ncompose test: image built in {seen['build-s']:.0f}s, {seen['image-bytes'] / 1e6:.0f} MB; "
+              f"up + run {seen['run-s']:.0f}s; killed {VICTIM} after round {seen.get('killed')}, restarted "
+              f"after round {seen.get('restarted-after')}")
+        yield c, seen
+    finally:
+        if "down" not in seen:  # a failed check: still leave nothing behind
+            logs = c("logs", "--no-color", "--tail", "40", timeout=120, check=False)
+            print(logs.stdout[-6000:])
+            c("down", "-v", "--remove-orphans", timeout=300, check=False)
+
+
+def test_compose_file_is_valid_for_this_compose(stack):
+    """The Compose that ran it accepts the file without a warning; so does v2, where it is installed."""
+    c, seen = stack
+    done = c("config", "-q")
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    v2 = subprocess.run([c.docker, "compose", "version"], capture_output=True, env=c.env)
+    if v2.returncode == 0 and c.argv[0] != c.docker:
+        done = subprocess.run([c.docker, "compose", *c.argv[1:], "config", "-q"], capture_output=True, text=True,
+                              env=c.env)
+        assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+def test_run_has_every_round_and_the_loss_falls(stack):
+    _, seen = stack
+    run = seen["run"]
+    assert seen["exit"] == 0 and run["status"] == "finished", (seen["exit"], run.get("message"))
+    assert [r["round"] for r in run["rounds"]] == list(range(1, ROUNDS + 1))
+    first, final = run["rounds"][0]["eval-loss-mean"], run["final"]["eval-loss-mean"]  # round 1: ~ln(256)
+    assert final < first - 0.5, [r["eval-loss-mean"] for r in run["rounds"]] + [final]
+
+
+def test_prometheus_scraped_every_target_and_saw_tokens(stack):
+    _, seen = stack
+    assert "targets" in seen, seen.get("last-prometheus")
+    jobs = {(t["labels"]["job"], t["labels"].get("centre_endpoint")) for t in seen["targets"]}
+    assert jobs == {("bridgepool-server", None), *{("bridgepool-centres", c) for c in CENTRES}}
+    assert seen["tokens"] > 0
+
+
+def test_killed_centre_did_not_stop_the_run_and_rejoined(stack):
+    _, seen = stack
+    rounds = seen["run"]["rounds"]
+    assert "killed" in seen and "restarted" in seen, {k: seen.get(k) for k in ("killed", "restarted")}
+    without = [r["round"] for r in rounds if r["round"] > seen["killed"] and not _accepted(r, VICTIM)]
+    assert without, "no round closed without the killed centre"
+    assert all(len([n for n in CENTRES if _accepted(r, n)]) >= 2 for r in rounds)  # the quorum held
+    back = [r["round"] for r in rounds if r["time"] > seen["restarted"] and _accepted(r, VICTIM)]
+    assert back, f"{VICTIM} never came back after docker start"
+    print(f"\n{VICTIM}: killed after round {seen['killed']}, rounds without it {without}, back in rounds {back}")
+
+
+def test_each_centre_sees_only_its_own_data(stack):
+    c, _ = stack
+    volumes = {v: json.loads(c.docker_cmd("volume", "inspect", f"{PROJECT}_{v}").stdout)[0]["Mountpoint"]
+               for v in (f"data-{n}" for n in CENTRES)}
+    running = [s for s in c.services() if s not in dockerup.OFFLINE_SKIP]
+    for service in running:
+        mounts = json.loads(c.docker_cmd("inspect", "--format", "{{json .Mounts}}", c.container(service)).stdout)
+        data = {m["Name"].removeprefix(f"{PROJECT}_") for m in mounts if m["Type"] == "volume"} & set(volumes)
+        owner = next((n for n in CENTRES if service.endswith(f"-{n}") and not service.startswith("supernode")), None)
+        assert data == ({f"data-{owner}"} if owner else set()), (service, data)
+    for name in CENTRES:  # from inside: its own corpus readable, another centre's volume not there
+        worker = c.container(f"worker-{name}")
+        own = c.docker_cmd("exec", worker, "cat", "/data/corpus/manifest.json").stdout
+        assert own == (Path(volumes[f"data-{name}"]) / "corpus" / "manifest.json").read_text()
+        for other, path in volumes.items():
+            if other != f"data-{name}":
+                probe = c.docker_cmd("exec", worker, "cat", f"{path}/corpus/manifest.json", check=False)
+                assert probe.returncode != 0 and "No such file" in probe.stderr, (name, other, probe.stdout[:200])
+    for service in ("superlink", *(f"supernode-{n}" for n in CENTRES)):
+        probe = c.docker_cmd("exec", c.container(service), "sh", "-c",
+                             "ls /data; " + "; ".join(f"ls {p}" for p in volumes.values()), check=False)
+        assert probe.returncode != 0 and probe.stdout.strip() == "", (service, probe.stdout[:300])
+
+
+def test_an_unregistered_key_is_refused(stack):
+    c, _ = stack
+    network = f"{PROJECT}_centre-{CENTRES[0]}"
+    rogue = ("ssh-keygen -q -t ecdsa -b 384 -N '' -f /tmp/rogue.key && exec flower-supernode "
+             "--root-certificates /pki/public/ca.crt --auth-supernode-private-key /tmp/rogue.key "
+             "--superlink superlink:9093 --max-retries 1 --isolation process")
+    done = c.docker_cmd("run", "--rm", "--network", network, "-v", f"{PROJECT}_pki-public:/pki/public:ro",
+                        images.IMAGE, "sh", "-c", rogue, timeout=180, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode != 0 and "not registered" in (supernode_refusal(log) or ""), log[-1500:]
+
+
+def test_down_leaves_nothing(stack):
+    c, seen = stack
+    c("down", "-v", "--remove-orphans", timeout=300)
+    seen["down"] = True
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind in (["ps", "-aq"], ["network", "ls", "-q"], ["volume", "ls", "-q"]):
+        assert c.docker_cmd(*kind, "--filter", label).stdout.strip() == "", kind
+    names = c.docker_cmd("volume", "ls", "--format", "{{.Name}}").stdout.split() + \
+        c.docker_cmd("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert not [n for n in names if n.startswith(f"{PROJECT}_")], names
