@@ -104,8 +104,10 @@ def _env(flwr_home: str) -> dict[str, str]:
     return {"FLWR_HOME": flwr_home, "FLWR_TELEMETRY_ENABLED": "0"}
 
 
-def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """`centres`: (name, source) pairs, e.g. a federation spec's (deploy/spec.py); default the demo's."""
+def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
+            config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`centres`: (name, source) pairs, e.g. a federation spec's (deploy/spec.py); default the demo's.
+    `config`: a spec's [config] run-config keys, submitted with the run (the deployment's own keys win)."""
     centres = centres if centres is not None else centres_and_sources(n_centres)
     names = [name for name, _ in centres]
     # Every client reaches the SuperLink as "superlink" (the healthcheck is plain TCP): its only SAN.
@@ -164,7 +166,8 @@ def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None) ->
                         "register": {"condition": "service_completed_successfully"}})
     services["submit"] = _flwr_cli(
         # A second --run-config, empty unless set: later pairs override the first ones.
-        command=[*commands.flwr_run("/app", run_config(len(names))), "--run-config", "${BRIDGEPOOL_RUN_CONFIG:-}"],
+        command=[*commands.flwr_run("/app", {**(config or {}), **run_config(len(names))}),
+                 "--run-config", "${BRIDGEPOOL_RUN_CONFIG:-}"],
         depends_on={"register": {"condition": "service_completed_successfully"},
                     **{f"supernode-{c}": {"condition": "service_started"} for c in names}})
     # prom/prometheus, or offline the project image with Debian's prometheus: both have `prometheus`
@@ -227,30 +230,34 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:
                                                              style="|" if "\n" in v else None))
 
 
-def render(n_centres: int = 3, centres: list[tuple[str, str]] | None = None) -> str:
-    return HEADER + yaml.dump(compose(n_centres, centres), Dumper=_Dumper, sort_keys=False, width=120,
+def render(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
+           config: dict[str, Any] | None = None) -> str:
+    return HEADER + yaml.dump(compose(n_centres, centres, config), Dumper=_Dumper, sort_keys=False, width=120,
                               default_flow_style=False)
 
 
-def write(out: Path, centres: list[tuple[str, str]]) -> Path:
-    """The compose file for these (name, source) centres at `out`, its configuration files beside it."""
+def write(out: Path, centres: list[tuple[str, str]], config: dict[str, Any] | None = None) -> Path:
+    """The compose file for these (name, source) centres and run `config` at `out`, its configuration
+    files beside it."""
     out = Path(out)
-    for p, text in _files(out, centres).items():
+    for p, text in _files(out, centres, config).items():
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
     return out
 
 
-def _files(out: Path, centres: list[tuple[str, str]] | None = None) -> dict[Path, str]:
+def _files(out: Path, centres: list[tuple[str, str]] | None = None,
+           config: dict[str, Any] | None = None) -> dict[Path, str]:
     n = len(centres) if centres is not None else 3
-    return {out: render(centres=centres),
+    return {out: render(centres=centres, config=config),
             **{out.parent / rel: text for rel, text in config_files(n, centres).items()}}
 
 
-def main(args: argparse.Namespace, centres: list[tuple[str, str]] | None = None) -> int:
+def main(args: argparse.Namespace, centres: list[tuple[str, str]] | None = None,
+         config: dict[str, Any] | None = None) -> int:
     """Writes (or checks) the compose file at args.out and its configuration files beside it."""
     out = Path(args.out)
-    files = _files(out, centres)
+    files = _files(out, centres, config)
     if args.check:
         stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
         for p in stale:

@@ -74,7 +74,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     if args.check:
-        return compose.main(args, centres=spec.sources())
+        return compose.main(args, centres=spec.sources(), config=spec.config)
     return write_compose(spec, args.out)
 
 
@@ -82,7 +82,7 @@ def write_compose(spec: Any, out: Path) -> int:
     """docker-compose.yml for the spec's centres and sources (`deploy compose --spec`, `run` of a compose spec)."""
     from deploy import compose
 
-    path = compose.write(out, spec.sources())
+    path = compose.write(out, spec.sources(), spec.config)
     print(f"wrote {path} for {len(spec.centres)} centres of {spec.path}; start it with "
           f"`docker compose -f {path} up --build`")
     return 0

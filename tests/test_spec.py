@@ -122,6 +122,8 @@ def test_compose_from_a_spec_has_its_centres_and_mounts_local_corpora_read_only(
     prep = services["prep-site-a"]
     assert f"{tmp_path / 'a.jsonl'}:/source:ro" in prep["volumes"] and "/source" in prep["command"]
     assert "manpages:fr" in services["prep-site-b"]["command"]
+    submit = " ".join(services["submit"]["command"])  # the spec's [config] goes with the run
+    assert 'model="tiny"' in submit and "rounds=2" in submit and "expected-centres=2" in submit
     assert main(["deploy", "compose", "--spec", str(path), "--out", str(out), "--check"]) == 0
 
 
