@@ -59,11 +59,11 @@ def _set_round_wall(res: dict, name: str, wall: float) -> dict:
 
 
 @pytest.mark.parametrize(("ratio", "verdict"), [(0.951, "met"), (0.949, "missed")])
-def test_utilisation_target_both_sides(ratio, verdict):
+def test_throughput_ratio_target_both_sides(ratio, verdict):
     res = _set_round_wall(_passing(), DEMO, 10.0 / ratio)  # the local loop: 800 tok/s
-    assert _one(res, "utilisation >= 95 % for the demo's") == verdict
+    assert _one(res, "throughput ratio >= 95 % for the demo's") == verdict
     res = _set_round_wall(_passing(), DEMO + SEP, 20.0 / ratio)
-    assert _one(res, "utilisation >= 95 %, each centre on its own") == verdict
+    assert _one(res, "throughput ratio >= 95 %, each centre on its own") == verdict
 
 
 @pytest.mark.parametrize(("seconds", "verdict"), [(1.5, "met"), (1.51, "missed")])
@@ -103,9 +103,9 @@ def test_int8_bytes_and_loss_both_sides(ratio, dloss, verdict):
 def test_separate_machines_not_measured_is_said():
     res = _passing()
     res["separate-machines"] = {"cores": 1, "not-run": "no cgroup v2 here"}
-    assert _one(res, "utilisation >= 95 %, each centre on its own") == "not measured"
+    assert _one(res, "throughput ratio >= 95 %, each centre on its own") == "not measured"
 
 
-def test_utilisation_figure_is_compute_over_round_wall():
+def test_compute_share_is_compute_over_round_wall():
     f = figures(_row(1000.0, 10.0))
-    assert f["utilisation"] == pytest.approx(0.9) and f["tokens-per-second"] == pytest.approx(100.0)
+    assert f["compute-share"] == pytest.approx(0.9) and f["tokens-per-second"] == pytest.approx(100.0)
