@@ -110,9 +110,11 @@ def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
     `config`: a spec's [config] run-config keys, submitted with the run (the deployment's own keys win)."""
     centres = centres if centres is not None else centres_and_sources(n_centres)
     names = [name for name, _ in centres]
-    # Every client reaches the SuperLink as "superlink" (the healthcheck is plain TCP): its only SAN.
+    # Every client reaches the SuperLink as "superlink" (the healthcheck is plain TCP), except the SuperLink's own
+    # SuperExec, which starts each ServerApp and dials its Runtime API at 127.0.0.1 (over TLS): the only two SANs.
     pki_argv, pki_env = commands.make_pki("/app/deploy/pki.sh", str(PKI.root),
-                                          {c: f"{HANDOVER}/{c}/{c}.pub" for c in names}, ["DNS:superlink"])
+                                          {c: f"{HANDOVER}/{c}/{c}.pub" for c in names},
+                                          ["DNS:superlink", "IP:127.0.0.1"])
     superlink_addr = f"superlink:{commands.SUPERLINK_PORT}"
     services: dict[str, Any] = {
         **{f"key-{c}": _ours(command=commands.centre_key("/app/deploy/centre-key.sh", PKI.centre_dir(c), c,
