@@ -31,8 +31,9 @@ def check_ports(spec: FederationSpec, free: bool = True) -> None:
     """Every port the local federation needs is a TCP port, the ranges do not overlap, and (`free`)
     nothing listens there yet: checked before any data is prepared or process started."""
     n, co = len(spec.centres), spec.coordinator
-    check_port_range(co.base_port, n + 1, f"the SuperLink and {n} SuperNode(s)", "--base-port")
-    ranges = {"--base-port": range(co.base_port, co.base_port + n + 1)}
+    # The SuperLink, each SuperNode's runtime API, then the ServerApp's data plane (deploy/local.py).
+    check_port_range(co.base_port, n + 2, f"the SuperLink, {n} SuperNode(s) and the data plane", "--base-port")
+    ranges = {"--base-port": range(co.base_port, co.base_port + n + 2)}
     if co.metrics_port:
         check_port_range(co.metrics_port, n + 1, "the server's and each centre's metrics endpoint", "--metrics-port")
         ranges["--metrics-port"] = range(co.metrics_port, co.metrics_port + n + 1)
@@ -45,7 +46,8 @@ def check_ports(spec: FederationSpec, free: bool = True) -> None:
                 raise SpecError(f"{a} {ranges[a][0]} (ports {ranges[a][0]}-{ranges[a][-1]}) and {b} {ranges[b][0]} "
                                 f"(ports {ranges[b][0]}-{ranges[b][-1]}) overlap; move one of them")
     if free:
-        names = ["SuperLink", *(f"SuperNode runtime API of {c.name}" for c in spec.centres)]
+        names = ["SuperLink", *(f"SuperNode runtime API of {c.name}" for c in spec.centres),
+                 "the ServerApp's data plane"]
         for port, what in zip(ranges["--base-port"], names, strict=True):
             check_port_free(port, what)
         for port, who in zip(ranges.get("--metrics-port", []), ["the server", *(c.name for c in spec.centres)],

@@ -37,7 +37,7 @@ def test_demo_example_runs(tmp_path, capsys):
     base = free_base_port(8)
     run_dir = tmp_path / "demo"
     rc = main(["run", str(EXAMPLES / "demo.toml"), "--run-dir", str(run_dir), "--base-port", str(base),
-               "--metrics-port", str(base + 4), "--max-bytes", "40000", "--set", "rounds=1", *QUICK])
+               "--metrics-port", str(base + 5), "--max-bytes", "40000", "--set", "rounds=1", *QUICK])
     out = capsys.readouterr().out
     assert rc == 0, out
     run = json.loads((run_dir / "run.json").read_text())
@@ -52,11 +52,11 @@ def _query(url: str, expr: str) -> list:
 
 
 def test_own_jsonl_example_runs_and_keeps_its_metrics_until_ctrl_c(tmp_path):
-    base = free_base_port(8)
+    base = free_base_port(9)
     run_dir = tmp_path / "licences"
-    prom = base + 7
+    prom = base + 8
     argv = [sys.executable, "-m", "deploy.cli", "run", str(EXAMPLES / "own-jsonl.toml"), "--run-dir", str(run_dir),
-            "--base-port", str(base), "--metrics-port", str(base + 3), "--prometheus-port", str(prom),
+            "--base-port", str(base), "--metrics-port", str(base + 4), "--prometheus-port", str(prom),
             "--keep-metrics", "--set", "rounds=2", *QUICK]
     env = {**os.environ, "COLUMNS": "200"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

@@ -63,12 +63,12 @@ def test_a_centre_that_cannot_prepare_ends_the_run_before_round_1_in_its_own_wor
 
 def test_ports_out_of_range_or_overlapping_are_refused_up_front(tmp_path, capsys):
     err = _fails(capsys, "demo", "--base-port", "70000", "--run-dir", str(tmp_path / "r"))
-    assert "bridgepool: error: --base-port 70000: the SuperLink and 3 SuperNode(s) would use ports 70000-70003, " \
-           "but TCP ports are 1-65535; choose --base-port between 1024 and 65532" in err
+    assert "bridgepool: error: --base-port 70000: the SuperLink, 3 SuperNode(s) and the data plane would use ports " \
+           "70000-70004, but TCP ports are 1-65535; choose --base-port between 1024 and 65531" in err
     err = _fails(capsys, "demo", "--base-port", "65534", "--run-dir", str(tmp_path / "r"))
-    assert "65534-65537" in err
+    assert "65534-65538" in err
     err = _fails(capsys, "demo", "--metrics-port", "9201", "--base-port", "9200", "--run-dir", str(tmp_path / "r"))
-    assert "--base-port 9200 (ports 9200-9203) and --metrics-port 9201 (ports 9201-9204) overlap" in err
+    assert "--base-port 9200 (ports 9200-9204) and --metrics-port 9201 (ports 9201-9204) overlap" in err
     err = _fails(capsys, "demo", "--metrics-port", "70000", "--run-dir", str(tmp_path / "r"))
     assert "--metrics-port 70000" in err
     assert not (tmp_path / "r").exists()
@@ -82,6 +82,12 @@ def test_a_taken_port_anywhere_in_the_range_is_named_before_data_is_prepared(tmp
         err = _fails(capsys, "demo", "--centres", "2", "--base-port", str(base), "--metrics-port", str(base + 4),
                      "--run-dir", str(tmp_path / "r"))
     assert f"port {base + 6} (metrics endpoint of de-lrz) on 127.0.0.1 is already in use" in err
+    with socket.socket() as s:  # the ServerApp's data plane, after the SuperNodes' ports
+        s.bind(("127.0.0.1", base + 3))
+        s.listen()
+        err = _fails(capsys, "demo", "--centres", "2", "--base-port", str(base), "--metrics-port", str(base + 4),
+                     "--run-dir", str(tmp_path / "r"))
+    assert f"port {base + 3} (the ServerApp's data plane) on 127.0.0.1 is already in use" in err
     assert not (tmp_path / "r").exists()
 
 
