@@ -255,7 +255,9 @@ class LocalFederation:
                                threads=c.threads or self.threads, device=c.device,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
-                               metrics_host=self.metrics_host, coordinator=self.data_plane_host,
+                               metrics_host=self.metrics_host,
+                               # loopback is the worker's own default: named only for another host (netns)
+                               coordinator="" if self.data_plane_host == "127.0.0.1" else self.data_plane_host,
                                data_plane_ca=self.pki.centre_ca_cert(c.name) if self.pki is not None else "",
                                prog=(sys.executable, "-m", "deploy.cli"))
 

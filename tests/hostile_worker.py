@@ -46,13 +46,14 @@ def poison(kind: str, trained: np.ndarray, sent: np.ndarray) -> wire.Arrays:
 
 class HostileWorker(CentreWorker):
     def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
+        sent = arrays.get(PARAMS_KEY)  # the model it was sent (the worker keeps no copy without int8)
         reply, out = super().handle(header, arrays)
         if header.get("op") != "train" or PARAMS_KEY not in out:
             return reply, out
         kind = POISONS[(int(header["round"]) - 1) % len(POISONS)]
         logging.getLogger("bridgepool.centre").warning("[%s] round %s: sending a %s update",
                                                       self.centre, header["round"], kind)
-        return reply, poison(kind, out[PARAMS_KEY], self.held.vector)  # held: the model it was sent
+        return reply, poison(kind, out[PARAMS_KEY], sent if sent is not None else out[PARAMS_KEY])
 
     def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "centre": self.centre}  # a hostile centre has switched its egress guard off

@@ -132,8 +132,10 @@ def test_hostile_centre_rejected_and_coordinator_restart_keeps_weights(tmp_path,
     run_dir = tmp_path / "run"
     centres = make_centres(run_dir, corpora, 3)
     hostile = centres[2].name
+    # Poisons of every form travel in Flower's replies, where only the server's validation stands between
+    # them and the model (on the data plane the centre's upload is refused on arrival: tests/test_dataplane.py).
     cfg = tiny_config(run_dir, rounds=len(POISONS), **{"inner-steps": 5, "expected-centres": 3,
-                                                      "min-centres": 2})
+                                                      "min-centres": 2, "data-plane": "flower"})
     kill_after = 2
     fed = _HostileFederation(run_dir, centres, base_port=free_base_port(2 + len(centres)), durable_superlink=True)
     fed.hostile = hostile
