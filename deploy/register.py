@@ -24,11 +24,12 @@ ALREADY = "Public key already in use"  # Flower's message (ApiErrorCode 23) for 
 def register_keys(public_keys: Sequence[str], *, connection: str = commands.CONNECTION,
                   env: dict[str, str] | None = None,
                   wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
-                  timeout: float = 180.0) -> list[str]:
+                  timeout: float = 600.0) -> list[str]:
     """Register each key; returns one line per key ("registered" / "already registered").
 
     `timeout` per key: generous, because a SuperLink container that has just become healthy on a
-    loaded machine took over 60 s to answer the first registration (compose, 2-core CI machine)."""
+    loaded machine took over 60 s to answer the first registration, and at load ~19 the flwr CLI
+    itself took over 180 s (compose, 2-core machine)."""
     report = []
     for key in public_keys:
         if not Path(key).is_file():
