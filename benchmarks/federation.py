@@ -30,7 +30,7 @@ import torch
 from benchmarks import baselines, cpushare
 from benchmarks.report import DEMO_LOCAL_ROW, SEPARATE, write_outputs
 from clients.data import DEFAULT_CENTRES, prepare_centre
-from deploy.local import LocalFederation, centre_dirs
+from deploy.local import Centre, LocalFederation, centre_dirs
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
 
@@ -88,11 +88,7 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
     ClientApp process per message, Flower's own 3 s idle pull), for the fixed-cost comparison;
     `shares`: each centre on its own CPU share, the coordinator outside (separate machines)."""
     run_dir = work / name
-    centres = []
-    for cname, path in corpora.items():
-        c = centre_dirs(run_dir, cname)
-        shutil.copytree(path, c.data_dir)
-        centres.append(c)
+    centres = centre_copies(run_dir, corpora)
     cfg = run_config(plan, run_dir, **over)
     kw: dict[str, Any] = {"base_port": _free_port(), "warm_supernodes": warm}
     fed = LocalFederation(run_dir, centres, **kw) if shares is None else \
@@ -136,6 +132,16 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
             "curve": [(sum(x["tokens"] for x in rounds[:i]), r["eval-loss-mean"], r["time"] - run["started"])
                       for i, r in enumerate(rounds)]
             + [(sum(x["tokens"] for x in rounds), run["final"]["eval-loss-mean"], run["finished"] - run["started"])]}
+
+
+def centre_copies(run_dir: Path, corpora: dict[str, Path]) -> list[Centre]:
+    """Each centre's own copy of its prepared corpus under `run_dir` (deploy/local.py's layout)."""
+    centres = []
+    for cname, path in corpora.items():
+        c = centre_dirs(run_dir, cname)
+        shutil.copytree(path, c.data_dir)
+        centres.append(c)
+    return centres
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import baselines
+from benchmarks.federation import centre_copies
 from clients.data import DEFAULT_CENTRES, prepare_centre
-from deploy.local import LocalFederation, centre_dirs
+from deploy.local import LocalFederation
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
 
@@ -54,11 +55,7 @@ def _config(run_dir: Path, centres: int, **over: Any) -> RunConfig:
 def federate(corpora: dict[str, Path], work: Path, name: str, **over: Any) -> dict[str, Any]:
     """One federation over the Deployment Engine; its run.json."""
     run_dir = work / name
-    centres = []
-    for cname, path in corpora.items():
-        c = centre_dirs(run_dir, cname)
-        shutil.copytree(path, c.data_dir)
-        centres.append(c)
+    centres = centre_copies(run_dir, corpora)
     cfg = _config(run_dir, len(centres), **over)
     with LocalFederation(run_dir, centres, base_port=free_base_port(2 + len(centres))) as fed:
         run = fed.wait(fed.submit(cfg.to_mapping()), timeout=3 * 3600)
