@@ -37,7 +37,7 @@ from models.config import RunConfig, load_defaults
 
 WIRE = {"model": "base", "rounds": 4, "inner-steps": 1, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
         "inner-warmup-steps": 1}
-QUICK = {**WIRE, "model": "tiny", "rounds": 2}
+QUICK = {**WIRE, "model": "tiny", "rounds": 2, "seq-len": 32}
 RATIO = {"model": "base", "rounds": 3, "inner-steps": 20, "batch-size": 1, "seq-len": 64, "eval-batches": 1,
          "inner-warmup-steps": 2}
 RATIO_OVERLAP = 4

@@ -20,7 +20,10 @@ from typing import Any
 
 # The repository root doubles as the Flower app directory (`flwr run ROOT`).
 APP_DIR = Path(__file__).resolve().parent.parent
-MODEL_NAMES = ("tiny", "small", "base", "large", "xl")
+# Each model's context length, here (not only in models/gpt.py) so that a 'seq-len' longer than the
+# model's context is refused when the config is parsed, not by every centre a round later.
+MODEL_BLOCK_SIZES: dict[str, int] = {"tiny": 32, "small": 128, "base": 1024, "large": 1024, "xl": 1024}
+MODEL_NAMES = tuple(MODEL_BLOCK_SIZES)
 STRATEGIES = ("diloco", "fedavg")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -103,6 +106,9 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'max-norm-factor' must be 0 (off) or > 1, got {self.max_norm_factor}"
             )
+        if self.seq_len > MODEL_BLOCK_SIZES[self.model]:
+            raise ConfigError(f"config key 'seq-len' ({self.seq_len}) exceeds model {self.model!r}'s context of "
+                              f"{MODEL_BLOCK_SIZES[self.model]} tokens; lower it (0 = the model's context)")
         if self.overlap_steps > self.inner_steps:
             raise ConfigError(f"config key 'overlap-steps' ({self.overlap_steps}) exceeds 'inner-steps' "
                               f"({self.inner_steps}): at most a whole round can be trained ahead")

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from models.config import MODEL_BLOCK_SIZES
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -38,15 +40,15 @@ class GPTConfig:
 
 MODEL_SIZES: dict[str, GPTConfig] = {
     # tests: trains in milliseconds
-    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32),
+    "tiny": GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=MODEL_BLOCK_SIZES["tiny"]),
     # the CPU demo
-    "small": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128),
+    "small": GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=MODEL_BLOCK_SIZES["small"]),
     # ~127M params (GPT-2 small width, 18 layers), for GPU
-    "base": GPTConfig(n_layer=18, n_head=12, n_embd=768, block_size=1024),
+    "base": GPTConfig(n_layer=18, n_head=12, n_embd=768, block_size=MODEL_BLOCK_SIZES["base"]),
     # ~353M params (GPT-2 medium width, 28 layers): 2 centres x 2 rounds fit a 2-core, 24 GB machine
-    "large": GPTConfig(n_layer=28, n_head=16, n_embd=1024, block_size=1024),
+    "large": GPTConfig(n_layer=28, n_head=16, n_embd=1024, block_size=MODEL_BLOCK_SIZES["large"]),
     # ~1.0B params (20 layers x 2048): for GPUs
-    "xl": GPTConfig(n_layer=20, n_head=16, n_embd=2048, block_size=1024),
+    "xl": GPTConfig(n_layer=20, n_head=16, n_embd=2048, block_size=MODEL_BLOCK_SIZES["xl"]),
 }
 
 

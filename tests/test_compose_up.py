@@ -181,7 +181,8 @@ def test_each_centre_sees_only_its_own_data(stack):
     for service in running:
         mounts = json.loads(c.docker_cmd("inspect", "--format", "{{json .Mounts}}", c.container(service)).stdout)
         data = {m["Name"].removeprefix(f"{PROJECT}_") for m in mounts if m["Type"] == "volume"} & set(volumes)
-        owner = next((n for n in CENTRES if service.endswith(f"-{n}") and not service.startswith("supernode")), None)
+        # only a centre's data preparation and its worker mount its corpus; its key and SuperNode do not
+        owner = next((n for n in CENTRES if service in (f"prep-{n}", f"worker-{n}")), None)
         assert data == ({f"data-{owner}"} if owner else set()), (service, data)
     for name in CENTRES:  # from inside: its own corpus readable, another centre's volume not there
         worker = c.container(f"worker-{name}")

@@ -34,6 +34,15 @@ def test_invalid_values_name_the_key(key, value, needle):
         RunConfig.from_mapping(values)
 
 
+def test_seq_len_beyond_the_models_context_is_refused_up_front():
+    from models.gpt import MODEL_SIZES
+    assert {n: c.block_size for n, c in MODEL_SIZES.items()} == {"tiny": 32, "small": 128, "base": 1024,
+                                                                    "large": 1024, "xl": 1024}
+    with pytest.raises(ConfigError, match="'seq-len' \\(64\\) exceeds model 'tiny'.s context of 32"):
+        RunConfig.from_mapping({**load_defaults(), "model": "tiny", "seq-len": 64})
+    assert RunConfig.from_mapping({**load_defaults(), "model": "tiny", "seq-len": 32}).seq_len == 32
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match="unknown config key.*inner-stpes"):
         RunConfig.from_mapping({**load_defaults(), "inner-stpes": 3})
