@@ -24,7 +24,7 @@ demo: system-packages $(BIN)/bridgepool
 
 test: system-packages $(BIN)/bridgepool
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=40 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .hypothesis
