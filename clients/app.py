@@ -76,15 +76,19 @@ def _relay(op: str, msg: Message, context: Context) -> Message:
     if plane:  # the worker pulls the model and pushes its update itself (server/dataplane.py)
         header["data-plane"] = plane
     reply, out = _ask(context, header, arrays)
-    content = RecordDict({
-        "metrics": MetricRecord({k: float(v) for k, v in reply["metrics"].items()}),
-        "centre": ConfigRecord({"name": centre}),
-    })
-    if out:
-        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()})
-    if "upload" in reply:  # the manifest of the update the worker sent on the data plane
-        content["upload"] = ConfigRecord({"manifest": str(reply["upload"])})
+    reply.setdefault("centre", centre)
+    # The worker's reply, record for record (egress.reply_records: the runtime checks the result
+    # against the worker's own digest of it before anything is sent).
+    content = RecordDict({name: _RECORDS[rtype](items) for name, (rtype, items) in
+                          egress.reply_records(reply, out).items()})
     return Message(content=content, reply_to=msg)
+
+
+_RECORDS: dict[str, Any] = {
+    "MetricRecord": MetricRecord,
+    "ConfigRecord": ConfigRecord,
+    "ArrayRecord": lambda items: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in items.items()}),
+}
 
 
 def _ask(context: Context, header: dict, arrays: wire.Arrays) -> tuple[dict, wire.Arrays]:

@@ -88,6 +88,7 @@ def prepare_centre(source: str, out_dir: Path, *, validation_fraction: float = 0
     if tmp.exists():
         shutil.rmtree(tmp)  # leftover of an interrupted run; it was never the live copy
     tmp.mkdir(parents=True)
+    tmp.chmod(0o700)  # the corpus is the centre's: no other local user reads it, whatever the umask
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "source": source, "seed": seed,
         "validation_fraction": validation_fraction, "max_bytes": max_bytes,

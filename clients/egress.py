@@ -91,20 +91,60 @@ def describe(records: Mapping[str, tuple[str, Mapping[str, Any]]]) -> Described:
             for name, (rtype, items) in records.items()}
 
 
-def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Described:
-    """The worker's reply in the shape of the Flower reply the ClientApp builds from it."""
-    records: dict[str, tuple[str, Mapping[str, Any]]] = {
-        "metrics": ("MetricRecord", dict(reply.get("metrics", {}))),
+Records = dict[str, tuple[str, Mapping[str, Any]]]  # record name -> (record type, {key: value})
+
+
+def reply_records(reply: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Records:
+    """The Flower reply's records, as the ClientApp shell builds them from the worker's reply (one
+    mapping for both: the runtime's check compares the two, so they must not drift apart)."""
+    records: Records = {
+        "metrics": ("MetricRecord", {k: float(v) for k, v in reply.get("metrics", {}).items()}),
         "centre": ("ConfigRecord", {"name": reply.get("centre")}),
     }
     if arrays:
         records["arrays"] = ("ArrayRecord", dict(arrays))
     if "upload" in reply:
         records["upload"] = ("ConfigRecord", {"manifest": reply["upload"]})
+    return records
+
+
+def describe_worker_reply(reply: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Described:
+    """The worker's reply in the shape of the Flower reply the ClientApp builds from it."""
+    records = reply_records(reply, arrays)
     extra = {k: reply[k] for k in reply if k not in WORKER_REPLY_KEYS}
     if extra:  # header keys the ClientApp could forward: checked like a record of their own
         records["worker-header"] = ("header", extra)
     return describe(records)
+
+
+def content_digest(records: Mapping[str, tuple[str, Mapping[str, Any]]]) -> str:
+    """One SHA-256 over a reply's whole content, values included (where `describe` keeps only
+    forms): the worker vouches for the digest of each reply it produced, and the centre's
+    runtime sends a Flower reply only if its digest is one the worker vouched for."""
+    canon = {name: [rtype, {str(k): _canonical(v) for k, v in items.items()}]
+             for name, (rtype, items) in records.items()}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """A JSON-safe form that tells apart every value Flower's records can hold (floats by their
+    exact hex form: two floats that print alike but differ in a low bit are different content)."""
+    if isinstance(value, np.ndarray):
+        data = np.ascontiguousarray(value)
+        return ["array", str(data.dtype), list(data.shape), hashlib.sha256(memoryview(data).cast("B")).hexdigest()]
+    if isinstance(value, bool | np.bool_):
+        return ["bool", bool(value)]
+    if isinstance(value, int | np.integer):
+        return ["int", int(value)]
+    if isinstance(value, float | np.floating):
+        return ["float", float(value).hex()]
+    if isinstance(value, str):
+        return ["str", value]
+    if isinstance(value, bytes):
+        return ["bytes", value.hex()]
+    if isinstance(value, list | tuple):
+        return ["list", [_canonical(v) for v in value]]
+    raise TypeError(f"a reply value of type {type(value).__name__} has no canonical form")
 
 
 # -------------------------------------------------------------------- checking
@@ -214,6 +254,22 @@ class EgressGuard:
                       "refused-total": self.refused_total, "records": [], "arrays": [], "metrics": [], "bytes": 0})
         log.error("[%s] REQUEST REFUSED by policy (%s, run %s round %s): %s; recorded in %s", self.centre, op, run,
                   round, "; ".join(reasons), self.ledger)
+
+    def runtime(self, *, run: str, round: int, op: str, problem: str | None = None) -> None:
+        """The runtime's check of a final Flower reply against what the worker produced: `problem` None
+        when the reply is the worker's (sent), else why it was withheld (a bundle that skipped or fooled
+        the guard: blocked; the runtime sends an error of its own in its place)."""
+        if problem is not None:
+            self.blocked_total += 1
+            if self._on_blocked is not None:
+                self._on_blocked(run)
+        self._append({"time": time.time(), "centre": self.centre, "run": run, "round": round, "op": op,
+                      "stage": "runtime", "verdict": "sent" if problem is None else "blocked",
+                      "violations": [] if problem is None else [problem], "blocked-total": self.blocked_total,
+                      "records": [], "arrays": [], "metrics": [], "bytes": 0})
+        if problem is not None:
+            log.error("[%s] EGRESS BLOCKED at the runtime (%s, run %s round %s): %s; recorded in %s",
+                      self.centre, op, run, round, problem, self.ledger)
 
     def _append(self, entry: dict[str, Any]) -> None:
         # Append-only, one line per reply, on disk before the reply can leave.

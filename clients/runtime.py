@@ -20,23 +20,35 @@ outside process; clients/supernode.py starts this one as its child.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
+import os
+import pwd
+import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import httpx
-from flwr.app import Context, Message
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
-from flwr.common.config import get_project_dir
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.common.serde import (
+    context_from_proto,
+    context_to_proto,
+    fab_from_proto,
+    message_to_proto,
+    recorddict_from_proto,
+    run_from_proto,
+)
 from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
     AcquireTaskRequest,  # pylint: disable=E0611
     PullAppMessagesRequest,
@@ -57,7 +69,11 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+from clients import wire
+from clients.egress import content_digest
 
 # The task is handed out before the SuperNode has stored the message's objects, so the first
 # object pull usually races it: the SuperNode's own short back-off (see fast_pull) applies here too.
@@ -75,21 +91,93 @@ SLOW_POLL_SECONDS = 0.25
 BUSY_POLL_SECONDS = 1.0
 
 
-@dataclass
-class _Loaded:
-    fab_hash: str
-    project_dir: Path
-    app: ClientApp
+OPS = {"train": "train", "evaluate": "evaluate", "query": "prepare"}  # Flower's message types, the worker's ops
+WORKER_ERROR = "<class 'clients.wire.WorkerError'>:<'{}'>"  # how Flower words an app's error (server unwraps it)
+
+
+class AppHost:
+    """One bundle's ClientApp in its own process (clients/apphost.py): tasks go in over a pipe,
+    only each reply's content (or the exception raised) comes back."""
+
+    def __init__(self, fab_id: str, fab_version: str, fab_hash: str, user: str | None = None):
+        self.fab_hash = fab_hash
+        task_r, task_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        argv = [sys.executable, "-m", "clients.apphost", "--fab-id", fab_id, "--fab-version", fab_version,
+                "--fab-hash", fab_hash, "--in-fd", str(task_r), "--out-fd", str(reply_w)]
+        drop: dict[str, Any] = {}
+        if user is not None:  # the bundle's own user: its group is the worker socket's (--socket-group)
+            home = str(get_flwr_home())  # where the bundle was installed: readable, not writable, by it
+            drop = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": [], "cwd": home,
+                    "env": {**os.environ, "HOME": home}}
+        try:
+            self.proc = subprocess.Popen(argv, pass_fds=(task_r, reply_w), umask=0o077, **drop)
+        finally:
+            os.close(task_r)
+            os.close(reply_w)
+        self._tx, self._rx = Connection(task_w, readable=False), Connection(reply_r, writable=False)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._pending: dict[int, Future[tuple[dict[str, Any], wire.Arrays]]] = {}
+        threading.Thread(target=self._read, daemon=True, name=f"apphost-{fab_hash[:8]}").start()
+        log.info("app host pid %d for bundle %s (%s %s)%s", self.proc.pid, fab_hash[:12], fab_id, fab_version,
+                 f" as user {user}" if user else "")
+
+    def run(self, message: Message, context: Context) -> tuple[dict[str, Any], wire.Arrays]:
+        """The bundle's answer to one task: ({"status": "ok"}, {"content": proto bytes}) or
+        ({"status": "raised", "type", "text", "load"}, {})."""
+        task, done = next(self._ids), Future()
+        raw = {"message": np.frombuffer(message_to_proto(message).SerializeToString(), np.uint8),
+               "context": np.frombuffer(context_to_proto(context).SerializeToString(), np.uint8)}
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app host of bundle {self.fab_hash[:12]} exited ({self.proc.returncode})")
+            self._pending[task] = done
+            wire.send(self._tx, {"id": task}, raw)
+        return done.result()
+
+    def _read(self) -> None:
+        try:
+            while True:
+                head, arrays = wire.recv(self._rx)
+                with self._lock:
+                    waiting = self._pending.pop(int(head.get("id", -1)), None)
+                if waiting is not None:
+                    waiting.set_result((head, arrays))
+        except (EOFError, OSError, ValueError):  # it exited (or sent garbage): its tasks fail
+            self.proc.wait()
+            with self._lock:
+                pending, self._pending = self._pending, {}
+            for waiting in pending.values():
+                waiting.set_exception(RuntimeError(f"the app host of bundle {self.fab_hash[:12]} exited "
+                                                   f"({self.proc.returncode}) during the task"))
+
+    def close(self) -> None:
+        self._tx.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # threads of a stuck task: the process goes with them
+            self.proc.kill()
+            self.proc.wait()
+
+
+def reply_records(content: RecordDict) -> dict[str, tuple[str, dict[str, Any]]]:
+    """A Flower reply's records in the form the worker's digest is taken over (clients/egress.py)."""
+    return {name: (type(record).__name__,
+                   {k: a.numpy() for k, a in record.items()} if isinstance(record, ArrayRecord) else dict(record))
+            for name, record in content.items()}
 
 
 class WarmRuntime:
     """Runs the tasks a SuperNode hands out, each in a thread of this process."""
 
-    def __init__(self, runtime_api_address: str, root_certificates: bytes | None = None):
+    def __init__(self, runtime_api_address: str, root_certificates: bytes | None = None,
+                 app_user: str | None = None):
         self.address, self.certificates = runtime_api_address, root_certificates
+        self.app_user = app_user  # the user the bundle's code runs as (None: this process's)
         self._control = self._client("SuperExec")
-        self._loaded: _Loaded | None = None
-        self._loading = threading.Lock()  # tasks run in threads; a bundle is installed and imported once
+        self._host: AppHost | None = None
+        self._loading = threading.Lock()  # tasks run in threads; a bundle is installed and started once
         self._tasks_lock = threading.Lock()
         self._running = 0  # tasks in flight
         self._last_ended = time.monotonic()  # when the last task ended (start-up counts as one)
@@ -166,17 +254,16 @@ class WarmRuntime:
         try:
             message, context, run, fab = pull_task_input(client)
             t_pulled = time.perf_counter()
-            app = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
-            reply = app(message=message, context=context)
+            host = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+            reply, details = checked_reply(message, context, *host.run(message, context))
             t_ran = time.perf_counter()
-            status, details = SubStatus.COMPLETED, ""
-        except Exception as ex:  # reported to the server as Flower reports it, the runtime stays up
-            code = (ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError)
-                    else ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
-            details = f"{type(ex)}:<'{ex}'>"
-            log.error("ClientApp raised an exception", exc_info=ex)
+            status = SubStatus.FAILED if reply.has_error() else SubStatus.COMPLETED
+        except Exception as ex:  # the runtime's own failure (its words only), the runtime stays up
+            details = f"the centre's runtime could not run the task: {type(ex).__name__}"
+            log.error("task failed in the runtime", exc_info=ex)
             if message is not None:
-                reply = Message(Error(code=code, reason=details), reply_to=message)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
+                                reply_to=message)
         finally:
             try:
                 if reply is not None and context is not None:
@@ -189,21 +276,22 @@ class WarmRuntime:
                 log.info("task %s: pull %.2fs, ClientApp %.2fs, push %.2fs", status, t_pulled - t0,
                          t_ran - t_pulled, t1 - max(t_ran, t_pulled))
 
-    def _app(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
-        """The run's ClientApp, installed and imported once per app bundle."""
+    def _app(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> AppHost:
+        """The run's app host: the bundle installed (by this process) and started in a process of its
+        own once per bundle hash; another bundle's host is stopped first (threat 7: nothing of one
+        run's code lives on into the next's)."""
         with self._loading:
-            return self._load(fab_id, fab_version, fab_hash, fab_content)
+            if self._host is not None and self._host.fab_hash == fab_hash and self._host.proc.poll() is None:
+                return self._host
+            if self._host is not None:
+                self._host.close()
+            install_from_fab(fab_content, skip_prompt=True)
+            self._host = AppHost(fab_id, fab_version, fab_hash, self.app_user)
+            return self._host
 
-    def _load(self, fab_id: str, fab_version: str, fab_hash: str, fab_content: bytes) -> ClientApp:
-        if self._loaded is not None and self._loaded.fab_hash == fab_hash:
-            return self._loaded.app
-        if self._loaded is not None:
-            _forget_modules(self._loaded.project_dir)  # another bundle: import its code, not the old one's
-        install_from_fab(fab_content, skip_prompt=True)
-        app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(fab_id, fab_version, fab_hash)
-        self._loaded = _Loaded(fab_hash, Path(get_project_dir(fab_id, fab_version, fab_hash)), app)
-        log.info("loaded ClientApp of bundle %s (%s %s)", fab_hash[:12], fab_id, fab_version)
-        return app
+    def close(self) -> None:
+        if self._host is not None:
+            self._host.close()
 
 
 def _retry_invoker() -> RetryInvoker:
@@ -243,13 +331,45 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
     return message, context, run, fab
 
 
-def _forget_modules(project_dir: Path) -> None:
-    root = str(project_dir.resolve())
-    for name, module in list(sys.modules.items()):
-        if str(getattr(module, "__file__", "") or "").startswith(root):
-            del sys.modules[name]
-    if root in sys.path:
-        sys.path.remove(root)
+def checked_reply(message: Message, context: Context, head: dict[str, Any],
+                  arrays: wire.Arrays) -> tuple[Message, str]:
+    """The Flower reply this centre may send for `message`, and its task details (threat 3).
+
+    The bundle's reply goes out only if the centre's worker produced exactly that content: the
+    worker vouches for the digest of each reply it made (clients/worker.py). Anything else (a
+    bundle that skipped the egress guard, added a record, changed a metric, or forged an error
+    text) is replaced by an error reply in the runtime's and the worker's words, never the
+    bundle's; the worker records it in its egress ledger (stage `runtime`).
+    """
+    socket = context.node_config.get("worker-socket")
+    config = message.content["config"] if message.has_content() and "config" in message.content else {}
+    ask = {"op": "vouch", "round": int(config.get("server-round", 0)),
+           "reply-to": OPS.get(message.metadata.message_type, "unknown"),
+           "run-name": str(context.run_config.get("run-name", ""))}
+    if head.get("status") == "ok":
+        content = recorddict_from_proto(ProtoRecordDict.FromString(arrays["content"].tobytes()))
+        if socket is None:  # the operator's node config trains in the app process: nothing to vouch
+            log.warning("no worker-socket in the node config: the reply is sent unchecked")
+            return Message(content=content, reply_to=message), ""
+        try:
+            wire.call(str(socket), {**ask, "digest": content_digest(reply_records(content))}, timeout=60)
+        except wire.WorkerError as err:
+            return _error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err))
+        return Message(content=content, reply_to=message), ""
+    code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if head.get("load") else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    text = str(head.get("text", ""))
+    if socket is None:
+        return _error(message, code, text)
+    try:  # the worker's own error words may leave; anything else is withheld
+        wire.call(str(socket), {**ask, "error": text}, timeout=60)
+    except wire.WorkerError as err:
+        return _error(message, code, str(err))
+    return _error(message, code, text)
+
+
+def _error(message: Message, code: int, text: str) -> tuple[Message, str]:
+    reason = WORKER_ERROR.format(text)
+    return Message(Error(code=code, reason=reason), reply_to=message), reason
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,16 +379,28 @@ def main(argv: list[str] | None = None) -> None:
                         help="CA certificate of the Runtime API's TLS certificate (omit for plain HTTP on loopback)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
     parser.add_argument("--poll", type=float, default=POLL_SECONDS, help="seconds between task polls while idle")
+    parser.add_argument("--app-user", default=None,
+                        help="run submitted bundles as this user (needs root): no access to the centre's "
+                             "data, state, ledger or keys")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
     if args.parent_pid is not None:
         start_parent_process_monitor(args.parent_pid)  # SIGINT here when the SuperNode is gone
     certificates = Path(args.root_certificates).read_bytes() if args.root_certificates else None
+    if args.app_user is not None:
+        try:
+            pwd.getpwnam(args.app_user)
+        except KeyError:
+            raise SystemExit(f"--app-user {args.app_user}: no such user on this machine") from None
+        if os.geteuid() != 0:
+            raise SystemExit("--app-user needs the runtime to start as root (it drops to that user per bundle)")
+    runtime = WarmRuntime(args.runtime_api_address, certificates, args.app_user)
     try:
-        WarmRuntime(args.runtime_api_address, certificates).serve_forever(args.poll)
+        runtime.serve_forever(args.poll)
     except KeyboardInterrupt:
         log.info("warm ClientApp runtime stopping")
+        runtime.close()
 
 
 if __name__ == "__main__":

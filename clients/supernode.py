@@ -59,6 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
                    help="run ClientApps in one long-lived runtime process (clients/runtime.py) instead of a "
                         "new flwr-clientapp process per message")
+    p.add_argument("--app-user", default=None,
+                   help="run submitted bundles as this user (needs root; with --warm): it reads neither the "
+                        "centre's data nor its state, ledger or keys; start the worker with --socket-group "
+                        "set to this user's group")
     return p
 
 
@@ -75,8 +79,10 @@ def main(argv: Sequence[str]) -> None:
     update_console_handler(timestamps=True, colored=False)  # its log is a file an operator reads: when, not colour
     start_client_internal.time = _clock(ours.idle_poll, ours.reply_poll)  # type: ignore[attr-defined]
     start_client_internal.pull_objects = fast_pull(start_client_internal.pull_objects)  # type: ignore[attr-defined]
+    if ours.app_user and not ours.warm:
+        raise SystemExit("--app-user needs the warm runtime (--warm): stock flwr-clientapp runs as this user")
     if ours.warm:
-        _start_runtime(flower_args)
+        _start_runtime(flower_args, ours.app_user)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
@@ -144,7 +150,7 @@ def _flag(args: list[str], name: str, default: str | None) -> str | None:
     return default
 
 
-def _start_runtime(flower_args: list[str]) -> subprocess.Popen:
+def _start_runtime(flower_args: list[str], app_user: str | None = None) -> subprocess.Popen:
     """clients/runtime.py as this process's child, on the Runtime API the SuperNode is about to serve."""
     from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
 
@@ -157,6 +163,8 @@ def _start_runtime(flower_args: list[str]) -> subprocess.Popen:
     ca = _flag(flower_args, "--ssl-ca-certfile", None)
     if ca:
         argv += ["--root-certificates", ca]
+    if app_user:
+        argv += ["--app-user", app_user]
     proc = subprocess.Popen(argv)  # noqa: S603 - our own module, no shell
     threading.Thread(target=_supervise, args=(proc, argv), daemon=True, name="runtime-supervisor").start()
     return proc

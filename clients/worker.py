@@ -18,6 +18,7 @@ recorded in STATE_DIR/egress-ledger.jsonl, before it leaves this process.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import logging
 import os
@@ -33,7 +34,17 @@ import torch
 from clients import dataplane, wire
 from clients.broadcast import HeldBase, StaleBase
 from clients.data import load_split
-from clients.egress import LEDGER_NAME, EgressGuard, Manifest, describe_blob, describe_worker_reply, packed_manifest
+from clients.egress import (
+    LEDGER_NAME,
+    EgressBlocked,
+    EgressGuard,
+    Manifest,
+    content_digest,
+    describe_blob,
+    describe_worker_reply,
+    packed_manifest,
+    reply_records,
+)
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.policy import Gate, Policy
 from clients.training import Ahead, CentreTrainer, autocast_dtype
@@ -55,6 +66,7 @@ from models.packing import (
 )
 
 log = logging.getLogger("bridgepool.centre")
+VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
 
 
 class CentreWorker:
@@ -67,6 +79,11 @@ class CentreWorker:
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
         self._uploads: dict[tuple[str, int, str], str] = {}  # (run, round, op) -> SHA-256 of the sent manifest
+        # What this worker produced and may therefore leave the centre as a Flower reply: digests of
+        # reply contents and the texts of error replies. The centre's runtime asks before it sends
+        # (op "vouch"); each is good once, and only the newest VOUCHED are kept.
+        self._vouched: dict[str, None] = {}
+        self._vouched_errors: dict[str, None] = {}
         self.plane_bytes = [0, 0]  # this request's bytes on the data plane: received, sent (for the metrics)
         self.threads = threads
         self.device = device  # this centre's device over the run config's ("" = the run config's)
@@ -96,6 +113,8 @@ class CentreWorker:
         op = header.get("op")
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
+        if op == "vouch":  # the runtime, before it sends a Flower reply: not a request of the run's
+            return self._answer_vouch(header), {}
         self.gate.admit(header)  # the centre's policy: raises PolicyRefused (in the ledger) before any work
         if op == "egress-check":
             return self._egress_check(header), {}
@@ -181,11 +200,41 @@ class CentreWorker:
         run, rnd, op = trainer.cfg.run_name, int(header["round"]), str(header.get("op"))
         plane = header.get("data-plane") or {}
         if out and plane.get("token"):
-            return self._upload(reply, out, plane, run, rnd, op), {}
+            reply = self._upload(reply, out, plane, run, rnd, op)
+            self.vouch(content_digest(reply_records(reply, {})))
+            return reply, {}
         # Raises EgressBlocked (so nothing but the error is sent) if the reply breaks a rule.
         self.egress.check(describe_worker_reply(reply, out), self._manifest, run=run, round=rnd, op=op,
                           stage="worker-reply")
+        self.vouch(content_digest(reply_records(reply, out)))
         return reply, out
+
+    def vouch(self, claim: str, error: bool = False) -> None:
+        """Remember a reply (its content digest) or an error text this worker produced."""
+        book = self._vouched_errors if error else self._vouched
+        book[claim] = None
+        while len(book) > VOUCHED:
+            del book[next(iter(book))]
+
+    def _answer_vouch(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Is the Flower reply the runtime is about to send one this worker produced? A digest (or
+        error text) it did not produce is recorded in the ledger as blocked (stage `runtime`) and
+        refused: the runtime then sends an error reply in its own words in its place."""
+        error = "error" in header
+        claim = str(header["error"] if error else header.get("digest", ""))
+        book = self._vouched_errors if error else self._vouched
+        run, op = str(header.get("run-name", ""))[:64], str(header.get("reply-to", "unknown"))[:16]
+        rnd = int(header.get("round", 0))
+        if claim in book:
+            del book[claim]
+            self.egress.runtime(run=run, round=rnd, op=op)
+            return {"status": "ok", "centre": self.centre}
+        what = "an error text" if error else "a reply"
+        fingerprint = hashlib.sha256(claim.encode()).hexdigest()[:16]
+        self.egress.runtime(run=run, round=rnd, op=op,
+                            problem=f"{what} this worker did not produce (sha256 {fingerprint})")
+        raise EgressBlocked(f"the centre's runtime withheld {what} of the {op} reply that its worker did not "
+                            "produce (recorded in the egress ledger, stage runtime)")
 
     def _upload(self, reply: dict[str, Any], out: wire.Arrays, plane: dict[str, Any], run: str, rnd: int,
                 op: str) -> dict[str, Any]:
@@ -258,8 +307,11 @@ def broadcast_manifest(wire: Manifest) -> Manifest:
     return {k: v for k, v in wire.items() if k in (PARAMS_KEY, INT8_KEY, SCALE_KEY)}
 
 
-def serve(worker: CentreWorker, socket_path: Path) -> None:
-    """Answer requests one at a time until SIGTERM/SIGINT."""
+def serve(worker: CentreWorker, socket_path: Path, group: str | None = None) -> None:
+    """Answer requests one at a time until SIGTERM/SIGINT. The socket is created 0600 (only the
+    worker's user may relay), or 0660 for the members of `group` (the user the centre's runtime
+    runs submitted bundles as: `--app-user`), with the mode set by the umask before `bind`, so it
+    never exists with a wider one."""
     release_freed_memory()  # a round's freed gradients and buffers leave resident memory (models/memory.py)
     socket_path = Path(socket_path)
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,8 +326,15 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     limit = worker.policy.message_limit  # bytes per frame on the socket: the largest model + margin by default
-    with Listener(str(socket_path), family="AF_UNIX") as listener:
-        os.chmod(socket_path, 0o600)  # only the centre's own user may relay
+    gid = grp.getgrnam(group).gr_gid if group else -1  # an unknown group fails here, naming it (KeyError)
+    previous = os.umask(0o117 if group else 0o177)
+    try:
+        listener = Listener(str(socket_path), family="AF_UNIX")
+    finally:
+        os.umask(previous)
+    if group:
+        os.chown(socket_path, -1, gid)
+    with listener:
         log.info("[%s] worker ready on %s", worker.centre, socket_path)
         try:
             while not stop:
@@ -291,6 +350,7 @@ def serve(worker: CentreWorker, socket_path: Path) -> None:
                     except Exception as err:  # reported to the ClientApp, worker stays up
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}
+                        worker.vouch(f"centre worker failed: {reply['error']}", error=True)  # wire.call's words
                     try:
                         sent = wire.send(conn, reply, out)
                     except OSError as err:  # the client left before its reply: the worker keeps serving

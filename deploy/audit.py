@@ -135,7 +135,9 @@ def _unverified(entries: list[dict[str, Any]]) -> list[tuple[Any, Any]]:
     """(round, op) pairs the worker released more often than the shell had checked."""
     released = Counter((e.get("round"), e.get("op")) for e in entries
                        if e.get("stage") in RELEASES and e.get("verdict") == "sent")
-    checked = Counter((e.get("round"), e.get("op")) for e in entries if e.get("stage") == "flower-reply")
+    # Checked: by the shell's call to the guard, or by the runtime's check against the worker's digest.
+    checked = Counter((e.get("round"), e.get("op")) for e in entries
+                      if e.get("stage") in ("flower-reply", "runtime"))
     return sorted(k for k, n in released.items() if checked[k] < n)
 
 

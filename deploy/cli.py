@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-dir", type=Path, required=True)
     serve.add_argument("--state-dir", type=Path, required=True)
     serve.add_argument("--socket", type=Path, required=True)
+    serve.add_argument("--socket-group", default=None,
+                       help="group that may connect to the socket (created 0660; default 0600: this user only); "
+                            "the centre's runtime runs submitted bundles as a member of it (--app-user)")
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--device", default="", help="auto | cpu | cuda: this centre's, over the run config's")
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
@@ -223,9 +227,20 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_centre_serve(args: argparse.Namespace) -> int:
+    import grp
+
     from clients.dataplane import LOOPBACK_HOSTS, Destination
     from clients.policy import Policy
     from clients.worker import CentreWorker, serve
+
+    # Everything the worker writes (state, optimiser moments, ledger, checkpoints) is its user's alone.
+    os.umask(0o077)
+    if args.socket_group is not None:
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            raise ValueError(f"--socket-group {args.socket_group}: no such group on this machine "
+                             "(create it, e.g. `groupadd bridgepool-app`, or leave the flag out)") from None
 
     if args.data_plane_ca and not Path(args.data_plane_ca).is_file():
         raise FileNotFoundError(f"--data-plane-ca {args.data_plane_ca}: no such file (the deployment's CA certificate)")
@@ -234,7 +249,7 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
                           policy=policy, destination=destination, device=args.device)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
-    serve(worker, args.socket)
+    serve(worker, args.socket, args.socket_group)
     return 0
 
 

@@ -101,7 +101,8 @@ def node_config(centre: str, worker_socket: str) -> str:
 
 def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int, pki: Pki | None = None, *,
               insecure: bool = False, max_retries: int | None = None, warm: bool = True,
-              exe: str = "flower-supernode", prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+              exe: str = "flower-supernode", prog: Sequence[str] = ("bridgepool",),
+              app_user: str | None = None) -> list[str]:
     """A centre's SuperNode; its ClientApp relays to the centre worker over `worker_socket`.
 
     `warm` (default): `bridgepool centre supernode` (clients/supernode.py), i.e. Flower's SuperNode
@@ -110,6 +111,8 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
     """
     _security(pki, insecure, f"SuperNode {centre}")
     argv = [*prog, "centre", "supernode"] if warm else [exe]
+    if app_user:  # submitted bundles run as this user (clients/runtime.py AppHost)
+        argv += ["--app-user", app_user]
     if pki is None:
         argv += ["--insecure"]
     else:
@@ -124,12 +127,14 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
            metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
-           device: str = "", prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+           device: str = "", prog: Sequence[str] = ("bridgepool",), socket_group: str | None = None) -> list[str]:
     """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
     `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show;
     `device`: the centre's own (a spec's centre device), over the run config's."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
+    if socket_group:  # the bundles' user's group may relay (socket 0660); else the worker's user only
+        argv += ["--socket-group", socket_group]
     if nice:
         argv += ["--nice", str(nice)]
     if threads:

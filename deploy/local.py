@@ -13,9 +13,11 @@ Run directory layout (nothing is written outside it):
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -56,7 +58,7 @@ class LocalFederation:
 
     def __init__(self, run_dir: Path, centres: list[Centre], base_port: int = 9200,
                  threads_per_centre: int = 0, metrics_port: int = 0, pki: Pki | None = None,
-                 warm_supernodes: bool = True, durable_superlink: bool | None = None):
+                 warm_supernodes: bool = True, durable_superlink: bool | None = None, app_user: str | None = None):
         self.run_dir, self.centres = Path(run_dir).resolve(), centres
         # The SuperLink's state in RUN_DIR/server/superlink.db (SQLite) or in memory (Flower's
         # default). SQLite costs ~0.7 s of every round here (measured with trivial compute:
@@ -65,6 +67,9 @@ class LocalFederation:
         # restart: registered SuperNode keys (a Pki), or a caller that restarts the coordinator.
         self.durable = pki is not None if durable_superlink is None else durable_superlink
         self.warm = warm_supernodes  # False: stock flower-supernode, a new ClientApp process per message
+        # Submitted bundles run as this user (root only): no access to data, state, ledger or keys; the
+        # worker socket is 0660 for its group. None: as the launcher's user.
+        self.app_user = app_user
         # With a Pki (deploy/pki.sh): HTTPS and SuperNode authentication, each centre's key registered
         # before its SuperNode starts. Without: plain HTTP on loopback, the explicit opt-in below.
         self.pki = pki
@@ -142,7 +147,8 @@ class LocalFederation:
     def supernode_argv(self, c: Centre, runtime_port: int, **over: Any) -> list[str]:
         """Centre `c`'s SuperNode command line; `over` replaces arguments (the tests' refused variants)."""
         kwargs: dict[str, Any] = {"pki": self.pki, "insecure": self.pki is None, "warm": self.warm,
-                                  "exe": venv_bin("flower-supernode"), "prog": (venv_bin("bridgepool"),)}
+                                  "exe": venv_bin("flower-supernode"), "prog": (venv_bin("bridgepool"),),
+                                  "app_user": self.app_user}
         return commands.supernode(c.name, self.superlink_address, str(c.socket), runtime_port, **{**kwargs, **over})
 
     def wait(self, flwr_run: subprocess.Popen, on_tick=None, timeout: float = 24 * 3600) -> dict:
@@ -259,7 +265,9 @@ class LocalFederation:
                                # loopback is the worker's own default: named only for another host (netns)
                                coordinator="" if self.data_plane_host == "127.0.0.1" else self.data_plane_host,
                                data_plane_ca=self.pki.centre_ca_cert(c.name) if self.pki is not None else "",
-                               prog=(sys.executable, "-m", "deploy.cli"))
+                               prog=(sys.executable, "-m", "deploy.cli"),
+                               socket_group=grp.getgrgid(pwd.getpwnam(self.app_user).pw_gid).gr_name
+                               if self.app_user else None)
 
     def data_plane_config(self) -> dict[str, Any]:
         """The run-config keys that put the ServerApp's data plane where this deployment's centres

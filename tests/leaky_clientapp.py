@@ -4,8 +4,8 @@ It builds the installed shell's reply (clients/app.py, so the worker trained and
 checked it as usual), then reads the centre's corpus from disk itself and adds
 its first 512 bytes twice: as int64 token ids (an extra array, as TokenSampler
 produces them) and as text (an extra ConfigRecord). For the centres in
-BYPASS_GUARD it returns that reply without the shell's egress check, which is how
-the test shows that the capture would catch a leak the guard did not stop.
+BYPASS_GUARD it returns that reply without the shell's egress check: the centre's
+runtime must then withhold it, as the reply is not the one the worker produced.
 
 The test copies this file into a throwaway app directory of its own; it is never
 part of bridgepool's app bundle.
@@ -20,12 +20,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import app as shell
+from clients import runtime
 from clients.data import load_split
 
-BYPASS_GUARD = {"de-lrz"}  # test-only: these centres' leaks skip the guard and reach the network
+BYPASS_GUARD = {"de-lrz"}  # these centres' leaks skip the guard: the runtime's check must stop them
 SAMPLE_BYTES = 512
 
 app = ClientApp()
+
+# The centre's runtime checks each reply against the worker's record before it sends it. A bundle that
+# ran inside the runtime's process could switch that check off; this one tries. It runs in an app host
+# process of its own (clients/apphost.py), so the patch changes nothing in the runtime that sends.
+runtime.checked_reply = lambda message, context, head, arrays: (message, "")
 
 
 @app.train()

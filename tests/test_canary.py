@@ -8,7 +8,8 @@ searched for each canary in every encoding deploy/canary.py knows.
 
 The second test submits a deliberately leaking ClientApp (tests/leaky_clientapp.py):
 fr-genci's leak goes through the egress guard, which must block it; de-lrz's skips
-the guard (test-only), and the capture must find it.
+the guard, and the centre's runtime must withhold it (issue 19, threat 3): neither
+reaches the capture.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def test_no_canary_leaves_a_centre(tmp_path):
         assert c["sent"]["arrays"] and set(c["sent"]["arrays"]) <= allowed
 
 
-def test_leaking_clientapp_is_caught_by_guard_and_by_capture(tmp_path):
+def test_leaking_clientapp_is_blocked_by_guard_and_by_runtime(tmp_path):
     run_dir = tmp_path / "run"
     centres, canaries = _centres(run_dir, tmp_path / "src")
     app_dir = _leaky_app(tmp_path / "leaky-app")
@@ -111,15 +112,22 @@ def test_leaking_clientapp_is_caught_by_guard_and_by_capture(tmp_path):
     assert not [h for h in found if h.canary == "fr-genci"]
     assert not [h for h in search(_server_side(run_dir), canaries) if h.canary == "fr-genci"]
 
-    # de-lrz: the same leak with the guard bypassed is on the wire, as text and as int64 token ids.
-    encodings = {h.encoding for h in found if h.canary == "de-lrz"}
-    assert {"utf-8 / uint8 token ids", "int64-le token ids"} <= encodings, found
+    # de-lrz: the same leak with the app's guard call skipped (issue 19, threat 3): the centre's runtime
+    # finds that the reply is not the one its worker produced, withholds it, and sends an error of its own
+    # words; the worker's ledger names it (stage runtime). Nothing of it reaches the network either.
+    de = centres[1]
+    withheld = [e for e in read_ledger(de.state_dir / "egress-ledger.jsonl") if e["verdict"] == "blocked"]
+    assert [(e["stage"], e["round"], e["op"]) for e in withheld] == [("runtime", 1, "train")], withheld
+    assert "a reply this worker did not produce" in withheld[0]["violations"][0]
+    assert re.search(r"EGRESS BLOCKED at the runtime \(train", (run_dir / "logs" / "worker-de-lrz.log").read_text())
+    assert not [h for h in found if h.canary == "de-lrz"], found
+    assert not [h for h in search(_server_side(run_dir), canaries) if h.canary == "de-lrz"]
+    assert "withheld a reply" in run["message"], run["message"]  # the runtime's words reached the server
 
     rep = (run_dir / "residency.json").read_text()
     report = json.loads(rep)
     assert report["centres"]["fr-genci"]["blocked"]["count"] == 1
-    assert report["centres"]["de-lrz"]["verdict"] == "fail"  # the worker saw a reply it never got to check
-    assert any("never checked" in p for p in report["centres"]["de-lrz"]["problems"])
+    assert report["centres"]["de-lrz"]["blocked"]["count"] == 1
     assert canaries["fr-genci"] not in rep and canaries["de-lrz"] not in rep
 
 
