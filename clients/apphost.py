@@ -9,6 +9,11 @@ token, so it cannot push a reply, and whatever it returns is checked by the runt
 against the worker's own record before anything leaves. Patching the runtime's check
 from inside the bundle changes nothing: it runs in another process.
 
+With `--app-user`, this process starts as root (the interpreter may lie where only root reads,
+as a pyenv under /root does) and becomes that user before the bundle's code runs: the bundle
+can import what was loaded before (Flower's ClientApp machinery, numpy, safetensors and the
+installed shell `clients.app`) and its own files, and read nothing of the centre's.
+
 A new bundle (another hash) gets a new process: one run's threads and patches die with
 its process instead of living on into the next run's tasks.
 
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pwd
 import threading
 from multiprocessing.connection import Connection
 from typing import Any
@@ -29,6 +36,7 @@ from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.serde import context_from_proto, message_from_proto, recorddict_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.supercore.utils import get_flwr_home
 
 from clients import wire
 
@@ -55,16 +63,38 @@ def _task(app: ClientApp, tx: Connection, lock: threading.Lock, header: dict[str
         wire.send(tx, head, out)
 
 
+def drop_to(user: str) -> None:
+    """Become `user` for good (groups, gid, uid: root's capabilities go with the uid) before any of the
+    bundle's code runs. This process starts as root so that it can start at all where the interpreter
+    lies in a directory only root reads (a pyenv under /root); what the installed shell and Flower need
+    is imported before the drop, the bundle's own files are read after it (they are world-readable)."""
+    import clients.app  # noqa: F401  - the installed shell a bundle builds on, with numpy and safetensors
+
+    entry = pwd.getpwnam(user)
+    home = str(get_flwr_home())  # where the runtime installed the bundle
+    os.setgroups([])
+    os.setgid(entry.pw_gid)
+    os.setuid(entry.pw_uid)
+    if os.getuid() != entry.pw_uid or os.geteuid() != entry.pw_uid:
+        raise SystemExit(f"could not become {user}")
+    os.chdir(home)
+    os.environ["HOME"] = home
+    log.info("app host runs as %s (uid %d)", user, entry.pw_uid)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m clients.apphost", description=__doc__.split("\n")[0])
     for flag in ("--fab-id", "--fab-version", "--fab-hash"):
         parser.add_argument(flag, required=True)
     parser.add_argument("--in-fd", type=int, required=True, help="pipe the runtime writes tasks to")
     parser.add_argument("--out-fd", type=int, required=True, help="pipe this process writes replies to")
+    parser.add_argument("--user", default=None, help="run the bundle as this user (this process starts as root)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rx, tx = Connection(args.in_fd, writable=False), Connection(args.out_fd, readable=False)
     lock = threading.Lock()
+    if args.user:
+        drop_to(args.user)
     try:
         app = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
             args.fab_id, args.fab_version, args.fab_hash)
@@ -76,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     while True:
         try:
             header, arrays = wire.recv(rx)
-        except EOFError:  # the runtime closed the pipe: this bundle is done with
+        except (EOFError, wire.WireError):  # the runtime closed the pipe: this bundle is done with
             return
         if app is None:
             with lock:

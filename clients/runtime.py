@@ -69,7 +69,6 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.run import Run, RunNotRunningException
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.utils import get_flwr_home
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from clients import wire
@@ -105,13 +104,10 @@ class AppHost:
         reply_r, reply_w = os.pipe()
         argv = [sys.executable, "-m", "clients.apphost", "--fab-id", fab_id, "--fab-version", fab_version,
                 "--fab-hash", fab_hash, "--in-fd", str(task_r), "--out-fd", str(reply_w)]
-        drop: dict[str, Any] = {}
         if user is not None:  # the bundle's own user: its group is the worker socket's (--socket-group)
-            home = str(get_flwr_home())  # where the bundle was installed: readable, not writable, by it
-            drop = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": [], "cwd": home,
-                    "env": {**os.environ, "HOME": home}}
+            argv += ["--user", user]
         try:
-            self.proc = subprocess.Popen(argv, pass_fds=(task_r, reply_w), umask=0o077, **drop)
+            self.proc = subprocess.Popen(argv, pass_fds=(task_r, reply_w), umask=0o077)
         finally:
             os.close(task_r)
             os.close(reply_w)
@@ -144,7 +140,7 @@ class AppHost:
                     waiting = self._pending.pop(int(head.get("id", -1)), None)
                 if waiting is not None:
                     waiting.set_result((head, arrays))
-        except (EOFError, OSError, ValueError):  # it exited (or sent garbage): its tasks fail
+        except (EOFError, OSError, ValueError, wire.WireError):  # it exited (or sent garbage): its tasks fail
             self.proc.wait()
             with self._lock:
                 pending, self._pending = self._pending, {}

@@ -2,10 +2,11 @@
 
 Before relaying each train request as the installed shell does, it tries what issue 19's
 threats 3 and 8 say a submitted bundle must not be able to do: read the centre's corpus,
-read and rewrite its egress ledger, list its state, read its SuperNode's key, and switch
-off the runtime's check of its reply. It writes what each attempt gave into
-/tmp/<run-name>.probe/<centre>.json (a directory the test makes writable for it), then
-returns the shell's honest reply: the run must finish, relayed through the worker socket.
+read and append to its egress ledger, list the run's state and write into the state
+directory (tests/leaky_clientapp.py patches the runtime's check from inside its bundle).
+It writes what each attempt gave into /tmp/<run-name>.probe/<centre>.json (a directory
+the test makes writable for it), then returns the shell's honest reply: the run must
+finish, relayed through the worker socket.
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import app as shell
-from clients import runtime
 
 app = ClientApp()
-runtime.checked_reply = lambda message, context, head, arrays: (message, "")  # only this process's copy
 
 
 def _try(action) -> str:

@@ -3,8 +3,7 @@
 A bundle (tests/prying_clientapp.py) runs in a real federation whose centre runs
 submitted code as its own user (`--app-user nobody`, root needed, as in CI). From inside
 the ClientApp it tries to read the centre's corpus, read and append to the egress ledger,
-list the run's state and write into the state directory, and it patches the runtime's
-reply check in its own process. Every attempt must fail; the run must still finish,
+list the run's state and write into the state directory. Every attempt must fail; the run must still finish,
 the bundle relaying through the worker socket (0660 for its group) and its replies
 checked by the runtime in another process. A second run with another bundle must get
 a fresh app host, the first one's process gone (threat 7).
@@ -78,7 +77,7 @@ def test_a_bundle_run_as_its_own_user_reaches_nothing_of_the_centre(open_root, c
                      "list-run-state": "PermissionError", "write-state": "PermissionError"}, found
     ledger = [json.loads(line) for line in (centres[0].state_dir / "egress-ledger.jsonl").read_text().splitlines()]
     checked = [(e["stage"], e["verdict"], e["op"]) for e in ledger if e["run"] == name and e["stage"] == "runtime"]
-    assert ("runtime", "sent", "train") in checked, checked  # the runtime checked it, in spite of the patch
+    assert ("runtime", "sent", "train") in checked, checked  # the runtime checked its reply against the worker's
     hosts = re.findall(r"app host pid (\d+) for bundle (\w+) .* as user nobody",
                        (run_dir / "logs" / f"supernode-{centres[0].name}.log").read_text())
     assert len(hosts) == 2 and hosts[0][1] != hosts[1][1], hosts
