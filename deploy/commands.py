@@ -99,6 +99,17 @@ def node_config(centre: str, worker_socket: str) -> str:
     return f'centre="{centre}" worker-socket="{worker_socket}"'
 
 
+def fleet_gate(listen: str, superlink_port: int, pki: Pki | None = None,
+               prog: Sequence[str] = ("python3",)) -> list[str]:
+    """The Fleet gate (server/fleetgate.py) on `listen`, in front of the SuperLink on loopback port
+    `superlink_port`: the only part of the SuperLink the centres reach (Fleet API only)."""
+    argv = [*prog, "-m", "server.fleetgate", "--listen", listen]
+    if pki is None:
+        return argv + ["--upstream", f"http://127.0.0.1:{superlink_port}"]
+    return argv + ["--upstream", f"https://127.0.0.1:{superlink_port}", "--certfile", pki.server_cert,
+                   "--keyfile", pki.server_key, "--ca-file", pki.server_ca_cert]
+
+
 def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int, pki: Pki | None = None, *,
               insecure: bool = False, max_retries: int | None = None, warm: bool = True,
               exe: str = "flower-supernode", prog: Sequence[str] = ("bridgepool",),

@@ -27,7 +27,16 @@ from typing import Any
 
 from deploy import commands
 from deploy.commands import Pki
-from deploy.processes import LaunchError, Proc, ProcessGroup, check_port_free, port_open, venv_bin, wait_for
+from deploy.processes import (
+    LaunchError,
+    Proc,
+    ProcessGroup,
+    check_port_free,
+    free_base_port,
+    port_open,
+    venv_bin,
+    wait_for,
+)
 from deploy.prometheus import scrape_config
 from deploy.register import register_keys, supernode_refusal
 from models.config import APP_DIR
@@ -73,7 +82,10 @@ class LocalFederation:
         # With a Pki (deploy/pki.sh): HTTPS and SuperNode authentication, each centre's key registered
         # before its SuperNode starts. Without: plain HTTP on loopback, the explicit opt-in below.
         self.pki = pki
-        self.superlink_port = base_port
+        self.superlink_port = base_port  # the Fleet gate's (server/fleetgate.py): what SuperNodes dial
+        # The SuperLink itself (Fleet, Control and Runtime APIs on one port) listens on the coordinator's
+        # loopback only, on a free port chosen at start (issue 19, threat 1).
+        self.superlink_internal_port = 0
         # The ServerApp's data plane (server/dataplane.py): the port after the SuperNodes' runtime ports.
         self.data_plane_port = base_port + 1 + len(centres)
         self.metrics_port = metrics_port  # the server's; centre i uses metrics_port + 1 + i; 0 = no metrics
@@ -111,11 +123,15 @@ class LocalFederation:
             self._spawn(c.name, f"worker {c.name}", self._worker_argv(c), self.logs / f"worker-{c.name}.log",
                         self._env(c.state_dir / "flwr-home"))
         self.server_home.mkdir(parents=True, exist_ok=True)
+        self.superlink_internal_port = free_base_port(1)
         self._write_cli_config()
         self._spawn("server", "SuperLink", commands.superlink(
-            self.superlink_port, str(self.run_dir / "server" / "superlink.db") if self.durable else None, self.pki,
-            insecure=self.pki is None, host=self.superlink_host, exe=venv_bin("flower-superlink"),
+            self.superlink_internal_port, str(self.run_dir / "server" / "superlink.db") if self.durable else None,
+            self.pki, insecure=self.pki is None, host="127.0.0.1", exe=venv_bin("flower-superlink"),
         ), self.logs / "superlink.log", self._env(self.server_home))
+        self._spawn("server", "Fleet gate", commands.fleet_gate(
+            f"{self.superlink_host}:{self.superlink_port}", self.superlink_internal_port, self.pki,
+            prog=(sys.executable,)), self.logs / "fleetgate.log", self._env(self.server_home))
         wait_for(lambda: all(c.socket.exists() for c in self.centres), 180, "centre workers", self.group)
         wait_for(self._superlink_up, 60, "the SuperLink", self.group)
         if self.pki is not None:
@@ -308,8 +324,8 @@ class LocalFederation:
         return env
 
     def _write_cli_config(self) -> None:
-        (self.server_home / "config.toml").write_text(commands.flwr_config(
-            f"127.0.0.1:{self.superlink_port}", self.pki, insecure=self.pki is None))
+        (self.server_home / "config.toml").write_text(commands.flwr_config(  # the Control API: loopback only
+            f"127.0.0.1:{self.superlink_internal_port}", self.pki, insecure=self.pki is None))
 
     # Where processes run and how they reach each other: one host here; deploy/netns.py
     # overrides these to put the server and each centre in namespaces of their own.
@@ -331,7 +347,7 @@ class LocalFederation:
         return self.group.start(name, self._wrap(where, argv), log, env, cwd=cwd)
 
     def _superlink_up(self) -> bool:
-        return port_open(self.superlink_port)
+        return port_open(self.superlink_internal_port) and port_open(self.superlink_port)
 
 
 def _watching(proc: Proc) -> ProcessGroup:

@@ -128,8 +128,9 @@ class NetnsFederation(LocalFederation):
         return "; ".join(lines) + ";"
 
     def _superlink_up(self) -> bool:
-        log = self.logs / "superlink.log"  # the port is in another namespace: read uvicorn's own word
-        return log.exists() and "Uvicorn running on" in log.read_text(errors="replace")
+        # The ports are in another namespace: read uvicorn's own word, the SuperLink's and the gate's.
+        return all(log.exists() and "Uvicorn running on" in log.read_text(errors="replace")
+                   for log in (self.logs / "superlink.log", self.logs / "fleetgate.log"))
 
 
 def netns_available() -> str | None:

@@ -35,6 +35,15 @@ def connects(pid: int, host: str, port: int) -> subprocess.CompletedProcess:
     return nsenter(pid, [sys.executable, "-c", code])
 
 
+# POST to the coordinator from a centre's namespace, over TLS with the deployment's CA; prints the HTTP status.
+ASK = """import http.client, ssl, sys
+host, port, ca, path = sys.argv[1:]
+conn = http.client.HTTPSConnection(host, int(port), timeout=10, context=ssl.create_default_context(cafile=ca))
+conn.request("POST", path, body=b"", headers={"Content-Type": "application/protobuf"})
+print(conn.getresponse().status)
+"""
+
+
 def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
     assert netns_available() is None, netns_available()
     run_dir = tmp_path / "run"
@@ -51,6 +60,16 @@ def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
         blocked = connects(pid[f"worker {a.name}"], b_addr, b_metrics)
         assert blocked.returncode != 0 and "connected" not in blocked.stdout, blocked
         assert "connected" in connects(pid[f"worker {a.name}"], fed.addresses["server"], span).stdout
+
+        # Issue 19, threat 1: a centre reaches only the Fleet gate. The SuperLink's own port (Control and
+        # Runtime APIs) listens on the server's loopback; through the gate, Control and Runtime paths get 403.
+        internal = connects(pid[f"worker {a.name}"], fed.addresses["server"], fed.superlink_internal_port)
+        assert internal.returncode != 0 and "connected" not in internal.stdout, internal
+        assert "connected" in connects(pid["SuperLink"], "127.0.0.1", fed.superlink_internal_port).stdout
+        for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/runtime/acquire-task", "/docs"):
+            asked = nsenter(pid[f"worker {a.name}"], [sys.executable, "-c", ASK, fed.addresses["server"], str(span),
+                                                      fed.pki.centre_ca_cert(a.name), path])
+            assert asked.stdout.strip() == "403", (path, asked)
 
         # Files: a centre reads its own data (read-only), never another centre's or its key.
         for name in (f"worker {a.name}", f"SuperNode {a.name}"):
