@@ -58,6 +58,9 @@ class HostileWorker(CentreWorker):
     def _egress_check(self, header: dict[str, Any]) -> dict[str, Any]:
         return {"status": "ok", "centre": self.centre}  # a hostile centre has switched its egress guard off
 
+    def _answer_vouch(self, header: dict[str, Any]) -> dict[str, Any]:
+        return {"status": "ok", "centre": self.centre}  # and vouches for whatever its runtime is about to send
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
