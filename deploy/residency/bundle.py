@@ -2,7 +2,7 @@
 
 Integrity: the SHA-256 of the code (every tracked source file of the installed tree, and the git
 commit when there is one), of the app bundle exactly as `flwr run` builds it (Flower's own FAB
-builder; its hash is checked against the one the SuperLink recorded for the run), of the run
+builder; its hash is checked against the one the SuperLink reports for the run, `flwr ls`), of the run
 config, of each capture file and of the TLS key log. The HTML page is one self-contained file
 (inline CSS, no script, nothing fetched), for a reader without the tools.
 """
@@ -46,41 +46,26 @@ def code_digest(root: Path = APP_DIR) -> dict[str, Any]:
             "git-dirty": bool(dirty.stdout.strip()) if dirty.returncode == 0 else None}
 
 
-def integrity(out: Path, run_dir: Path, cfg: Any, app: Path, captures: dict[str, Any],
+def integrity(out: Path, cfg: Any, app: Path, recorded: list[str], captures: dict[str, Any],
               keylog: Path | None) -> dict[str, Any]:
+    """`recorded`: the FAB hash of each run the SuperLink held (`flwr ls`); the one run here."""
     from flwr.cli.build import build_fab_from_disk
 
     fab = build_fab_from_disk(Path(app))
     (out / "app.fab").write_bytes(fab)
     fab_sha = hashlib.sha256(fab).hexdigest()
-    recorded = _superlink_fab_hash(run_dir)
     config = json.dumps(cfg.to_mapping(), sort_keys=True).encode()
     return {
         "versions": _versions(),
         "code": code_digest(),
         "app-bundle": {"path": str(out / "app.fab"), "sha256": fab_sha, "bytes": len(fab),
-                       "superlink-recorded-sha256": recorded,
-                       "matches-run": recorded == fab_sha if recorded else None},
+                       "superlink-recorded-sha256": recorded[-1] if recorded else None,
+                       "matches-run": recorded == [fab_sha] if recorded else None},
         "config": {"sha256": hashlib.sha256(config).hexdigest(), "canonical-json": config.decode()},
         "captures": {name: {"path": str(c.pcap), "sha256": sha256_file(c.pcap)} for name, c in captures.items()},
         "tls-key-log": {"path": str(keylog), "sha256": sha256_file(keylog)} if keylog and Path(keylog).exists()
         else None,
     }
-
-
-def _superlink_fab_hash(run_dir: Path) -> str | None:
-    """The FAB hash the SuperLink stored for the run (its SQLite database), when it kept one."""
-    import sqlite3
-
-    db = run_dir / "server" / "superlink.db"
-    if not db.exists():
-        return None
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-            row = con.execute("SELECT fab_hash FROM run ORDER BY rowid DESC LIMIT 1").fetchone()
-    except sqlite3.Error:
-        return None
-    return str(row[0]) if row else None
 
 
 def _versions() -> dict[str, Any]:

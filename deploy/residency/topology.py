@@ -132,6 +132,20 @@ class CapturedLoopback(LocalFederation):
         return (done.stdout + done.stderr).strip()
 
 
+def recorded_fab_hashes(fed: LocalFederation) -> list[str]:
+    """The FAB hash of each run the SuperLink holds, as `flwr ls --format json` (Flower's public CLI)
+    reports it, asked from the coordinator's host while the federation is up."""
+    from deploy.processes import venv_bin
+
+    argv = fed._wrap("server", [venv_bin("flwr"), "ls", "bridgepool", "--format", "json"])
+    done = subprocess.run(argv, capture_output=True, text=True, env=fed._env(fed.server_home), cwd=fed.run_dir,
+                          timeout=180)
+    try:
+        return [str(r["fab-hash"]) for r in json.loads(done.stdout)["runs"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return []
+
+
 def _ip_json(ns: str, *args: str) -> list[dict]:
     return json.loads(subprocess.run(["ip", "-n", ns, "-j", *args], capture_output=True, text=True,
                                      check=True).stdout)

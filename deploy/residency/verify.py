@@ -110,8 +110,11 @@ def verify(args: argparse.Namespace) -> dict[str, Any]:
         "guard": {"verdict": guard["verdict"], "report": str(run_dir / "residency.json")} if guard else None,
         **evidence,
     }
+    report["integrity"] = bundle.integrity(out, cfg, args.app, env["fab-hashes"], fed.captures, env.get("keylog"))
+    if report["integrity"]["app-bundle"]["matches-run"] is not True:  # the hashes would describe other code
+        report["problems"].append("the app bundle the SuperLink ran is not the one hashed here "
+                                  f"({env['fab-hashes']} against {report['integrity']['app-bundle']['sha256']})")
     report["verdict"], report["verdict-reason"] = verdict(report)
-    report["integrity"] = bundle.integrity(out, run_dir, cfg, args.app, fed.captures, env.get("keylog"))
     report["limits"] = bundle.limits(report["run"]["dp"])
     report["files"] = {"reports": [str(p) for p in bundle.write(out, report)]}
     shutil.rmtree(out / "staging", ignore_errors=True)
@@ -187,15 +190,15 @@ def plant(spec: FederationSpec, run_dir: Path, canaries: dict[str, str], extra: 
 def _run(method: str, spec: FederationSpec, run_dir: Path, cfg: RunConfig, capture_dir: Path,
          args: argparse.Namespace, probe: str) -> tuple[Any, dict, str, dict[str, Any]]:
     """Start the captured federation, run, send the probe if asked, stop. Returns (federation, run.json,
-    probe output, {"keylog": path or None})."""
+    probe output, {"keylog": path or None, "fab-hashes": what the SuperLink ran})."""
     from deploy.local import centre_dirs
     from deploy.processes import free_base_port
     from deploy.residency.tls import keylog_hook
-    from deploy.residency.topology import CapturedLoopback, CapturedNetns
+    from deploy.residency.topology import CapturedLoopback, CapturedNetns, recorded_fab_hashes
 
     centres = [centre_dirs(run_dir, c.name, c.device, c.threads) for c in spec.centres]
     base = args.base_port or free_base_port(2 + len(centres))  # SuperLink, SuperNode runtimes, data plane
-    env: dict[str, Any] = {"keylog": None}
+    env: dict[str, Any] = {"keylog": None, "fab-hashes": []}
     saved = dict(os.environ)
     if method == "netns":
         env["keylog"] = capture_dir / "tls-keys.log"
@@ -207,6 +210,7 @@ def _run(method: str, spec: FederationSpec, run_dir: Path, cfg: RunConfig, captu
     try:
         with fed:
             run = fed.wait(fed.submit(cfg.to_mapping(), app_dir=args.app), timeout=3600)
+            env["fab-hashes"] = recorded_fab_hashes(fed)
             if probe:  # while everything is still up
                 other = centres[1].name if len(centres) > 1 else ""
                 probe_log = fed.leak_probe(centres[0].name, other, probe)
