@@ -124,3 +124,14 @@ def _leaky_app(app_dir: Path) -> Path:
     (app_dir / "pyproject.toml").write_text(text)
     (app_dir / "README.md").write_text("Test-only leaking app (tests/test_canary.py).\n")
     return app_dir
+
+
+def test_verify_residency_refuses_bad_canaries_before_starting(tmp_path, capsys):
+    base = ["verify", "residency", "--topology", "loopback", "--out", str(tmp_path / "evidence")]
+    assert main([*base, "--canary", "short"]) == 2
+    assert "--canary 'short': need one line of at least 12 UTF-8 bytes" in capsys.readouterr().err
+    assert main([*base, "--canary", "a" * 20, "--canary", "b" * 20, "--canary", "c" * 20]) == 2
+    assert "at most one per centre" in capsys.readouterr().err
+    assert main([*base, "--centres", "1", "--leak-probe"]) == 2
+    assert "--leak-probe needs at least 2 centres" in capsys.readouterr().err
+    assert not (tmp_path / "evidence").exists()  # nothing started, nothing written

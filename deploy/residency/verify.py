@@ -48,8 +48,8 @@ QUICK = {"model": "tiny", "rounds": 1, "inner-steps": 2, "batch-size": 4, "inner
 def add_verify_parser(sub: Any) -> None:
     ver = sub.add_parser("verify", help="evidence for evaluators").add_subparsers(required=True, dest="verify_cmd")
     res = ver.add_parser("residency", help="plant canaries, run real rounds, capture and search every frame")
-    res.add_argument("--spec", type=Path, help="a federation spec (its centres, sources and [config]); "
-                     "default: the built-in demo's centres")
+    res.add_argument("--spec", type=Path, help="a federation spec: its centres, sources and [config] (its deployment "
+                     "and ports are replaced by the verification topology); default: the built-in demo's centres")
     res.add_argument("--centres", type=int, default=2, help="without --spec: the first N demo centres (default 2)")
     res.add_argument("--canary", action="append", default=[], metavar="TEXT",
                      help=f"a canary string (>= {MIN_CANARY_BYTES} UTF-8 bytes); the i-th goes to the i-th centre, "
