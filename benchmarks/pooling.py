@@ -73,7 +73,8 @@ def run_all(plan: PoolPlan) -> dict[str, Any]:
         for steps in plan.budgets:
             t0 = time.monotonic()
             out["budgets"].append(compare(plan, corpora, work / f"steps-{steps}", steps, train_tokens))
-            print(f"[pooling] {steps} steps per centre: {time.monotonic() - t0:.0f} s", flush=True)
+            out["budgets"][-1]["wall"] = time.monotonic() - t0  # pooled run, solo runs and scoring
+            print(f"[pooling] {steps} steps per centre: {out['budgets'][-1]['wall']:.0f} s", flush=True)
         out["load"] = {"before": out["load"], "after": _load()}
         return out
     finally:
@@ -175,12 +176,15 @@ def markdown(res: dict[str, Any], stem: str, heatmap: str) -> str:
              "**Solo** = the same model, the centre's own data only, the same inner optimiser, schedule and inner "
              "steps it gives the federation. **Pooled** = the federation's DiLoCo model after the same inner steps "
              "per centre. Both columns below are held-out loss on the centre's own validation split (lower is "
-             "better).", "", "## Headlines", ""]
+             "better). Compute is equal by construction (same steps, same batch, same model); the seconds are "
+             "measured on the shared machine and move with its load (the solo runs go as many at a time as there "
+             "are cores, the federation's centres all at once).", "", "## Headlines", ""]
     for b in res["budgets"]:
         lines += [f"- {headline(b, c)}" for c in centres]
     lines += ["", f"![cross-evaluation heat map]({heatmap})", ""]
     for b in res["budgets"]:
-        lines += [f"## {b['steps']} inner steps per centre ({b['rounds']} rounds of H={plan['h']}, "
+        rounds = f"{b['rounds']} round{'s' if b['rounds'] > 1 else ''}"
+        lines += [f"## {b['steps']} inner steps per centre ({rounds} of H={plan['h']}, "
                   f"{b['tokens-per-centre']:,} tokens per centre)", "",
                   "| centre | passes over own data | solo loss | pooled loss | pooled vs solo | solo compute s "
                   "| its compute s in the federation (slowest centre) |", "|---|---|---|---|---|---|---|"]
@@ -250,7 +254,8 @@ def heatmap(res: dict[str, Any], png: Path) -> None:
         ax.set_yticks(range(len(models)), models)
         for i in range(len(models)):
             for j in range(len(centres)):
-                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="w", fontsize=8)
+                light = grid[i, j] < (grid.min() + grid.max()) / 2  # viridis_r: low losses are light
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color="k" if light else "w", fontsize=8)
         ax.set_xlabel("held-out split")
         ax.set_title(f"{b['steps']} inner steps per centre", fontsize=10)
         fig.colorbar(im, ax=ax, shrink=0.8, label="held-out loss (lower is better)")
