@@ -4,6 +4,7 @@ data, same token budget per centre. Also the federation's fixed cost per round.
 
     bridgepool bench                       # the committed configuration (~15 min on 2 cores)
     bridgepool bench --quick --out DIR     # toy size, every scenario (the smoke test)
+    bridgepool bench --pooling             # each centre alone against the pooled model (benchmarks/pooling.py)
     python -m benchmarks.federation ...    # the same
 
 Writes OUT/federation.json, OUT/federation.md and OUT/federation_*.png.
@@ -150,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.wire import main as wire_main
 
         return wire_main([a for a in argv if a != "--wire"])
+    if "--pooling" in argv:  # each centre alone against the pooled model (benchmarks/pooling.py)
+        from benchmarks.pooling import main as pooling_main
+
+        return pooling_main([a for a in argv if a != "--pooling"])
     p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--wire", action="store_true", help="instead: the data-plane benchmark (benchmarks/wire.py)")
+    p.add_argument("--pooling", action="store_true",
+                   help="instead: each centre alone against the pooled model (benchmarks/pooling.py)")
     p.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="", help="file name stem; default federation_cpu-<cores>core_<date>")

@@ -188,8 +188,8 @@ def limits(dp: dict[str, Any]) -> list[str]:
         bound = "Differential privacy was off: what the updates reveal about the training data is unquantified."
     return [
         "Raw data: the ledger shows every message each centre released, in form and SHA-256, and that only the "
-        "model's parameter vector and allow-listed scalar metrics left; CI captures all traffic of a real "
-        "federation and finds no planted canary in it in any encoding (tests/test_canary.py).",
+        "model's parameter vector and allow-listed scalar metrics left; `bridgepool verify residency` captures "
+        "every frame of a verification federation and searches it for planted canaries in every encoding.",
         "Model updates are not free of information: gradient inversion recovers training examples from updates "
         "(Zhu et al., NeurIPS 2019; Geiping et al., NeurIPS 2020). " + bound,
         "The guard checks the form of each message (names, shapes, dtypes, scalar types), not its values: code "

@@ -12,6 +12,7 @@
     bridgepool report RUN_DIR               # PNG plots from run.json
     bridgepool deploy compose | register | netns   # multi-node (deploy/multinode.py, README)
     bridgepool audit RUN_DIR                # residency report: what left each centre (residency.json/.md)
+    bridgepool verify residency [--leak-probe]   # canaries planted, every frame captured and searched (evidence bundle)
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     from deploy.multinode import add_deploy_parser  # bridgepool deploy compose | register | netns
 
     add_deploy_parser(sub)
+    from deploy.residency.verify import add_verify_parser  # bridgepool verify residency
+
+    add_verify_parser(sub)
     return p
 
 

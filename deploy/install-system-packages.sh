@@ -1,8 +1,8 @@
 #!/bin/sh
 # Debian packages bridgepool uses: man pages in several languages are the default
 # centre corpora (real human prose, no download at run time); Prometheus and
-# tcpdump serve the metrics and egress tests, tshark decrypts the captured TLS of the
-# network-namespace canary test (deploy/tls_decrypt.py); openssl and openssh-client (ssh-keygen)
+# tcpdump serve the metrics and `bridgepool verify residency`, tshark decrypts the TLS it
+# captures in the network-namespace topology (deploy/residency/tls.py); openssl and openssh-client (ssh-keygen)
 # make the TLS certificates and SuperNode keys (deploy/pki.sh); iproute2 and util-linux the
 # namespace hosts (deploy/netns.py). Installs only what is missing.
 #   sh deploy/install-system-packages.sh          # what the demo and the tests need

@@ -1,134 +1,124 @@
-"""Canary test (issue #5): planted data strings never leave a centre, and a leaking app is caught.
+"""Canary tests (issues #5, #16) on loopback, through the product command `bridgepool verify residency`.
 
-Every centre's corpus holds a unique canary in every document. A real federation
-(SuperLink, SuperNodes and workers as OS processes on loopback, tiny model, 2
-centres) runs while tcpdump captures all traffic on its ports; afterwards the
-capture, the SuperLink database and the server's side of the run directory are
-searched for each canary in every encoding deploy/canary.py knows.
+The command plants a canary in every document it adds to each centre's corpus copy, runs a
+real federation (SuperLink, SuperNodes and workers as OS processes on loopback, tiny model,
+2 centres) while tcpdump captures all traffic on its ports, then searches the capture, the
+SuperLink database and the coordinator's files for each canary in every encoding
+deploy/residency/search.py knows, and writes the evidence bundle.
 
-The second test submits a deliberately leaking ClientApp (tests/leaky_clientapp.py):
-fr-genci's leak goes through the egress guard, which must block it; de-lrz's skips
-the guard, and the centre's runtime must withhold it (issue 19, threat 3): neither
-reaches the capture.
+The second test verifies a deliberately leaking app bundle (tests/leaky_clientapp.py, `--app`):
+fr-genci's leak goes through the egress guard, which must block it; de-lrz's skips the guard
+and patches the runtime's check inside its bundle, and the centre's runtime must withhold it
+(issue 19, threat 3). The netns test (tests/test_canary_netns.py) shows the search catching a
+deliberate leak (`--leak-probe`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from clients.egress import read_ledger
-from deploy.audit import write_report
-from deploy.canary import Capture, capture_haystacks, files_under, plant_canaries, search
-from deploy.local import Centre, LocalFederation
-from deploy.processes import free_base_port
-from models.config import APP_DIR, RunConfig, load_defaults
-from models.gpt import build_model
-from models.packing import pack
+from deploy.cli import _parser, main
+from deploy.residency.search import encodings, files_under, search
+from models.config import APP_DIR
 
 CENTRES = ("fr-genci", "de-lrz")
 
 
-def _centres(run_dir: Path, src: Path) -> tuple[list[Centre], dict[str, str]]:
-    """Each centre's corpus: 30 small documents, each holding that centre's canary once."""
-    return plant_canaries(run_dir, src, CENTRES)
+def _verify(out: Path, *flags: str) -> tuple[int, dict, Path]:
+    """`bridgepool verify residency --topology loopback ... --out OUT`: exit code, report, run dir."""
+    rc = main(["verify", "residency", "--topology", "loopback", "--max-bytes", "20000", "--out", str(out), *flags])
+    report = json.loads((out / "report.json").read_text())
+    return rc, report, out / report["run"]["name"]
 
 
-def _config(run_dir: Path, rounds: int) -> RunConfig:
-    return RunConfig.from_mapping({
-        **load_defaults(), "model": "tiny", "rounds": rounds, "inner-steps": 3, "batch-size": 8,
-        "inner-warmup-steps": 1, "expected-centres": 2, "threads": 1, "eval-batches": 2,
-        "connect-timeout": 90.0, "round-timeout": 120.0, "run-dir": str(run_dir), "run-name": run_dir.name})
-
-
-def _run_captured(run_dir: Path, centres: list[Centre], cfg: RunConfig, pcap: Path,
-                  app_dir: Path = APP_DIR) -> tuple[dict, Capture]:
-    base = free_base_port(2 + len(centres))  # SuperLink, SuperNodes, the ServerApp's data plane (deploy/local.py)
-    with Capture(pcap, list(range(base, base + 2 + len(centres)))) as cap:
-        with LocalFederation(run_dir, centres, base_port=base, durable_superlink=True) as fed:  # DB searched too
-            run = fed.wait(fed.submit(cfg.to_mapping(), app_dir=app_dir), timeout=600)
-    assert cap.dropped == 0, "tcpdump dropped packets: the capture is incomplete"
-    return run, cap
-
-
-def _server_side(run_dir: Path) -> dict[str, bytes]:
-    """Everything in the run directory but the centres' own directories: the SuperLink
-    database, checkpoints, run.json, logs, residency report."""
-    return files_under(run_dir, exclude=[run_dir / "centres"])
-
-
-def test_no_canary_leaves_a_centre(tmp_path):
-    run_dir = tmp_path / "run"
-    centres, canaries = _centres(run_dir, tmp_path / "src")
-    # The canaries are there to find: in the centres' prepared data, in the plain encoding.
-    for c in centres:
-        assert {h.canary for h in search(files_under(c.data_dir), canaries)} == {c.name}
-
-    run, _ = _run_captured(run_dir, centres, _config(run_dir, rounds=2), tmp_path / "capture.pcap")
-    assert run["status"] == "finished", run.get("message")
-    write_report(run_dir)  # the residency report is searched too
-
-    hay, codings = capture_haystacks(tmp_path / "capture.pcap")
-    assert codings == {"identity"}  # Flower 1.41 does not compress; a change must be looked at
-    # The capture is not empty by accident: it holds the round-1 global model, byte for byte.
-    ckpt = load_file(run_dir / "checkpoints" / "round-0001" / "model.safetensors")
-    model_bytes = pack({k: ckpt[k] for k in build_model("tiny", seed=0).state_dict()}).tobytes()
-    assert any(model_bytes in data for name, data in hay.items() if name.startswith("tcp"))
-    assert (run_dir / "server" / "superlink.db").exists()
-
-    assert search(hay, canaries) == []
-    assert search(_server_side(run_dir), canaries) == []
-
-    rep = json.loads((run_dir / "residency.json").read_text())
-    assert rep["verdict"] == "pass", rep
+def test_verify_residency_on_loopback_passes_and_leaves_a_bundle(tmp_path):
+    given = "EVALUATOR-canary-7781-XQ"
+    rc, rep, run_dir = _verify(tmp_path / "evidence", "--canary", given)
+    assert (rc, rep["verdict"]) == (0, "PASS"), rep["verdict-reason"]
+    assert rep["method"] == "loopback" and rep["run"]["status"] == "finished"
+    assert rep["canaries"]["fr-genci"] == given and re.fullmatch(r"canary[0-9a-f]{24}", rep["canaries"]["de-lrz"])
+    # The canaries are there to find: in each centre's prepared data, and only its own.
     for name in CENTRES:
-        c = rep["centres"][name]
-        assert c["sent"]["messages"] == 4 and c["blocked"]["count"] == 0  # ready, 2 train, final evaluate
-        allowed = {f"{k} {v['dtype']} {tuple(v['shape'])}" for k, v in rep["allowed"]["arrays"].items()}
+        data = files_under(run_dir / "centres" / name / "data")
+        assert {h.canary for h in search(data, rep["canaries"])} == {name}
+    # The controls saw the traffic: the round-1 global model and the run's name are on the wire.
+    assert rep["markers"]["round-1 global model bytes"]["found-in"] == ["lo"]
+    assert rep["markers"]["run name"]["found-in"] == ["lo"]
+    assert rep["content-encodings"] == ["identity"]  # Flower 1.41 does not compress; a change must be looked at
+    assert rep["links"]["lo"]["dropped"] == 0 and rep["links"]["lo"]["frames"] > 100
+    assert rep["problems"] == [] and rep["searches"]["capture"]["hits"] == []
+    files = rep["searches"]["coordinator-files"]
+    assert files["hits"] == [] and any(f.endswith("server/superlink.db") for f in files["files"])
+    assert set(rep["encodings"]) == set(encodings(given)) and {"utf-16-le", "float16-le token ids"} <= set(
+        rep["encodings"])
+
+    # The bundle: three reports, hashes that match the files, the FAB the SuperLink ran.
+    out = tmp_path / "evidence"
+    assert sorted(Path(p).name for p in rep["files"]["reports"]) == ["report.html", "report.json", "report.md"]
+    integ = rep["integrity"]
+    cap = integ["captures"]["lo"]
+    assert hashlib.sha256(Path(cap["path"]).read_bytes()).hexdigest() == cap["sha256"]
+    assert integ["app-bundle"]["matches-run"] is True
+    assert integ["code"]["sha256"] and integ["versions"]["flwr"] == "1.41.0"
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "# Residency verification: PASS" in md and "gradient inversion" in md.lower()
+    assert "Differential privacy was off" in md
+    assert "<style>" in page and not re.search(r"<script|src=|href=", page)  # one self-contained page
+    # Re-running: the recorded command parses with the product's own parser, same canaries and config.
+    argv = shlex.split(rep["command"])
+    assert argv[:3] == ["bridgepool", "verify", "residency"]
+    again = _parser().parse_args(argv[1:])
+    assert again.canary == [rep["canaries"][c] for c in CENTRES] and again.topology == "loopback"
+
+    # The egress guard's own report for the same run (bridgepool audit), also searched above.
+    guard = json.loads((run_dir / "residency.json").read_text())
+    assert rep["guard"]["verdict"] == guard["verdict"] == "pass", guard
+    allowed = {f"{k} {v['dtype']} {tuple(v['shape'])}" for k, v in guard["allowed"]["arrays"].items()}
+    for name in CENTRES:
+        c = guard["centres"][name]
+        assert c["sent"]["messages"] == 3 and c["blocked"]["count"] == 0  # ready, train, final evaluate
         assert c["sent"]["arrays"] and set(c["sent"]["arrays"]) <= allowed
 
 
-def test_leaking_clientapp_is_blocked_by_guard_and_by_runtime(tmp_path):
-    run_dir = tmp_path / "run"
-    centres, canaries = _centres(run_dir, tmp_path / "src")
+def test_verify_residency_of_a_leaking_app_finds_both_leaks_stopped(tmp_path):
     app_dir = _leaky_app(tmp_path / "leaky-app")
+    rc, rep, run_dir = _verify(tmp_path / "evidence", "--app", str(app_dir))
+    # Nothing of either leak is anywhere; but no centre delivered an update, so the run did not finish
+    # and the proof says so rather than PASS.
+    found = [h for s in rep["searches"].values() for h in s["hits"]]
+    assert found == [], found
+    assert (rc, rep["verdict"]) == (2, "INCONCLUSIVE") and "did not finish" in rep["verdict-reason"], rep
+    assert rep["run"]["status"] == "failed"
+    assert f"--app {app_dir}" in rep["command"]
 
-    run, _ = _run_captured(run_dir, centres, _config(run_dir, rounds=1), tmp_path / "capture.pcap", app_dir)
-    assert run["status"] == "failed"  # no centre delivered a valid update
-    write_report(run_dir)
-    hay, _ = capture_haystacks(tmp_path / "capture.pcap")
-    found = search(hay, canaries)
-
-    # fr-genci: the guard blocked the leak, logged it, counted it; nothing of it reached the network.
-    fr = centres[0]
-    blocked = [e for e in read_ledger(fr.state_dir / "egress-ledger.jsonl") if e["verdict"] == "blocked"]
+    # fr-genci: the guard blocked the leak, logged it, counted it.
+    blocked = [e for e in read_ledger(run_dir / "centres" / "fr-genci" / "state" / "egress-ledger.jsonl")
+               if e["verdict"] == "blocked"]
     assert [(e["stage"], e["round"], e["blocked-total"]) for e in blocked] == [("flower-reply", 1, 1)]
     assert any("not a parameter of the model" in v for v in blocked[0]["violations"])
     assert re.search(r"EGRESS BLOCKED \(flower-reply of train", (run_dir / "logs" / "worker-fr-genci.log").read_text())
-    assert not [h for h in found if h.canary == "fr-genci"]
-    assert not [h for h in search(_server_side(run_dir), canaries) if h.canary == "fr-genci"]
 
-    # de-lrz: the same leak with the app's guard call skipped (issue 19, threat 3): the centre's runtime
-    # finds that the reply is not the one its worker produced, withholds it, and sends an error of its own
-    # words; the worker's ledger names it (stage runtime). Nothing of it reaches the network either.
-    de = centres[1]
-    withheld = [e for e in read_ledger(de.state_dir / "egress-ledger.jsonl") if e["verdict"] == "blocked"]
+    # de-lrz: the same leak with the app's guard call skipped and the runtime's check patched in the bundle
+    # (issue 19, threat 3): the runtime, in another process, finds the reply is not the one its worker
+    # produced, withholds it and sends an error in its own words; the worker's ledger names it.
+    withheld = [e for e in read_ledger(run_dir / "centres" / "de-lrz" / "state" / "egress-ledger.jsonl")
+                if e["verdict"] == "blocked"]
     assert [(e["stage"], e["round"], e["op"]) for e in withheld] == [("runtime", 1, "train")], withheld
     assert "a reply this worker did not produce" in withheld[0]["violations"][0]
     assert re.search(r"EGRESS BLOCKED at the runtime \(train", (run_dir / "logs" / "worker-de-lrz.log").read_text())
-    assert not [h for h in found if h.canary == "de-lrz"], found
-    assert not [h for h in search(_server_side(run_dir), canaries) if h.canary == "de-lrz"]
-    assert "withheld a reply" in run["message"], run["message"]  # the runtime's words reached the server
+    assert "withheld a reply" in rep["run"]["message"], rep["run"]["message"]
 
-    rep = (run_dir / "residency.json").read_text()
-    report = json.loads(rep)
-    assert report["centres"]["fr-genci"]["blocked"]["count"] == 1
-    assert report["centres"]["de-lrz"]["blocked"]["count"] == 1
-    assert canaries["fr-genci"] not in rep and canaries["de-lrz"] not in rep
+    guard = json.loads((run_dir / "residency.json").read_text())
+    assert guard["centres"]["fr-genci"]["blocked"]["count"] == 1
+    assert guard["centres"]["de-lrz"]["blocked"]["count"] == 1
+    text = (run_dir / "residency.json").read_text()
+    assert rep["canaries"]["fr-genci"] not in text and rep["canaries"]["de-lrz"] not in text
 
 
 def _leaky_app(app_dir: Path) -> Path:
@@ -142,3 +132,14 @@ def _leaky_app(app_dir: Path) -> Path:
     (app_dir / "pyproject.toml").write_text(text)
     (app_dir / "README.md").write_text("Test-only leaking app (tests/test_canary.py).\n")
     return app_dir
+
+
+def test_verify_residency_refuses_bad_canaries_before_starting(tmp_path, capsys):
+    base = ["verify", "residency", "--topology", "loopback", "--out", str(tmp_path / "evidence")]
+    assert main([*base, "--canary", "short"]) == 2
+    assert "--canary 'short': need one line of at least 12 UTF-8 bytes" in capsys.readouterr().err
+    assert main([*base, "--canary", "a" * 20, "--canary", "b" * 20, "--canary", "c" * 20]) == 2
+    assert "at most one per centre" in capsys.readouterr().err
+    assert main([*base, "--centres", "1", "--leak-probe"]) == 2
+    assert "--leak-probe needs at least 2 centres" in capsys.readouterr().err
+    assert not (tmp_path / "evidence").exists()  # nothing started, nothing written

@@ -1,11 +1,13 @@
 """Decrypt the TLS connections of a capture with Wireshark's `tshark` and a key-log file.
 
-A test-only aid for the canary search in the network-namespace topology (TLS on): the
-processes write their session secrets in the NSS key-log format (`SSLKEYLOGFILE`, Python's
-`SSLContext.keylog_filename`), and `tls_plaintexts` has tshark (Debian's `tshark`, see
+For `bridgepool verify residency` in the network-namespace topology (TLS on): every Python
+process of the verification federation writes its session secrets in the NSS key-log format
+(`keylog_hook` puts a `sitecustomize` on PYTHONPATH that sets `SSLContext.keylog_filename`;
+the bytes sent are unchanged), and `tls_plaintexts` has tshark (Debian's `tshark`, see
 deploy/install-system-packages.sh) decrypt every TCP connection of a pcap with them
 (`-o tls.keylog_file:`) and hand back, per direction, the application data each side wrote
-(`-z follow,tls,yaml,N`), so deploy/canary.py can search what actually crossed the wire.
+(`-z follow,tls,yaml,N`), so deploy/residency/search.py can search what actually crossed the wire.
+The hook is for a throwaway verification federation only: a key log decrypts its sessions.
 
 Strict, so that a connection is never silently left unsearched: every TCP connection that
 carries payload is decoded as TLS (on the port its SYN went to), and each direction's
@@ -39,6 +41,36 @@ _PREFS = [a for p in ("tcp.desegment_tcp_streams:TRUE", "tcp.relative_sequence_n
 
 class TlsError(ValueError):
     pass
+
+
+KEYLOG_ENV = "BRIDGEPOOL_VERIFY_KEYLOG"
+# Every ssl.SSLContext made in a process that imports this (as sitecustomize) logs its session secrets.
+KEYLOG_HOOK = f'''\
+import os
+import ssl
+
+_path = os.environ.get("{KEYLOG_ENV}")
+if _path:
+    _new = ssl.SSLContext.__new__
+
+    def _logging_new(cls, *args, **kwargs):
+        ctx = _new(cls, *args, **kwargs)
+        ctx.keylog_filename = _path
+        return ctx
+
+    ssl.SSLContext.__new__ = _logging_new
+'''
+
+
+def keylog_hook(folder: Path, keylog: Path) -> dict[str, str]:
+    """Write the hook into `folder`; returns the environment that makes a Python process
+    (and the processes it starts with that environment) log its TLS secrets to `keylog`."""
+    import os
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(KEYLOG_HOOK)
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {KEYLOG_ENV: str(keylog), "PYTHONPATH": path}
 
 
 def tls_plaintexts(pcap: Path, keylog: Path) -> dict[str, bytes]:
