@@ -1,0 +1,122 @@
+"""A centre of 2 data-parallel ranks (clients/ranks.py), on CPU with gloo, tiny model, no Flower.
+
+- equivalence: 2 ranks of batch b train a round as 1 rank of batch 2b (fp32 tolerance);
+- resume: fresh ranks re-train round 3 from the per-rank optimiser state on disk, bit-identical;
+- a rank that dies mid-round fails the round with RankFailure naming the centre and the rank.
+Each rank is a spawned process, as torchrun's would be; rank 0 drives, rank 1 follows.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients.data import TokenSampler
+from clients.training import CentreTrainer
+from deploy.processes import free_base_port
+from models.config import RunConfig, load_defaults
+
+CENTRE = "fr-genci"
+TIMEOUT = 240  # seconds for a group of spawned ranks (loaded 2-core machine)
+
+
+def _cfg(run_dir: Path, batch: int) -> RunConfig:
+    return RunConfig.from_mapping({**load_defaults(), "model": "tiny", "rounds": 3, "inner-steps": 3,
+                                   "batch-size": batch, "inner-warmup-steps": 1, "threads": 1, "eval-batches": 1,
+                                   "run-dir": str(run_dir), "run-name": "ranks"})
+
+
+def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str, rounds: list[int],
+          start: str, out: str, die_on: str) -> None:
+    """One rank: rank 0 trains `rounds` from the model in `start` (or a fresh one) and saves the
+    states and metrics to `out`; the others follow (or, with `die_on`, die when it comes)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from clients.ranks import RankFailure, Ranks, RankTrainer, follow, stop_followers
+
+    ranks = Ranks.join(CENTRE, "cpu", rank, world)
+    if rank:
+        if die_on == "train":  # follows until a round's training starts, then dies as a killed rank would
+            RankTrainer.follow_train = lambda *_: os._exit(3)
+        follow(ranks, Path(data), Path(state))
+        return
+    cfg = _cfg(Path(run_dir), 2)
+    trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
+    model = torch.load(start) if start else {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    saved: dict = {"start": model}
+    try:
+        for rnd in rounds:
+            trainer.load_global(model)
+            result = trainer.train_round(rnd)
+            model = {k: v.clone() for k, v in result.state.items()}
+            saved[rnd] = {"state": model, "metrics": result.metrics, "ranks": result.ranks}
+    except RankFailure as err:
+        saved["failure"] = str(err)
+    torch.save(saved, out)
+    stop_followers(ranks)
+    ranks.close()
+
+
+def _run_ranks(tmp_path: Path, data: Path, rounds: list[int], start: str = "", die_on: str = "") -> dict:
+    port, out = free_base_port(1), tmp_path / f"rank0-{os.urandom(4).hex()}.pt"
+    ctx = multiprocessing.get_context("spawn")
+    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT)
+    for p in procs:
+        if p.is_alive():  # nothing left running, whatever happened
+            p.kill()
+            p.join()
+    assert procs[0].exitcode == 0, f"rank 0 exited with {procs[0].exitcode}"
+    return torch.load(out)
+
+
+def test_a_rank_reads_its_slice_of_the_global_batch():
+    tokens = torch.randint(0, 256, (5000,)).numpy().astype("uint8")
+    whole = TokenSampler(tokens, 16, 6, seed=7).batch(11)[0]
+    parts = [TokenSampler(tokens, 16, 3, seed=7, rank=r, ranks=2).batch(11)[0] for r in range(2)]
+    assert (whole[:3] == parts[0]).all() and (whole[3:] == parts[1]).all()
+    with pytest.raises(ValueError, match="rank"):
+        TokenSampler(tokens, 16, 3, seed=7, rank=2, ranks=2)
+
+
+def test_two_ranks_of_batch_b_train_as_one_rank_of_batch_2b(tmp_path, corpora):
+    data = corpora[CENTRE]
+    two = _run_ranks(tmp_path / "two", data, [1, 2])
+    torch.set_num_threads(1)
+    one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4))
+    model = two["start"]
+    for rnd in (1, 2):  # round 2 also checks the inner AdamW state each rank carried over
+        one.load_global(model)
+        result = one.train_round(rnd)
+        model = {k: v.clone() for k, v in result.state.items()}
+        for k, v in model.items():
+            torch.testing.assert_close(two[rnd]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"round {rnd}: {k}")
+        assert two[rnd]["metrics"]["train-loss"] == pytest.approx(result.metrics["train-loss"], rel=1e-5)
+        assert two[rnd]["metrics"]["tokens"] == result.metrics["tokens"]  # the centre's total
+        assert len(two[rnd]["ranks"]) == 2
+    assert any(not torch.equal(model[k], two["start"][k]) for k in model)  # it did train
+
+
+def test_fresh_ranks_resume_a_round_bit_identical(tmp_path, corpora):
+    data = corpora[CENTRE]
+    warm = _run_ranks(tmp_path, data, [1, 2, 3])
+    assert (tmp_path / "state" / "ranks" / "rank1-inner-optim-round-0002.pt").exists()  # rank 1's own state
+    start = tmp_path / "after-round-2.pt"
+    torch.save(warm[2]["state"], start)
+    cold = _run_ranks(tmp_path, data, [3], start=str(start))  # new processes: optimiser state from disk only
+    for k, v in warm[3]["state"].items():
+        assert torch.equal(cold[3]["state"][k], v), k
+
+
+def test_a_rank_that_dies_fails_the_round_naming_centre_and_rank(tmp_path, corpora):
+    out = _run_ranks(tmp_path, corpora[CENTRE], [1], die_on="train")
+    assert 1 not in out
+    assert f"centre {CENTRE}: rank 1 of 2 failed during round 1" in out["failure"]
