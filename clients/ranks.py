@@ -14,10 +14,13 @@ group, and every rank runs it in step:
     rank 0:  load_global -> weights broadcast from rank 0 -> train_round under DDP -> reply
     rank k:  "load"      -> weights broadcast from rank 0 -> train_round under DDP
 
-DDP all-reduces (averages) the gradients inside the centre, so every rank ends a round with the
-same weights and rank 0's copy is the centre's; with equal per-rank batches the average of the
-ranks' mean gradients is the mean gradient of the whole batch, so N ranks of batch b train as one
-rank of batch N x b does (tests/test_ranks.py). Evaluation runs on rank 0 alone (held-out loss of
+The run's `batch-size` stays the centre's batch per inner step, whatever its hardware: each of N
+ranks trains a slice of b = batch-size / N windows (the server's token cap, the aggregation's
+weights and the optimisation are the same as with one rank; more ranks make a round faster). DDP
+all-reduces (averages) the gradients inside the centre, so every rank ends a round with the same
+weights and rank 0's copy is the centre's; with equal slices the average of the ranks' mean
+gradients is the mean gradient of the whole batch, so N ranks of batch b train as one rank of
+batch N x b does (tests/test_ranks.py). Evaluation runs on rank 0 alone (held-out loss of
 the model it was sent; no collective). The inner AdamW state is saved per rank on the centre's disk
 (`rank{k}-inner-optim-round-R.pt`; rank 0 keeps the single-process name).
 
@@ -174,6 +177,10 @@ class RankTrainer(CentreTrainer):
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, ranks: Ranks):
         self.ranks = ranks
+        if cfg.batch_size % ranks.world:
+            raise ValueError(f"centre {centre}: batch-size {cfg.batch_size} does not split over its {ranks.world} "
+                             f"ranks; set batch-size to a multiple of {ranks.world} or start the centre with "
+                             "another --nproc")
         if ranks.rank == 0:
             # The worker chose the centre's threads; its ranks share them (one rank's share each).
             torch.set_num_threads(max(1, torch.get_num_threads() // ranks.world))
@@ -181,8 +188,9 @@ class RankTrainer(CentreTrainer):
                 ranks.send(("build", cfg, torch.get_num_threads()))
         super().__init__(centre, data_dir, state_dir, cfg, ranks.rank, ranks.world)
         # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
+        # The GPT has no buffers, so DDP's buffer syncing costs nothing.
         gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-        self.net = DistributedDataParallel(self.model, broadcast_buffers=False, device_ids=gpu)
+        self.net = DistributedDataParallel(self.model, device_ids=gpu)
         self._inside = False  # within a mirrored call: inner calls (train_ahead's load) stay local
         self._follower_ahead: Ahead | None = None
 
@@ -214,15 +222,12 @@ class RankTrainer(CentreTrainer):
         own = {"step-seconds-mean": m["step-seconds-mean"], "peak-memory-bytes": m["peak-memory-bytes"]}
         every: list[Any] = [None] * self.ranks.world
         dist.all_gather_object(every, (m["train-loss"], m["step-seconds-max"], own), group=self.ranks.commands)
-        # The centre's figures: its tokens and examples over all ranks, its slowest step and largest
-        # memory, the mean loss over the whole batch (equal per-rank batches: the mean of the means).
-        world = self.ranks.world
-        m["train-loss"] = sum(e[0] for e in every) / world
+        # The centre's figures: tokens and examples are already the whole batch's (batch-size is the
+        # centre's), with its slowest step, its largest memory and the mean loss over the whole batch
+        # (equal per-rank slices: the mean of the ranks' means).
+        m["train-loss"] = sum(e[0] for e in every) / self.ranks.world
         m["step-seconds-max"] = max(e[1] for e in every)
         m["peak-memory-bytes"] = max(e[2]["peak-memory-bytes"] for e in every)
-        for key in ("tokens", "num-examples"):
-            m[key] *= world
-        m["tokens-per-second"] = m["tokens"] / m["compute-seconds"]
         result.ranks = [e[2] for e in every]
         return result
 

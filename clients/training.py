@@ -142,8 +142,9 @@ class CentreTrainer:
         self.seq_len = cfg.seq_len or self.model.config.block_size
         # A stable per-centre seed so centres see different windows of their own data.
         centre_seed = zlib.crc32(centre.encode()) ^ cfg.seed
+        # batch-size is the centre's per inner step; with several ranks each trains its slice of it.
         self.train = TokenSampler(load_split(Path(data_dir), "train", centre), self.seq_len,
-                                  cfg.batch_size, centre_seed, rank, ranks)
+                                  cfg.batch_size // ranks, centre_seed, rank, ranks)
         self.valid = TokenSampler(load_split(Path(data_dir), "validation", centre), self.seq_len,
                                   cfg.batch_size, centre_seed)
         self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))

@@ -1,6 +1,7 @@
 """A centre of 2 data-parallel ranks (clients/ranks.py), on CPU with gloo, tiny model, no Flower.
 
-- equivalence: 2 ranks of batch b train a round as 1 rank of batch 2b (fp32 tolerance);
+- equivalence: 2 ranks of batch b train a round as 1 rank of batch 2b (fp32 tolerance); the run's
+  batch-size (2b) is the centre's, each rank trains its half;
 - resume: fresh ranks re-train round 3 from the per-rank optimiser state on disk, bit-identical;
 - a rank that dies mid-round fails the round with RankFailure naming the centre and the rank.
 Each rank is a spawned process, as torchrun's would be; rank 0 drives, rank 1 follows.
@@ -8,6 +9,7 @@ Each rank is a spawned process, as torchrun's would be; rank 0 drives, rank 1 fo
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 from pathlib import Path
@@ -19,12 +21,13 @@ from clients.data import TokenSampler
 from clients.training import CentreTrainer
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
+from tests.conftest import make_centres
 
 CENTRE = "fr-genci"
 TIMEOUT = 240  # seconds for a group of spawned ranks (loaded 2-core machine)
 
 
-def _cfg(run_dir: Path, batch: int) -> RunConfig:
+def _cfg(run_dir: Path, batch: int = 4) -> RunConfig:
     return RunConfig.from_mapping({**load_defaults(), "model": "tiny", "rounds": 3, "inner-steps": 3,
                                    "batch-size": batch, "inner-warmup-steps": 1, "threads": 1, "eval-batches": 1,
                                    "run-dir": str(run_dir), "run-name": "ranks"})
@@ -44,7 +47,7 @@ def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str,
             RankTrainer.follow_train = lambda *_: os._exit(3)
         follow(ranks, Path(data), Path(state))
         return
-    cfg = _cfg(Path(run_dir), 2)
+    cfg = _cfg(Path(run_dir), 4)
     trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
     model = torch.load(start) if start else {k: v.clone() for k, v in trainer.model.state_dict().items()}
     saved: dict = {"start": model}
@@ -120,3 +123,30 @@ def test_a_rank_that_dies_fails_the_round_naming_centre_and_rank(tmp_path, corpo
     out = _run_ranks(tmp_path, corpora[CENTRE], [1], die_on="train")
     assert 1 not in out
     assert f"centre {CENTRE}: rank 1 of 2 failed during round 1" in out["failure"]
+
+
+def test_a_federation_of_two_rank_centres_trains(tmp_path, corpora):
+    """The real thing, once: Flower, 2 centres of 2 ranks each (`centre serve --nproc 2` under torchrun)."""
+    from tests.test_federation import run_federation, tiny_config
+
+    run_dir = tmp_path / "run"
+    centres = [dataclasses.replace(c, nproc=2) for c in make_centres(run_dir, corpora, 2)]
+    run = run_federation(run_dir, centres, tiny_config(run_dir, rounds=2, **{"inner-steps": 8}))
+    assert run["status"] == "finished", run.get("message")
+    assert all(r["replied"] == 2 for r in run["rounds"])
+    assert run["final"]["eval-loss-mean"] < run["rounds"][0]["eval-loss-mean"] - 0.3
+    for c in centres:
+        assert run["rounds"][-1]["centres"][c.name]["tokens"] == 8 * 8 * 32  # the centre's whole batch
+        assert (c.state_dir / run_dir.name / "rank1-inner-optim-round-0002.pt").exists()
+        log = (run_dir / "logs" / f"worker-{c.name}.log").read_text()
+        assert "rank 1 of 2 joined" in log
+    left = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+            if str(run_dir).encode() in _read(p) and b"--as-rank" in _read(p)]
+    assert not left, "ranks left running"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
