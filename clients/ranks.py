@@ -25,8 +25,9 @@ the model it was sent; no collective). The inner AdamW state is saved per rank o
 (`rank{k}-inner-optim-round-R.pt`; rank 0 keeps the single-process name).
 
 Failures: a collective that fails on rank 0 (a rank died, its connection closed) raises RankFailure
-naming the centre and the rank(s) gone; the worker replies with that error, then exits, and the
-agent restarts the centre's ranks (`--max-restarts`); the federation's quorum covers the round. A
+naming the centre and the rank(s) gone; the worker replies with that error, then exits; the agent
+(which also names the failed rank in its log) stops the other ranks and exits, and `supervise`
+starts the centre's ranks again (`--max-restarts`); the federation's quorum covers the round. A
 rank > 0 whose collective fails exits at once. The agent stops every rank when it is stopped.
 """
 
@@ -34,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -69,7 +72,7 @@ def backend(device: str) -> str:
 
 
 def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
-                rdzv_endpoint: str = "", max_restarts: int = 3, rdzv_timeout: int = 300) -> list[str]:
+                rdzv_endpoint: str = "", rdzv_timeout: int = 300) -> list[str]:
     """torchrun's command line for a centre of `nnodes` x `nproc` ranks, each running `worker_argv`
     (a `python -m` module and its arguments). One node: a private rendezvous on a free loopback port
     (--standalone). Several: node `node_rank` of a static rendezvous at HOST:PORT (node 0 hosts it,
@@ -78,8 +81,12 @@ def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_ra
     if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ValueError(f"--nproc {nproc}, --nnodes {nnodes}, --node-rank {node_rank}: need nproc >= 1, "
                          "nnodes >= 1 and 0 <= node-rank < nnodes")
+    # The agent does not restart the ranks itself (--max-restarts 0): with torch 2.13 the ranks it
+    # restarts fail to connect their gloo mesh ("connectFullMesh failed ... Connection refused",
+    # reproduced with a 10-line script; pytorch/pytorch#167288 for nccl). `supervise` starts a
+    # fresh agent instead, with a fresh rendezvous.
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--max-restarts", str(max_restarts), "--monitor-interval", "2"]
+            "--max-restarts", "0", "--monitor-interval", "2"]
     if nnodes == 1:
         argv += ["--standalone"]
     else:
@@ -90,6 +97,33 @@ def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_ra
         argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", host,
                  "--master-port", port, "--rdzv-conf", f"timeout={rdzv_timeout}"]
     return [*argv, "-m", *worker_argv]
+
+
+def supervise(argv: Sequence[str], centre: str, restarts: int) -> int:
+    """Run torchrun's agent (`argv`) and start it again, up to `restarts` times, when the centre's
+    ranks fail (a rank died, a rendezvous timed out); SIGTERM/SIGINT stop it and its ranks. The
+    agent's exit status, 0 once stopped on request."""
+    proc: subprocess.Popen | None = None
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # the agent stops its ranks, then exits
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    rc = 0
+    for attempt in range(restarts + 1):
+        proc = subprocess.Popen(list(argv))
+        rc = proc.wait()
+        if stopping or rc == 0:
+            return 0
+        left = restarts - attempt
+        log.error("centre %s: its ranks failed (torchrun exited with %d; its log above names the rank); %s", centre,
+                  rc, f"starting them again ({left} restart(s) left)" if left else "no restarts left, giving up")
+    return rc
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                        help="node 0's rendezvous address, the same on every node (--nnodes > 1)")
     serve.add_argument("--max-restarts", type=int, default=3,
-                       help="times torchrun restarts the centre's ranks after one fails")
+                       help="times the centre's ranks are started again after one fails")
     serve.add_argument("--as-rank", action="store_true", help=argparse.SUPPRESS)  # set by the torchrun re-launch
     serve.add_argument("--policy", type=Path, default=None,
                        help="the centre's policy file (TOML or YAML; clients/policy.py): minimum tokens per "
@@ -250,17 +250,15 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
     if (args.nproc > 1 or args.nnodes > 1) and not args.as_rank:
-        from clients.ranks import launch_argv
+        from clients.ranks import launch_argv, supervise
 
-        # torchrun's agent replaces this process (same pid: whoever started the centre stops it, and
-        # the agent stops the ranks), and runs this command again in each rank with --as-rank.
+        # torchrun's agent runs this command again in each rank with --as-rank; this process watches
+        # it, starts it again when the ranks fail, and stops it (and so the ranks) when stopped.
         worker_argv = ["deploy.cli", *strip_flags(args.argv, LAUNCH_FLAGS), "--as-rank"]
-        argv = launch_argv(worker_argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint,
-                           args.max_restarts)
+        argv = launch_argv(worker_argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
         logging.getLogger("bridgepool").info("centre %s: %d rank(s) on this node: %s", args.centre, args.nproc,
                                              " ".join(argv))
-        sys.stdout.flush()
-        os.execv(argv[0], argv)
+        return supervise(argv, args.centre, args.max_restarts)
     kwargs: dict[str, Any] = dict(threads=args.threads, nice=args.nice, policy=policy, destination=destination,
                                   device=args.device)
     ranks = None

@@ -3,6 +3,7 @@
 - equivalence: 2 ranks of batch b train a round as 1 rank of batch 2b (fp32 tolerance); the run's
   batch-size (2b) is the centre's, each rank trains its half;
 - resume: fresh ranks re-train round 3 from the per-rank optimiser state on disk, bit-identical;
+- a real Flower run of two 2-rank centres (`centre serve --nproc 2` under torchrun);
 - a rank that dies mid-round fails the round with RankFailure naming the centre and the rank.
 Each rank is a spawned process, as torchrun's would be; rank 0 drives, rank 1 follows.
 """
@@ -90,32 +91,31 @@ def test_a_rank_reads_its_slice_of_the_global_batch():
         TokenSampler(tokens, 16, 3, seed=7, rank=2, ranks=2)
 
 
-def test_two_ranks_of_batch_b_train_as_one_rank_of_batch_2b(tmp_path, corpora):
+def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_path, corpora):
+    """One group of 2 ranks trains rounds 1-3; one rank of batch 2b trains rounds 1-2 beside it
+    (equivalence, round 2 also checks the AdamW state carried over); fresh ranks then re-train
+    round 3 from the per-rank optimiser state on disk alone (resume)."""
     data = corpora[CENTRE]
-    two = _run_ranks(tmp_path / "two", data, [1, 2])
+    two = _run_ranks(tmp_path, data, [1, 2, 3])
     torch.set_num_threads(1)
     one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4))
     model = two["start"]
-    for rnd in (1, 2):  # round 2 also checks the inner AdamW state each rank carried over
+    for rnd in (1, 2):
         one.load_global(model)
         result = one.train_round(rnd)
         model = {k: v.clone() for k, v in result.state.items()}
         for k, v in model.items():
             torch.testing.assert_close(two[rnd]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"round {rnd}: {k}")
         assert two[rnd]["metrics"]["train-loss"] == pytest.approx(result.metrics["train-loss"], rel=1e-5)
-        assert two[rnd]["metrics"]["tokens"] == result.metrics["tokens"]  # the centre's total
+        assert two[rnd]["metrics"]["tokens"] == result.metrics["tokens"]  # the centre's whole batch
         assert len(two[rnd]["ranks"]) == 2
     assert any(not torch.equal(model[k], two["start"][k]) for k in model)  # it did train
 
-
-def test_fresh_ranks_resume_a_round_bit_identical(tmp_path, corpora):
-    data = corpora[CENTRE]
-    warm = _run_ranks(tmp_path, data, [1, 2, 3])
     assert (tmp_path / "state" / "ranks" / "rank1-inner-optim-round-0002.pt").exists()  # rank 1's own state
     start = tmp_path / "after-round-2.pt"
-    torch.save(warm[2]["state"], start)
+    torch.save(two[2]["state"], start)
     cold = _run_ranks(tmp_path, data, [3], start=str(start))  # new processes: optimiser state from disk only
-    for k, v in warm[3]["state"].items():
+    for k, v in two[3]["state"].items():
         assert torch.equal(cold[3]["state"][k], v), k
 
 
@@ -150,3 +150,42 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def test_nproc_reaches_every_place_a_centre_starts(tmp_path):
+    """demo/run (spec), compose and the torchrun re-launch all carry a centre's ranks; torchrun and
+    `centre serve` accept the command lines they are given."""
+    from torch.distributed.run import get_args_parser
+
+    from clients.ranks import launch_argv
+    from deploy import commands, compose
+    from deploy.cli import LAUNCH_FLAGS, _parser, strip_flags
+    from deploy.local import LocalFederation
+    from deploy.spec import BUILTIN_DEMO, SpecError, load_spec
+
+    spec = load_spec(BUILTIN_DEMO).with_centres(2).with_nproc(2)
+    assert spec.nprocs() == {"fr-genci": 2, "de-lrz": 2}
+    with pytest.raises(SpecError, match="--nproc-per-centre must be between 1 and"):
+        spec.with_nproc(0)
+    centre = dataclasses.replace(_centre(tmp_path), nproc=2)
+    argv = LocalFederation(tmp_path / "run", [centre])._worker_argv(centre)
+    args = _parser().parse_args(argv[3:])  # python -m deploy.cli ...
+    assert args.nproc == 2
+    services = compose.compose(centres=[("fr-genci", "manpages:fr")], nproc={"fr-genci": 2})["services"]
+    command = services["worker-fr-genci"]["command"]
+    assert command[command.index("--nproc") + 1] == "2"
+    assert "--nproc" not in commands.worker("fr-genci", "d", "s", "s/w.sock")  # one rank: today's command line
+    inner = ["deploy.cli", *strip_flags([*argv[3:], "--nnodes=1"], LAUNCH_FLAGS), "--as-rank"]
+    assert "--nproc" not in inner and not any(a.startswith("--nnodes") for a in inner)
+    assert _parser().parse_args(inner[1:]).as_rank
+    for torchrun in (launch_argv(inner, 2), launch_argv(inner, 2, nnodes=2, node_rank=1, rdzv_endpoint="h:29500")):
+        parsed = get_args_parser().parse_args(torchrun[3:])
+        assert parsed.nproc_per_node == "2" and parsed.module and parsed.training_script == "deploy.cli"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        launch_argv(inner, 2, nnodes=2, node_rank=1)
+
+
+def _centre(root: Path):
+    from deploy.local import centre_dirs
+
+    return centre_dirs(root, CENTRE)
