@@ -86,7 +86,7 @@ def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_ra
     # reproduced with a 10-line script; pytorch/pytorch#167288 for nccl). `supervise` starts a
     # fresh agent instead, with a fresh rendezvous.
     argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--max-restarts", "0", "--monitor-interval", "2"]
+            "--max-restarts", "0", "--monitor-interval", "5"]
     if nnodes == 1:
         argv += ["--standalone"]
     else:
