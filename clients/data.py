@@ -156,13 +156,22 @@ def load_split(data_dir: Path, split: str, centre: str, *, min_tokens: int = 2) 
 class TokenSampler:
     """Random training windows and fixed evaluation windows over one token stream.
 
-    Batches are a pure function of ``(seed, step)``: no iterator state, so a client that
+    Batches are a pure function of ``(seed, step, rank)``: no iterator state, so a client that
     restarts mid-run (or is re-created by Flower every round) reproduces its batches.
+
+    A centre of ``ranks`` data-parallel ranks (clients/ranks.py) draws one global batch of
+    ``ranks x batch_size`` windows per step and rank r takes the r-th slice: the ranks
+    together see exactly the batch one rank of batch ``ranks x batch_size`` would see, and
+    ``ranks = 1`` gives the single-process batches unchanged.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
+                 rank: int = 0, ranks: int = 1) -> None:
         if seq_len < 1 or batch_size < 1:
             raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank must be in [0, ranks), got rank {rank} of {ranks}")
+        self.rank, self.ranks = rank, ranks
         self.tokens = np.asarray(tokens).reshape(-1)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         if len(self.tokens) < seq_len + 2:
@@ -175,13 +184,14 @@ class TokenSampler:
         return np.ascontiguousarray(w[:, :-1]), np.ascontiguousarray(w[:, 1:])
 
     def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, y)`` int64 ``(batch_size, seq_len)``; ``y`` is ``x`` shifted by one token."""
+        """``(x, y)`` int64 ``(batch_size, seq_len)``; ``y`` is ``x`` shifted by one token.
+        This rank's slice of the step's global batch (see the class docstring)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         rng = np.random.default_rng([self.seed, step])
         # A window needs seq_len + 1 tokens, so the last valid start is len - seq_len - 1.
-        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        return self._windows(starts)
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size * self.ranks)
+        return self._windows(starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
 
     def eval_batches(self, n_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Up to ``n_batches`` full batches of fixed, non-overlapping windows spread evenly

@@ -12,7 +12,7 @@ an estimate from cores x clock x SIMD width, and says so in `peak_source`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +137,13 @@ class CentreMetrics:
                                 (*LABELS, "peak_source"), registry=r)
         self.peak_memory = Gauge("bridgepool_peak_memory_bytes",
                                  "Peak memory of the last round (GPU allocated, or CPU max RSS)", LABELS, registry=r)
+        # A multi-rank centre (clients/ranks.py): the figures above are the centre's totals; these say
+        # which rank is the slow or the full one.
+        self.rank_step_seconds = Gauge("bridgepool_rank_step_seconds_mean",
+                                       "Mean inner-step seconds of each rank over the last round",
+                                       (*LABELS, "rank"), registry=r)
+        self.rank_peak_memory = Gauge("bridgepool_rank_peak_memory_bytes",
+                                      "Peak memory of each rank over the last round", (*LABELS, "rank"), registry=r)
         self.rounds = Counter("bridgepool_rounds_completed", "Training rounds the centre completed",
                               LABELS, registry=r)
         self.egress_blocked = Counter("bridgepool_egress_blocked",
@@ -174,9 +181,13 @@ class CentreMetrics:
         self.eval_tokens.labels(*c).inc(figures.get("eval-tokens", 0.0))
 
     def record_train(self, run: str, figures: Mapping[str, float], step_seconds: Iterable[float],
-                     peak: Peak) -> None:
-        """A finished training round's figures (CentreTrainer.train_round's metrics)."""
+                     peak: Peak, ranks: Sequence[Mapping[str, float]] = ()) -> None:
+        """A finished training round's figures (CentreTrainer.train_round's metrics), and each
+        rank's (RoundResult.ranks) for a multi-rank centre."""
         c = (self.centre, run)
+        for rank, own in enumerate(ranks):
+            self.rank_step_seconds.labels(*c, str(rank)).set(own["step-seconds-mean"])
+            self.rank_peak_memory.labels(*c, str(rank)).set(own["peak-memory-bytes"])
         self.tokens.labels(*c).inc(figures["tokens"])
         self.tokens_per_second.labels(*c).set(figures["tokens-per-second"])
         self.train_loss.labels(*c).set(figures["train-loss"])

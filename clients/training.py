@@ -61,6 +61,7 @@ class RoundResult:
     state: dict[str, torch.Tensor]
     metrics: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # every inner step, for the metrics histogram
+    ranks: list[dict[str, float]] = field(default_factory=list)  # per-rank figures of a multi-rank centre
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +127,10 @@ def inside(root: Path, path: Path) -> Path:
 class CentreTrainer:
     """One centre's model, data and inner optimiser, kept warm across rounds."""
 
-    def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig):
+    def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, rank: int = 0,
+                 ranks: int = 1):
+        """`rank` of `ranks`: this process's place in a multi-rank centre (clients/ranks.py), which
+        picks its slice of each step's batch and its own inner-optimiser files."""
         self.centre, self.cfg = centre, cfg
         self.state_root = Path(state_dir)
         self.state_dir = run_state_dir(self.state_root, cfg.run_name)
@@ -138,12 +142,15 @@ class CentreTrainer:
         self.seq_len = cfg.seq_len or self.model.config.block_size
         # A stable per-centre seed so centres see different windows of their own data.
         centre_seed = zlib.crc32(centre.encode()) ^ cfg.seed
+        # batch-size is the centre's per inner step; with several ranks each trains its slice of it.
         self.train = TokenSampler(load_split(Path(data_dir), "train", centre), self.seq_len,
-                                  cfg.batch_size, centre_seed)
+                                  cfg.batch_size // ranks, centre_seed, rank, ranks)
         self.valid = TokenSampler(load_split(Path(data_dir), "validation", centre), self.seq_len,
                                   cfg.batch_size, centre_seed)
         self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
         self.flops_per_token = self.model.flops_per_token()
+        self.net: torch.nn.Module = self.model  # what the inner steps run through (DDP in clients/ranks.py)
+        self.file_prefix = f"rank{rank}-" if rank else ""  # rank 0's files keep the single-process names
         self._optim_round = 0  # round whose inner-optimiser state self.optim holds
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
 
@@ -246,7 +253,7 @@ class CentreTrainer:
                 group["lr"] = self.lr_at(step)
             ts = time.perf_counter()
             x, y = self.train.batch(step)
-            _, loss = self._forward(x, y)
+            _, loss = forward(self.net, x, y, self.device, self.amp_dtype)
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -270,7 +277,8 @@ class CentreTrainer:
                 v.add_(ahead.state[k] - ahead.base[k])
 
     def _local_path(self, server_round: int) -> Path:
-        return inside(self.state_dir, self.state_dir / f"local-model-round-{server_round:04d}.safetensors")
+        return inside(self.state_dir, self.state_dir /
+                      f"{self.file_prefix}local-model-round-{server_round:04d}.safetensors")
 
     def _save_local(self, server_round: int) -> None:
         state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}  # untie
@@ -298,7 +306,7 @@ class CentreTrainer:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def _optim_path(self, server_round: int) -> Path:
-        return inside(self.state_dir, self.state_dir / f"inner-optim-round-{server_round:04d}.pt")
+        return inside(self.state_dir, self.state_dir / f"{self.file_prefix}inner-optim-round-{server_round:04d}.pt")
 
     def _load_optim(self, after_round: int) -> None:
         """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).
@@ -320,5 +328,7 @@ class CentreTrainer:
     def _save_optim(self, server_round: int) -> None:
         self._keep(self._optim_path(server_round), lambda tmp: torch.save(self.optim.state_dict(), tmp))
         self._optim_round = server_round
+        if self.file_prefix:  # one position per centre: rank 0 writes it
+            return
         inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(
             {"round": server_round, "next-step": server_round * self.cfg.inner_steps}))

@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,7 @@ from models.packing import (
 
 log = logging.getLogger("bridgepool.centre")
 VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
+TrainerFactory = Callable[[str, Path, Path, RunConfig], CentreTrainer]
 
 
 class CentreWorker:
@@ -74,7 +76,8 @@ class CentreWorker:
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
                  metrics: CentreMetrics | None = None, policy: Policy | None = None,
-                 destination: dataplane.Destination | None = None, device: str = ""):
+                 destination: dataplane.Destination | None = None, device: str = "",
+                 trainer_factory: TrainerFactory = CentreTrainer):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
@@ -87,6 +90,7 @@ class CentreWorker:
         self.plane_bytes = [0, 0]  # this request's bytes on the data plane: received, sent (for the metrics)
         self.threads = threads
         self.device = device  # this centre's device over the run config's ("" = the run config's)
+        self.trainer_factory = trainer_factory  # a multi-rank centre's (clients/ranks.py) drives its other ranks
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
@@ -157,7 +161,8 @@ class CentreWorker:
                 sent = None  # not needed past here (int8 and the policy's clip take the update against it)
             result = trainer.train_round(rnd, ahead)
             self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
-            self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak)
+            self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak,
+                                      result.ranks)
             metrics.update(result.metrics)
             new = self.policy.privatise(sent, pack(result.state))  # the policy's clip + noise, if set
             if trainer.cfg.compression == "int8":
@@ -280,7 +285,7 @@ class CentreWorker:
             cfg = cfg.replace(device=self.device) if self.device else cfg
             torch.set_num_threads(self.threads or cfg.threads or
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
-            self._trainer = CentreTrainer(self.centre, self.data_dir, self.state_dir, cfg)
+            self._trainer = self.trainer_factory(self.centre, self.data_dir, self.state_dir, cfg)
             self._config = dict(run_config)
             self.held = HeldBase()  # a new run (or a resumed one): the server sends what it needs
             self._manifest = wire_manifest(parameter_manifest(self._trainer.model))

@@ -4,10 +4,12 @@
     bridgepool demo                         # 3 centres, real Flower federation, ~5 min on 2 CPU cores
     bridgepool demo --centres 2 --rounds 3 --model tiny --run-dir runs/quick
     bridgepool demo --resume runs/quick     # continue from the last good checkpoint
+    bridgepool demo --centres 2 --nproc-per-centre 2 --model tiny   # each centre a 2-rank DDP cluster
     bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
     bridgepool demo --prometheus-port 9090 --keep-metrics   # ... kept up after the run until Ctrl-C
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
     bridgepool centre serve --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
+    bridgepool centre serve --nproc 2 ...   # the centre as 2 data-parallel ranks (clients/ranks.py)
     bridgepool centre supernode --superlink HOST:PORT ...  # flower-supernode's flags; warm ClientApp runtime
     bridgepool report RUN_DIR               # PNG plots from run.json
     bridgepool deploy compose | register | netns   # multi-node (deploy/multinode.py, README)
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv)  # `centre serve --nproc N` re-launches itself with them
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         return int(args.func(args) or 0)
@@ -107,6 +110,16 @@ def _parser() -> argparse.ArgumentParser:
                             "default: loopback only, the single-machine demo)")
     serve.add_argument("--data-plane-ca", type=Path, metavar="FILE",
                        help="CA certificate the coordinator's data plane must present; plaintext is then refused")
+    serve.add_argument("--nproc", type=int, default=1,
+                       help="ranks of this centre on this node (data-parallel under torchrun; gloo on CPU, nccl on "
+                            "CUDA); rank 0 is the worker, the others train with it (clients/ranks.py)")
+    serve.add_argument("--nnodes", type=int, default=1, help="nodes of this centre (each runs --nproc ranks)")
+    serve.add_argument("--node-rank", type=int, default=0, help="this node's place among --nnodes (0 hosts rank 0)")
+    serve.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
+                       help="node 0's rendezvous address, the same on every node (--nnodes > 1)")
+    serve.add_argument("--max-restarts", type=int, default=3,
+                       help="times the centre's ranks are started again after one fails")
+    serve.add_argument("--as-rank", action="store_true", help=argparse.SUPPRESS)  # set by the torchrun re-launch
     serve.add_argument("--policy", type=Path, default=None,
                        help="the centre's policy file (TOML or YAML; clients/policy.py): minimum tokens per "
                             "request, lr bounds, request budget, models, clip + noise, socket limits")
@@ -149,6 +162,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="after the run, keep Prometheus and the centres' metrics up until Ctrl-C, and print "
                         "the URL and the queries to open")
     p.add_argument("--max-bytes", type=int, help="text per centre (0 = all; the spec's max-bytes otherwise)")
+    p.add_argument("--nproc-per-centre", type=int, metavar="N",
+                   help="data-parallel ranks in each centre (torchrun, gloo on CPU / nccl on CUDA; "
+                        "the spec's nproc otherwise, default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
 
@@ -178,7 +194,8 @@ def apply_flags(spec: FederationSpec, args: argparse.Namespace) -> FederationSpe
         if args.max_bytes < 0:
             raise ConfigError(f"--max-bytes must be >= 0 (0 = all), got {args.max_bytes}")
         centres = tuple(dataclasses.replace(c, max_bytes=args.max_bytes) for c in centres)
-    return dataclasses.replace(spec, coordinator=co, centres=centres)
+    spec = dataclasses.replace(spec, coordinator=co, centres=centres)
+    return spec.with_nproc(args.nproc_per_centre) if args.nproc_per_centre is not None else spec
 
 
 def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
@@ -250,11 +267,54 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--data-plane-ca {args.data_plane_ca}: no such file (the deployment's CA certificate)")
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
-    worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
-                          policy=policy, destination=destination, device=args.device)
+    if (args.nproc > 1 or args.nnodes > 1) and not args.as_rank:
+        from clients.ranks import launch_argv, supervise
+
+        # torchrun's agent runs this command again in each rank with --as-rank; this process watches
+        # it, starts it again when the ranks fail, and stops it (and so the ranks) when stopped.
+        worker_argv = ["deploy.cli", *strip_flags(args.argv, LAUNCH_FLAGS), "--as-rank"]
+        argv = launch_argv(worker_argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        logging.getLogger("bridgepool").info("centre %s: %d rank(s) on this node: %s", args.centre, args.nproc,
+                                             " ".join(argv))
+        return supervise(argv, args.centre, args.max_restarts)
+    kwargs: dict[str, Any] = dict(threads=args.threads, nice=args.nice, policy=policy, destination=destination,
+                                  device=args.device)
+    ranks = None
+    if args.as_rank:
+        from clients.ranks import Ranks, RankZeroWorker, follow, stop_followers
+
+        ranks = Ranks.join(args.centre, args.device)
+        if ranks.rank:  # no socket, no metrics endpoint: rank 0 is the centre's only door
+            if args.nice:
+                os.nice(args.nice)
+            follow(ranks, args.data_dir, args.state_dir, args.device)
+            return 0
+        worker: CentreWorker = RankZeroWorker(ranks, args.centre, args.data_dir, args.state_dir, **kwargs)
+    else:
+        worker = CentreWorker(args.centre, args.data_dir, args.state_dir, **kwargs)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
-    serve(worker, args.socket, args.socket_group)
+    try:
+        serve(worker, args.socket, args.socket_group)
+    finally:
+        if ranks is not None:
+            stop_followers(ranks)
     return 0
+
+
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts")
+
+
+def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """`argv` without `flags` and their values (as `--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            out.append(arg)
+    return out
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

@@ -51,15 +51,16 @@ class Centre:
     state_dir: Path
     device: str = ""  # this centre's worker: auto | cpu | cuda; "" = the run config's device
     threads: int = 0  # this centre's worker's torch threads; 0 = the federation's default
+    nproc: int = 1  # the worker's data-parallel ranks (clients/ranks.py)
 
     @property
     def socket(self) -> Path:
         return self.state_dir / "worker.sock"
 
 
-def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0) -> Centre:
+def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0, nproc: int = 1) -> Centre:
     root = run_dir / "centres" / name
-    return Centre(name, root / "data", root / "state", device, threads)
+    return Centre(name, root / "data", root / "state", device, threads, nproc)
 
 
 class LocalFederation:
@@ -274,7 +275,7 @@ class LocalFederation:
 
     def _worker_argv(self, c: Centre) -> list[str]:
         return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket),
-                               threads=c.threads or self.threads, device=c.device,
+                               threads=c.threads or self.threads, device=c.device, nproc=c.nproc,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
                                metrics_host=self.metrics_host,

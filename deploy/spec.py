@@ -24,6 +24,7 @@ The same file drives every deployment: `bridgepool run` (the deployment it names
     max-bytes = 0             # text prepared for this centre (0 = all)
     device = "auto"           # auto | cpu | cuda for this centre's worker (default: [config] device)
     threads = 0               # torch threads of this centre's worker (0 = [config] threads)
+    nproc = 1                 # data-parallel ranks of this centre (torchrun; its threads are shared among them)
     undecodable = "stop"      # a .txt/.md that is not UTF-8: stop with its name, or skip it (counted)
 
 Everything is checked by `load_spec` before anything starts; an error names the file, the
@@ -43,6 +44,7 @@ from models.config import DEVICES, ConfigError, RunConfig, load_defaults
 
 BUILTIN_DEMO = Path(__file__).with_name("specs") / "demo.toml"
 DEPLOYMENTS = ("local", "netns", "compose")
+MAX_NPROC = 256  # ranks of one centre on one node
 UNDECODABLE = ("stop", "skip")  # as clients/sources.py; not imported: that would load the data stack
 NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")  # a directory, a namespace and a compose service name
 # Run-config keys the launcher sets, and where the spec says them instead.
@@ -63,6 +65,7 @@ class CentreSpec:
     device: str = ""  # "" = the run config's device
     threads: int = 0  # 0 = the run config's threads
     undecodable: str = "stop"
+    nproc: int = 1  # data-parallel ranks of the centre's worker (clients/ranks.py)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,16 @@ class FederationSpec:
             raise SpecError(f"--centres must be between 1 and {len(self.centres)} (the centres of {self.path}: "
                             f"{', '.join(c.name for c in self.centres)})")
         return replace(self, centres=self.centres[:n])
+
+    def with_nproc(self, n: int) -> FederationSpec:
+        """Every centre with `n` ranks (`--nproc-per-centre N`)."""
+        if not 1 <= n <= MAX_NPROC:
+            raise SpecError(f"--nproc-per-centre must be between 1 and {MAX_NPROC}, got {n}")
+        return replace(self, centres=tuple(replace(c, nproc=n) for c in self.centres))
+
+    def nprocs(self) -> dict[str, int]:
+        """Ranks per centre name, as deploy/compose.py takes them."""
+        return {c.name: c.nproc for c in self.centres}
 
     def sources(self) -> list[tuple[str, str]]:
         """(name, source) per centre, as deploy/compose.py takes them."""
@@ -158,7 +171,7 @@ def _coordinator(where: _Where, table: dict[str, Any]) -> CoordinatorSpec:
 
 def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreSpec:
     at = f"centre[{i}]"  # 0-based, in file order
-    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "undecodable"})
+    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "undecodable", "nproc"})
     for key in ("name", "source"):
         if key not in table:
             raise SpecError(f"{where.path}: {at} has no '{key}'; every centre needs a name and a source")
@@ -190,6 +203,7 @@ def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreS
         max_bytes=where.integer(f"{at} max-bytes", table.get("max-bytes", 0), 0, None),
         device=where.choice(f"{at} device", table["device"], DEVICES) if "device" in table else "",
         threads=where.integer(f"{at} threads", table.get("threads", 0), 0, 1024),
+        nproc=where.integer(f"{at} nproc", table.get("nproc", 1), 1, MAX_NPROC),
         undecodable=where.choice(f"{at} undecodable", table.get("undecodable", "stop"), UNDECODABLE))
 
 

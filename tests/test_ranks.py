@@ -1,0 +1,191 @@
+"""A centre of 2 data-parallel ranks (clients/ranks.py), on CPU with gloo, tiny model, no Flower.
+
+- equivalence: 2 ranks of batch b train a round as 1 rank of batch 2b (fp32 tolerance); the run's
+  batch-size (2b) is the centre's, each rank trains its half;
+- resume: fresh ranks re-train round 3 from the per-rank optimiser state on disk, bit-identical;
+- a real Flower run of two 2-rank centres (`centre serve --nproc 2` under torchrun);
+- a rank that dies mid-round fails the round with RankFailure naming the centre and the rank.
+Each rank is a spawned process, as torchrun's would be; rank 0 drives, rank 1 follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients.data import TokenSampler
+from clients.training import CentreTrainer
+from deploy.processes import free_base_port
+from models.config import RunConfig, load_defaults
+from tests.conftest import make_centres
+
+CENTRE = "fr-genci"
+TIMEOUT = 240  # seconds for a group of spawned ranks (loaded 2-core machine)
+
+
+def _cfg(run_dir: Path, batch: int = 4) -> RunConfig:
+    return RunConfig.from_mapping({**load_defaults(), "model": "tiny", "rounds": 3, "inner-steps": 3,
+                                   "batch-size": batch, "inner-warmup-steps": 1, "threads": 1, "eval-batches": 1,
+                                   "run-dir": str(run_dir), "run-name": "ranks"})
+
+
+def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str, rounds: list[int],
+          start: str, out: str, die_on: str) -> None:
+    """One rank: rank 0 trains `rounds` from the model in `start` (or a fresh one) and saves the
+    states and metrics to `out`; the others follow (or, with `die_on`, die when it comes)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from clients.ranks import RankFailure, Ranks, RankTrainer, follow, stop_followers
+
+    ranks = Ranks.join(CENTRE, "cpu", rank, world)
+    if rank:
+        if die_on == "train":  # follows until a round's training starts, then dies as a killed rank would
+            RankTrainer.follow_train = lambda *_: os._exit(3)
+        follow(ranks, Path(data), Path(state))
+        return
+    cfg = _cfg(Path(run_dir), 4)
+    trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
+    model = torch.load(start) if start else {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    saved: dict = {"start": model}
+    try:
+        for rnd in rounds:
+            trainer.load_global(model)
+            result = trainer.train_round(rnd)
+            model = {k: v.clone() for k, v in result.state.items()}
+            saved[rnd] = {"state": model, "metrics": result.metrics, "ranks": result.ranks}
+    except RankFailure as err:
+        saved["failure"] = str(err)
+    torch.save(saved, out)
+    stop_followers(ranks)
+    ranks.close()
+
+
+def _run_ranks(tmp_path: Path, data: Path, rounds: list[int], start: str = "", die_on: str = "") -> dict:
+    port, out = free_base_port(1), tmp_path / f"rank0-{os.urandom(4).hex()}.pt"
+    ctx = multiprocessing.get_context("spawn")
+    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on)
+    procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT)
+    for p in procs:
+        if p.is_alive():  # nothing left running, whatever happened
+            p.kill()
+            p.join()
+    assert procs[0].exitcode == 0, f"rank 0 exited with {procs[0].exitcode}"
+    return torch.load(out)
+
+
+def test_a_rank_reads_its_slice_of_the_global_batch():
+    tokens = torch.randint(0, 256, (5000,)).numpy().astype("uint8")
+    whole = TokenSampler(tokens, 16, 6, seed=7).batch(11)[0]
+    parts = [TokenSampler(tokens, 16, 3, seed=7, rank=r, ranks=2).batch(11)[0] for r in range(2)]
+    assert (whole[:3] == parts[0]).all() and (whole[3:] == parts[1]).all()
+    with pytest.raises(ValueError, match="rank"):
+        TokenSampler(tokens, 16, 3, seed=7, rank=2, ranks=2)
+
+
+def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_path, corpora):
+    """One group of 2 ranks trains rounds 1-3; one rank of batch 2b trains rounds 1-2 beside it
+    (equivalence, round 2 also checks the AdamW state carried over); fresh ranks then re-train
+    round 3 from the per-rank optimiser state on disk alone (resume)."""
+    data = corpora[CENTRE]
+    two = _run_ranks(tmp_path, data, [1, 2, 3])
+    torch.set_num_threads(1)
+    one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4))
+    model = two["start"]
+    for rnd in (1, 2):
+        one.load_global(model)
+        result = one.train_round(rnd)
+        model = {k: v.clone() for k, v in result.state.items()}
+        for k, v in model.items():
+            torch.testing.assert_close(two[rnd]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"round {rnd}: {k}")
+        assert two[rnd]["metrics"]["train-loss"] == pytest.approx(result.metrics["train-loss"], rel=1e-5)
+        assert two[rnd]["metrics"]["tokens"] == result.metrics["tokens"]  # the centre's whole batch
+        assert len(two[rnd]["ranks"]) == 2
+    assert any(not torch.equal(model[k], two["start"][k]) for k in model)  # it did train
+
+    assert (tmp_path / "state" / "ranks" / "rank1-inner-optim-round-0002.pt").exists()  # rank 1's own state
+    start = tmp_path / "after-round-2.pt"
+    torch.save(two[2]["state"], start)
+    cold = _run_ranks(tmp_path, data, [3], start=str(start))  # new processes: optimiser state from disk only
+    for k, v in two[3]["state"].items():
+        assert torch.equal(cold[3]["state"][k], v), k
+
+
+def test_a_rank_that_dies_fails_the_round_naming_centre_and_rank(tmp_path, corpora):
+    out = _run_ranks(tmp_path, corpora[CENTRE], [1], die_on="train")
+    assert 1 not in out
+    assert f"centre {CENTRE}: rank 1 of 2 failed during round 1" in out["failure"]
+
+
+def test_a_federation_of_two_rank_centres_trains(tmp_path, corpora):
+    """The real thing, once: Flower, 2 centres of 2 ranks each (`centre serve --nproc 2` under torchrun)."""
+    from tests.test_federation import run_federation, tiny_config
+
+    run_dir = tmp_path / "run"
+    centres = [dataclasses.replace(c, nproc=2) for c in make_centres(run_dir, corpora, 2)]
+    run = run_federation(run_dir, centres, tiny_config(run_dir, rounds=2, **{"inner-steps": 8}))
+    assert run["status"] == "finished", run.get("message")
+    assert all(r["replied"] == 2 for r in run["rounds"])
+    assert run["final"]["eval-loss-mean"] < run["rounds"][0]["eval-loss-mean"] - 0.3
+    for c in centres:
+        assert run["rounds"][-1]["centres"][c.name]["tokens"] == 8 * 8 * 32  # the centre's whole batch
+        assert (c.state_dir / run_dir.name / "rank1-inner-optim-round-0002.pt").exists()
+        log = (run_dir / "logs" / f"worker-{c.name}.log").read_text()
+        assert "rank 1 of 2 joined" in log
+    left = [p for p in Path("/proc").glob("[0-9]*/cmdline")
+            if str(run_dir).encode() in _read(p) and b"--as-rank" in _read(p)]
+    assert not left, "ranks left running"
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def test_nproc_reaches_every_place_a_centre_starts(tmp_path):
+    """demo/run (spec), compose and the torchrun re-launch all carry a centre's ranks; torchrun and
+    `centre serve` accept the command lines they are given."""
+    from torch.distributed.run import get_args_parser
+
+    from clients.ranks import launch_argv
+    from deploy import commands, compose
+    from deploy.cli import LAUNCH_FLAGS, _parser, strip_flags
+    from deploy.local import LocalFederation
+    from deploy.spec import BUILTIN_DEMO, SpecError, load_spec
+
+    spec = load_spec(BUILTIN_DEMO).with_centres(2).with_nproc(2)
+    assert spec.nprocs() == {"fr-genci": 2, "de-lrz": 2}
+    with pytest.raises(SpecError, match="--nproc-per-centre must be between 1 and"):
+        spec.with_nproc(0)
+    centre = dataclasses.replace(_centre(tmp_path), nproc=2)
+    argv = LocalFederation(tmp_path / "run", [centre])._worker_argv(centre)
+    args = _parser().parse_args(argv[3:])  # python -m deploy.cli ...
+    assert args.nproc == 2
+    services = compose.compose(centres=[("fr-genci", "manpages:fr")], nproc={"fr-genci": 2})["services"]
+    command = services["worker-fr-genci"]["command"]
+    assert command[command.index("--nproc") + 1] == "2"
+    assert "--nproc" not in commands.worker("fr-genci", "d", "s", "s/w.sock")  # one rank: today's command line
+    inner = ["deploy.cli", *strip_flags([*argv[3:], "--nnodes=1"], LAUNCH_FLAGS), "--as-rank"]
+    assert "--nproc" not in inner and not any(a.startswith("--nnodes") for a in inner)
+    assert _parser().parse_args(inner[1:]).as_rank
+    for torchrun in (launch_argv(inner, 2), launch_argv(inner, 2, nnodes=2, node_rank=1, rdzv_endpoint="h:29500")):
+        parsed = get_args_parser().parse_args(torchrun[3:])
+        assert parsed.nproc_per_node == "2" and parsed.module and parsed.training_script == "deploy.cli"
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        launch_argv(inner, 2, nnodes=2, node_rank=1)
+
+
+def _centre(root: Path):
+    from deploy.local import centre_dirs
+
+    return centre_dirs(root, CENTRE)
