@@ -14,12 +14,14 @@ Run directory layout (nothing is written outside it):
 from __future__ import annotations
 
 import grp
+import hashlib
 import json
 import logging
 import os
 import pwd
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,7 @@ from deploy.register import register_keys, supernode_refusal
 from models.config import APP_DIR
 
 log = logging.getLogger("bridgepool.launcher")
+SOCKET_PATH_MAX = 100  # bytes; Linux allows 107 in sockaddr_un.sun_path
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,14 @@ class Centre:
 
     @property
     def socket(self) -> Path:
-        return self.state_dir / "worker.sock"
+        """The worker's socket: in its state directory, unless that path is longer than an AF_UNIX
+        address may be (107 bytes; a deep run directory, such as pytest's), then in a directory of
+        its own under the system's temporary directory, named after the state directory."""
+        path = self.state_dir / "worker.sock"
+        if len(os.fsencode(path)) <= SOCKET_PATH_MAX:
+            return path
+        digest = hashlib.sha256(os.fsencode(self.state_dir.resolve())).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"bridgepool-{digest}" / "worker.sock"
 
 
 def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0, nproc: int = 1) -> Centre:

@@ -48,6 +48,10 @@ class NetnsFederation(LocalFederation):
         self.addresses = {"server": f"{SUBNET}.1", **{c.name: f"{SUBNET}.{10 + i}" for i, c in enumerate(centres)}}
         self.data_plane_host = self.addresses["server"]
         self._created: list[str] = []
+        for c in centres:  # a socket outside the centre's hidden tree would be reachable from the others
+            if not c.socket.is_relative_to(c.state_dir):
+                raise LaunchError(f"run directory {run_dir} is too deep for {c.name}'s worker socket "
+                                  f"({c.state_dir / 'worker.sock'}: over 100 bytes); use a shorter --run-dir")
 
     # ------------------------------------------------------------ lifecycle
     def __enter__(self) -> NetnsFederation:

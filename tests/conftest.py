@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,13 @@ def worker(tmp_path) -> CentreWorker:
         (docs / f"{i:02d}.txt").write_text(f"Document {i}. " + "Some ordinary prose for a tiny model. " * 20)
     prepare_centre(str(docs), tmp_path / "data")
     return CentreWorker("fr-genci", tmp_path / "data", tmp_path / "state")
+
+
+@pytest.fixture()
+def short_tmp():
+    """A directory with a short path, which any local user may traverse: pytest's own tmp_path is
+    too deep for some AF_UNIX socket paths (107 bytes) and readable by root only."""
+    root = Path(tempfile.mkdtemp(prefix="bp-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

@@ -37,9 +37,9 @@ def _verify(out: Path, *flags: str) -> tuple[int, dict, Path]:
     return rc, report, out / report["run"]["name"]
 
 
-def test_verify_residency_on_loopback_passes_and_leaves_a_bundle(tmp_path):
+def test_verify_residency_on_loopback_passes_and_leaves_a_bundle(short_tmp):
     given = "EVALUATOR-canary-7781-XQ"
-    rc, rep, run_dir = _verify(tmp_path / "evidence", "--canary", given)
+    rc, rep, run_dir = _verify(short_tmp / "evidence", "--canary", given)
     assert (rc, rep["verdict"]) == (0, "PASS"), rep["verdict-reason"]
     assert rep["method"] == "loopback" and rep["run"]["status"] == "finished"
     assert rep["canaries"]["fr-genci"] == given and re.fullmatch(r"canary[0-9a-f]{24}", rep["canaries"]["de-lrz"])
@@ -59,7 +59,7 @@ def test_verify_residency_on_loopback_passes_and_leaves_a_bundle(tmp_path):
         rep["encodings"])
 
     # The bundle: three reports, hashes that match the files, the FAB the SuperLink ran.
-    out = tmp_path / "evidence"
+    out = short_tmp / "evidence"
     assert sorted(Path(p).name for p in rep["files"]["reports"]) == ["report.html", "report.json", "report.md"]
     integ = rep["integrity"]
     cap = integ["captures"]["lo"]
@@ -86,9 +86,9 @@ def test_verify_residency_on_loopback_passes_and_leaves_a_bundle(tmp_path):
         assert c["sent"]["arrays"] and set(c["sent"]["arrays"]) <= allowed
 
 
-def test_verify_residency_of_a_leaking_app_finds_both_leaks_stopped(tmp_path):
+def test_verify_residency_of_a_leaking_app_finds_both_leaks_stopped(tmp_path, short_tmp):
     app_dir = _leaky_app(tmp_path / "leaky-app")
-    rc, rep, run_dir = _verify(tmp_path / "evidence", "--app", str(app_dir))
+    rc, rep, run_dir = _verify(short_tmp / "evidence", "--app", str(app_dir))
     # Nothing of either leak is anywhere; but no centre delivered an update, so the run did not finish
     # and the proof says so rather than PASS.
     found = [h for s in rep["searches"].values() for h in s["hits"]]

@@ -46,9 +46,9 @@ from deploy.residency.topology import STRAY_PORT
 CENTRES = ("fr-genci", "de-lrz")
 
 
-def test_netns_verify_residency_catches_the_leak_probe_and_nothing_else(tmp_path):
+def test_netns_verify_residency_catches_the_leak_probe_and_nothing_else(short_tmp):
     assert netns_available() is None, netns_available()
-    out = tmp_path / "evidence"
+    out = short_tmp / "evidence"
     rc = main(["verify", "residency", "--topology", "netns", "--leak-probe", "--max-bytes", "20000",
                "--out", str(out)])
     rep = json.loads((out / "report.json").read_text())

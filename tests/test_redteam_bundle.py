@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,20 +39,11 @@ def _bundle(app_dir: Path, module: str) -> Path:
     return app_dir
 
 
-@pytest.fixture()
-def open_root():
-    """A run directory whose parents the app user may traverse (pytest's own tmp is root's only)."""
-    root = Path(tempfile.mkdtemp(prefix="bp-bundle-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def test_a_bundle_run_as_its_own_user_reaches_nothing_of_the_centre(open_root, corpora, tmp_path):
+def test_a_bundle_run_as_its_own_user_reaches_nothing_of_the_centre(short_tmp, corpora, tmp_path):
     assert os.geteuid() == 0, "this red-team test needs root (CI runs as root): --app-user drops to 'nobody'"
-    run_dir = open_root / "run"
+    run_dir = short_tmp / "run"
     centres = make_centres(run_dir, corpora, 1)
-    name = open_root.name
+    name = short_tmp.name
     probe = Path("/tmp") / f"{name}.probe"
     probe.mkdir(mode=0o777)
     probe.chmod(0o777)
