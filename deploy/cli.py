@@ -94,6 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket", type=Path, required=True)
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--device", default="", help="auto | cpu | cuda: this centre's, over the run config's")
+    serve.add_argument("--speed", type=float, default=1.0,
+                       help="emulate a slower centre: 1/3 sleeps 2x each step's time after it (default 1, full speed)")
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
@@ -232,7 +234,8 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
     worker = CentreWorker(args.centre, args.data_dir, args.state_dir, threads=args.threads, nice=args.nice,
-                          policy=policy, destination=destination, device=args.device)
+                          policy=policy, destination=destination, device=args.device,
+                          speed=args.speed)
     worker.metrics.serve(args.metrics_port, args.metrics_host)  # a taken port fails here, before the socket
     serve(worker, args.socket)
     return 0

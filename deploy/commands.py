@@ -124,10 +124,11 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
            metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
-           device: str = "", prog: Sequence[str] = ("bridgepool",)) -> list[str]:
+           device: str = "", speed: float = 1.0, prog: Sequence[str] = ("bridgepool",)) -> list[str]:
     """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
     `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show;
-    `device`: the centre's own (a spec's centre device), over the run config's."""
+    `device`: the centre's own (a spec's centre device), over the run config's; `speed` < 1: an
+    emulated slower centre (a spec's centre speed)."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
     if nice:
@@ -136,6 +137,8 @@ def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: 
         argv += ["--threads", str(threads)]
     if device:
         argv += ["--device", device]
+    if speed != 1.0:
+        argv += ["--speed", repr(speed)]
     if metrics_port:
         argv += ["--metrics-port", str(metrics_port), "--metrics-host", metrics_host]
     if coordinator:

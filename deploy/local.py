@@ -40,15 +40,16 @@ class Centre:
     state_dir: Path
     device: str = ""  # this centre's worker: auto | cpu | cuda; "" = the run config's device
     threads: int = 0  # this centre's worker's torch threads; 0 = the federation's default
+    speed: float = 1.0  # < 1: an emulated slower centre (clients/training.py)
 
     @property
     def socket(self) -> Path:
         return self.state_dir / "worker.sock"
 
 
-def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0) -> Centre:
+def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0, speed: float = 1.0) -> Centre:
     root = run_dir / "centres" / name
-    return Centre(name, root / "data", root / "state", device, threads)
+    return Centre(name, root / "data", root / "state", device, threads, speed)
 
 
 class LocalFederation:
@@ -252,7 +253,7 @@ class LocalFederation:
 
     def _worker_argv(self, c: Centre) -> list[str]:
         return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket),
-                               threads=c.threads or self.threads, device=c.device,
+                               threads=c.threads or self.threads, device=c.device, speed=c.speed,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
                                metrics_host=self.metrics_host,

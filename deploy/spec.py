@@ -24,6 +24,8 @@ The same file drives every deployment: `bridgepool run` (the deployment it names
     max-bytes = 0             # text prepared for this centre (0 = all)
     device = "auto"           # auto | cpu | cuda for this centre's worker (default: [config] device)
     threads = 0               # torch threads of this centre's worker (0 = [config] threads)
+    speed = 1.0               # < 1 emulates a slower centre on this machine: 0.333 = each step takes 3x as long
+                              # (study unequal centres, e.g. with [config] round-seconds; 1 = full speed)
     undecodable = "stop"      # a .txt/.md that is not UTF-8: stop with its name, or skip it (counted)
 
 Everything is checked by `load_spec` before anything starts; an error names the file, the
@@ -62,6 +64,7 @@ class CentreSpec:
     max_bytes: int = 0  # 0 = all
     device: str = ""  # "" = the run config's device
     threads: int = 0  # 0 = the run config's threads
+    speed: float = 1.0  # < 1: an emulated slower centre (clients/training.py)
     undecodable: str = "stop"
 
 
@@ -158,7 +161,7 @@ def _coordinator(where: _Where, table: dict[str, Any]) -> CoordinatorSpec:
 
 def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreSpec:
     at = f"centre[{i}]"  # 0-based, in file order
-    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "undecodable"})
+    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "speed", "undecodable"})
     for key in ("name", "source"):
         if key not in table:
             raise SpecError(f"{where.path}: {at} has no '{key}'; every centre needs a name and a source")
@@ -190,6 +193,7 @@ def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreS
         max_bytes=where.integer(f"{at} max-bytes", table.get("max-bytes", 0), 0, None),
         device=where.choice(f"{at} device", table["device"], DEVICES) if "device" in table else "",
         threads=where.integer(f"{at} threads", table.get("threads", 0), 0, 1024),
+        speed=where.speed(f"{at} speed", table.get("speed", 1.0)),
         undecodable=where.choice(f"{at} undecodable", table.get("undecodable", "stop"), UNDECODABLE))
 
 
@@ -232,6 +236,11 @@ class _Where:
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
             raise self.fail(key, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""), value)
         return value
+
+    def speed(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise self.fail(key, "a number in (0, 1] (1 = full speed, 0.333 = 3x slower)", value)
+        return float(value)
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):
