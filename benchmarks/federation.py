@@ -150,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.wire import main as wire_main
 
         return wire_main([a for a in argv if a != "--wire"])
+    if "--unequal" in argv:  # centres of unequal speed: fixed H against a time budget (benchmarks/unequal.py)
+        from benchmarks.unequal import main as unequal_main
+
+        return unequal_main([a for a in argv if a != "--unequal"])
     p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--wire", action="store_true", help="instead: the data-plane benchmark (benchmarks/wire.py)")
+    p.add_argument("--unequal", action="store_true",
+                   help="instead: unequal centres, fixed H against round-seconds (benchmarks/unequal.py)")
     p.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="", help="file name stem; default federation_cpu-<cores>core_<date>")

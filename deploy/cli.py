@@ -4,6 +4,7 @@
     bridgepool demo                         # 3 centres, real Flower federation, ~5 min on 2 CPU cores
     bridgepool demo --centres 2 --rounds 3 --model tiny --run-dir runs/quick
     bridgepool demo --resume runs/quick     # continue from the last good checkpoint
+    bridgepool demo --round-seconds 5       # unequal centres (the last one 3x slower) finishing together
     bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
     bridgepool demo --prometheus-port 9090 --keep-metrics   # ... kept up after the run until Ctrl-C
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
@@ -27,6 +28,8 @@ from typing import Any
 
 from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
 from models.config import ConfigError, parse_overrides
+
+SLOW_DEMO_SPEED = 1 / 3  # `demo --round-seconds`: the last centre's emulated speed (clients/training.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inner-steps", type=int)
     d.add_argument("--model", help="tiny | small | base | large | xl")
     d.add_argument("--strategy", help="diloco | fedavg")
+    d.add_argument("--round-seconds", type=float, metavar="T",
+                   help="time-budgeted rounds: each centre trains until its round's compute reaches T seconds; "
+                        "the demo's last centre is then emulated 3x slower (speed 1/3), to show unequal centres "
+                        "finishing together")
     _run_flags(d)
     d.set_defaults(func=cmd_demo)
 
@@ -153,7 +160,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = parse_overrides(args.set)
     flags = {"rounds": getattr(args, "rounds", None), "inner-steps": getattr(args, "inner_steps", None),
              "model": getattr(args, "model", None), "strategy": getattr(args, "strategy", None),
-             "device": args.device}
+             "device": args.device, "round-seconds": getattr(args, "round_seconds", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
     return values
 
@@ -197,7 +204,10 @@ def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_spec(load_spec(BUILTIN_DEMO).with_centres(args.centres), args)
+    spec = load_spec(BUILTIN_DEMO).with_centres(args.centres)
+    if args.round_seconds:  # one flag shows it: a centre 3x slower than the others, on the same budget
+        spec = spec.with_slow_last_centre(SLOW_DEMO_SPEED)
+    return run_spec(spec, args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

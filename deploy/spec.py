@@ -106,6 +106,10 @@ class FederationSpec:
                             f"{', '.join(c.name for c in self.centres)})")
         return replace(self, centres=self.centres[:n])
 
+    def with_slow_last_centre(self, speed: float) -> FederationSpec:
+        """The last centre emulated at `speed` (`bridgepool demo --round-seconds`)."""
+        return replace(self, centres=(*self.centres[:-1], replace(self.centres[-1], speed=speed)))
+
     def sources(self) -> list[tuple[str, str]]:
         """(name, source) per centre, as deploy/compose.py takes them."""
         return [(c.name, c.source) for c in self.centres]

@@ -144,3 +144,36 @@ def test_idle_seconds_and_spread_reach_the_record_and_prometheus():
     assert get("bridgepool_centre_round_inner_steps", {"run": "r", "centre": "b"}) == 10.0
     assert get("bridgepool_centre_round_idle_seconds", {"run": "r", "centre": "a"}) == pytest.approx(1.0)
     assert get("bridgepool_round_inner_steps_spread", {"run": "r"}) == 3.0
+
+
+def test_a_federation_of_unequal_centres_on_a_budget_resumes(tmp_path, corpora):
+    """Real Flower federation, de-lrz emulated 4x slower, 1 s budget: both centres reply each round
+    with the steps their speed allowed, recorded on their own disks as in run.json; killed after
+    round 2 and resumed, round 3 continues each centre's own step count."""
+    from dataclasses import replace
+
+    from tests.conftest import make_centres
+    from tests.test_federation import run_federation, tiny_config
+
+    run_dir = tmp_path / "run"
+    fast, slow = make_centres(run_dir, corpora, 2)
+    centres = [fast, replace(slow, speed=0.25)]
+    cfg = tiny_config(run_dir, **{"round-seconds": 1.0, "min-inner-steps": 2, "max-inner-steps": 400})
+    run_federation(run_dir, centres, cfg, stop_after_round=2)
+    run = run_federation(run_dir, centres, cfg.replace(resume=True))
+
+    assert run["status"] == "finished", run.get("message")
+    assert [r["round"] for r in run["rounds"]] == [1, 2, 3]
+    assert any(e["event"] == "resumed-from" and e["round"] >= 2 for e in run["events"])
+    for c in centres:
+        record = json.loads((c.state_dir / run_dir.name / STEPS_FILE).read_text())
+        steps = [r["inner-steps"][c.name] for r in run["rounds"]]
+        assert [record[str(n)][1] for n in (1, 2, 3)] == steps, (c.name, record, steps)
+        assert record["3"][0] == steps[0] + steps[1]  # the centre's own count went on after the resume
+        for r in run["rounds"]:
+            m = r["centres"][c.name]
+            assert m["tokens"] == m["inner-steps"] * 8 * 32 and 0 <= r["idle-seconds"][c.name] < r["wall-seconds"]
+    for r in run["rounds"]:
+        assert r["inner-steps"][slow.name] < r["inner-steps"][fast.name], r["inner-steps"]
+        assert r["inner-steps-spread"] > 1
+        assert r["tokens"] == sum(m["tokens"] for m in r["centres"].values())
