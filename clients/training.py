@@ -286,9 +286,9 @@ class CentreTrainer:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def _record_steps(self, server_round: int, first: int, steps: int) -> None:
-        """Record the round's steps (whole file or nothing); later rounds' entries are dropped: a
-        re-run of an earlier round starts a new history from there."""
-        record = {r: v for r, v in self._steps_record().items() if int(r) < server_round}
+        """Record the round's steps (whole file or nothing). Later rounds' entries stay: a re-run round
+        replays its count, so what followed it (a resume from an older checkpoint) replays too."""
+        record = self._steps_record()
         record[str(server_round)] = [first, steps]
         text = json.dumps(dict(sorted(record.items(), key=lambda kv: int(kv[0]))))
         self._keep(self._steps_path(), lambda tmp: tmp.write_text(text))

@@ -84,24 +84,28 @@ def test_a_slower_centre_takes_fewer_steps_in_the_same_budget(tmp_path, corpora)
         CentreTrainer("fr-genci", data, tmp_path / "x", cfg, speed=2.0)
 
 
-def test_a_re_run_round_replays_its_recorded_steps_exactly(tmp_path, corpora):
-    """The coordinator restarted (or the run was resumed) and sends round 2 again, to a restarted
-    worker that is now much slower: the clock would give fewer steps, the record gives the same."""
+def test_re_run_rounds_replay_their_recorded_steps_exactly(tmp_path, corpora):
+    """The run is resumed from round 1's checkpoint (round 2's was damaged) and rounds 2 and 3 are
+    sent again, to a restarted worker that is now much slower: the clock would give fewer steps,
+    the record gives the same, and the same weights."""
     data = corpora["fr-genci"]
     cfg = _cfg(tmp_path, **{"round-seconds": 0.3, "min-inner-steps": 1, "max-inner-steps": 200})
     warm = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
     g1 = {k: v.clone() for k, v in warm.model.state_dict().items()}
     g2, m1 = _train(warm, g1, 1)
-    first, m2 = _train(warm, g2, 2)
+    g3, m2 = _train(warm, g2, 2)
+    end3, m3 = _train(warm, g3, 3)
     cold = CentreTrainer("fr-genci", data, tmp_path / "state", cfg, speed=0.05)
-    again, m2b = _train(cold, g2, 2)
-    assert m2b["inner-steps"] == m2["inner-steps"] and m2b["tokens"] == m2["tokens"]
-    for k in first:
-        assert torch.equal(first[k], again[k]), k
-    # Round 3 then continues the count from round 2's end, on the clock again.
-    _, m3 = _train(cold, again, 3)
+    again2, m2b = _train(cold, g2, 2)
+    again3, m3b = _train(cold, again2, 3)
+    assert (m2b["inner-steps"], m3b["inner-steps"]) == (m2["inner-steps"], m3["inner-steps"])
+    assert m2b["tokens"] == m2["tokens"]
+    for k in g3:
+        assert torch.equal(g3[k], again2[k]) and torch.equal(end3[k], again3[k]), k
+    # Round 4 is new: it continues the count from round 3's end, on the clock again.
+    _, m4 = _train(cold, again3, 4)
     record = json.loads((cold.state_dir / STEPS_FILE).read_text())
-    assert record["3"][0] == m1["inner-steps"] + m2["inner-steps"] and record["3"][1] == m3["inner-steps"]
+    assert record["4"] == [m1["inner-steps"] + m2["inner-steps"] + m3["inner-steps"], m4["inner-steps"]]
 
 
 def test_the_token_cap_follows_max_inner_steps_under_a_budget(tmp_path):
