@@ -107,7 +107,9 @@ def sync(device: torch.device) -> None:
 
 
 def lr_schedule(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps."""
+    """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps. With a time
+    budget `step` is the centre's own cumulative count and inner-steps the nominal H: a centre
+    that takes more steps than that reaches the floor sooner and stays there."""
     total = cfg.rounds * cfg.inner_steps
     if step < cfg.inner_warmup_steps:
         return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
