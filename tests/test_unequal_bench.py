@@ -15,7 +15,8 @@ def _run(steps: dict[str, float], compute: dict[str, float], wall: float, loss: 
         rounds.append({"round": rnd, "time": 100.0 + rnd * wall, "wall-seconds": wall,
                        "tokens": 10 * sum(steps.values()),
                        "idle-seconds": {c: wall - compute[c] for c in steps},
-                       "centres": {c: {"inner-steps": steps[c], "tokens": 10 * steps[c], "compute-seconds": compute[c]}
+                       "centres": {c: {"inner-steps": steps[c], "tokens": 10 * steps[c], "compute-seconds": compute[c],
+                                       "eval-loss": loss}
                                    for c in steps}})
     return {"rounds": rounds, "final": {"eval-loss-mean": loss, "centres": {c: {"eval-loss": loss} for c in steps}}}
 
@@ -25,6 +26,7 @@ def test_figures_and_both_sides_of_each_target():
     assert fixed["wall-seconds"] == 8.0 and fixed["tokens-per-second"] == pytest.approx(200 / 8)
     assert fixed["centres"]["a"]["idle-fraction"] == pytest.approx(0.75)
     assert fixed["centres"]["b"]["steps-per-round"] == [5, 5] and fixed["centres"]["b"]["tokens"] == 100
+    assert [x[0] for x in fixed["loss-after-round"]] == [4.0, 8.0]
     good = unequal.figures(_run({"a": 15, "b": 5}, {"a": 3.0, "b": 3.0}, 4.0, 2.9))
     bad = unequal.figures(_run({"a": 6, "b": 5}, {"a": 3.0, "b": 3.0}, 4.0, 3.1))
     assert [v for v, _ in unequal.targets({"rows": {"fixed H": fixed, "budget": good}})] == ["met", "met"]
