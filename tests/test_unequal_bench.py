@@ -31,3 +31,12 @@ def test_figures_and_both_sides_of_each_target():
     bad = unequal.figures(_run({"a": 6, "b": 5}, {"a": 3.0, "b": 3.0}, 4.0, 3.1))
     assert [v for v, _ in unequal.targets({"rows": {"fixed H": fixed, "budget": good}})] == ["met", "met"]
     assert [v for v, _ in unequal.targets({"rows": {"fixed H": fixed, "budget": bad}})] == ["missed", "missed"]
+
+
+def test_loss_at_equal_wall_time_is_of_the_last_model_within_the_shorter_span():
+    short = unequal.figures(_run({"a": 5}, {"a": 1.0}, 4.0, 3.0))  # rounds end at 4 s and 8 s
+    long = unequal.figures(_run({"a": 5}, {"a": 1.0}, 5.0, 2.0))  # at 5 s and 10 s
+    eq = unequal.at_equal_wall({"short": short, "long": long})
+    assert eq["limit-seconds"] == 8.0
+    assert (eq["rows"]["short"]["round"], eq["rows"]["long"]["round"]) == (2, 1)
+    assert eq["rows"]["long"]["seconds"] == 5.0 and eq["rows"]["long"]["eval-loss"] == {"a": 2.0}
