@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from clients.training import STEPS_FILE, CentreTrainer
+from deploy.report import centre_series, plot_run
 from models.config import ConfigError, RunConfig, load_defaults
 from server.aggregation import mean_pseudo_gradient
 from server.metrics import ServerMetrics, centre_balance
@@ -181,3 +182,8 @@ def test_a_federation_of_unequal_centres_on_a_budget_resumes(tmp_path, corpora):
         assert r["inner-steps"][slow.name] < r["inner-steps"][fast.name], r["inner-steps"]
         assert r["inner-steps-spread"] > 1
         assert r["tokens"] == sum(m["tokens"] for m in r["centres"].values())
+    # The throughput plot shows each centre's steps and idle seconds per round.
+    series = centre_series(run)
+    assert series[slow.name]["steps"] == [r["inner-steps"][slow.name] for r in run["rounds"]]
+    assert series[fast.name]["idle"] == [r["idle-seconds"][fast.name] for r in run["rounds"]]
+    assert all(p.stat().st_size > 0 for p in plot_run(run_dir))
