@@ -298,14 +298,17 @@ class CentreTrainer:
     def _steps(self, first_step: int, first: int, last: int,
                budget: float = 0.0) -> tuple[list[torch.Tensor], list[float]]:
         """Inner steps first..last-1 of the round whose step 0 is `first_step`, on the model as it
-        is. With `budget` > 0: stop earlier, once `min-inner-steps` are done and the steps' time
-        has reached `budget` seconds."""
+        is. With `budget` > 0: stop earlier, once `min-inner-steps` are done and the next step would
+        end more than half a step past `budget` seconds (by the mean step so far): the round's
+        compute lands within half a step of the budget, not up to a whole (slow) step over it."""
         self.model.train()
         losses, step_seconds = [], []
         t0 = time.perf_counter()
         for i in range(first, last):
-            if budget and i >= self.cfg.min_inner_steps and time.perf_counter() - t0 >= budget:
-                break
+            if budget and i >= self.cfg.min_inner_steps:
+                spent = time.perf_counter() - t0
+                if spent + 0.5 * spent / max(1, i - first) >= budget:
+                    break
             step = first_step + i
             for group in self.optim.param_groups:
                 group["lr"] = self.lr_at(step)

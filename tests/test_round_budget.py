@@ -77,8 +77,8 @@ def test_a_slower_centre_takes_fewer_steps_in_the_same_budget(tmp_path, corpora)
     g = {k: v.clone() for k, v in fast.model.state_dict().items()}
     _, mf = _train(fast, g, 1)
     _, ms = _train(slow, g, 1)
-    for m in (mf, ms):  # stopped by the budget, not by max-inner-steps: it spent at least the budget
-        assert 1 <= m["inner-steps"] < 500 and m["compute-seconds"] >= 0.6
+    for m in (mf, ms):  # stopped by the budget, not by max-inner-steps: within half a step of it
+        assert 1 <= m["inner-steps"] < 500 and m["compute-seconds"] >= 0.6 - m["step-seconds-max"]
     assert ms["inner-steps"] < mf["inner-steps"], (ms["inner-steps"], mf["inner-steps"])
     assert ms["tokens"] < mf["tokens"]
     with pytest.raises(ValueError, match="speed must be in \\(0, 1\\]"):
