@@ -159,12 +159,18 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.ranks import main as ranks_main
 
         return ranks_main([a for a in argv if a != "--ranks"])
+    if "--unequal" in argv:  # centres of unequal speed: fixed H against a time budget (benchmarks/unequal.py)
+        from benchmarks.unequal import main as unequal_main
+
+        return unequal_main([a for a in argv if a != "--unequal"])
     p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--wire", action="store_true", help="instead: the data-plane benchmark (benchmarks/wire.py)")
     p.add_argument("--pooling", action="store_true",
                    help="instead: each centre alone against the pooled model (benchmarks/pooling.py)")
     p.add_argument("--ranks", action="store_true",
                    help="instead: one centre on 1 and 2 data-parallel ranks (benchmarks/ranks.py)")
+    p.add_argument("--unequal", action="store_true",
+                   help="instead: unequal centres, fixed H against round-seconds (benchmarks/unequal.py)")
     p.add_argument("--quick", action="store_true", help="toy sizes (the smoke test)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--tag", default="", help="file name stem; default federation_cpu-<cores>core_<date>")

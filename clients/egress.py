@@ -39,6 +39,7 @@ ALLOWED_METRICS: frozenset[str] = frozenset({
     "eval-loss", "eval-tokens", "eval-seconds",
     "train-loss", "tokens", "num-examples", "compute-seconds", "tokens-per-second",
     "step-seconds-max", "step-seconds-mean", "flops-per-token", "peak-memory-bytes",
+    "inner-steps",  # inner steps this round took (a time budget decides it per centre: round-seconds)
     "steps-ahead",  # inner steps of the round trained before its global model arrived (overlap-steps)
     "stale-base",  # 1: this centre cannot rebuild the broadcast model, send the full one (clients/broadcast.py)
 })

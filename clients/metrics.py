@@ -144,6 +144,9 @@ class CentreMetrics:
                                        (*LABELS, "rank"), registry=r)
         self.rank_peak_memory = Gauge("bridgepool_rank_peak_memory_bytes",
                                       "Peak memory of each rank over the last round", (*LABELS, "rank"), registry=r)
+        self.inner_steps = Gauge("bridgepool_round_inner_steps",
+                                 "Inner steps of the centre's last round (a time budget sets them: round-seconds)",
+                                 LABELS, registry=r)
         self.rounds = Counter("bridgepool_rounds_completed", "Training rounds the centre completed",
                               LABELS, registry=r)
         self.egress_blocked = Counter("bridgepool_egress_blocked",
@@ -191,6 +194,7 @@ class CentreMetrics:
         self.tokens.labels(*c).inc(figures["tokens"])
         self.tokens_per_second.labels(*c).set(figures["tokens-per-second"])
         self.train_loss.labels(*c).set(figures["train-loss"])
+        self.inner_steps.labels(*c).set(figures.get("inner-steps", 0.0))
         self.peak_memory.labels(*c).set(figures.get("peak-memory-bytes", 0.0))
         self.peak_flops.labels(*c, peak.source).set(peak.flops)
         self.mfu.labels(*c, peak.source).set(

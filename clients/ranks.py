@@ -209,8 +209,14 @@ class RankTrainer(CentreTrainer):
     """A CentreTrainer that trains under DDP with the centre's other ranks. On rank 0 each
     public call first tells the other ranks to make it too; they get it in `follow`."""
 
-    def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, ranks: Ranks):
+    def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, ranks: Ranks,
+                 speed: float = 1.0):
+        """`speed` (an emulated slower centre) is rank 0's: the others wait for it in each all-reduce."""
         self.ranks = ranks
+        if cfg.budgeted and ranks.world > 1:
+            # Each rank would stop by its own clock and DDP would hang on the step one of them skips.
+            raise ValueError(f"centre {centre}: round-seconds (a time budget) is not supported with several ranks "
+                             "yet; set round-seconds = 0 or start the centre with --nproc 1")
         if cfg.batch_size % ranks.world:
             raise ValueError(f"centre {centre}: batch-size {cfg.batch_size} does not split over its {ranks.world} "
                              f"ranks; set batch-size to a multiple of {ranks.world} or start the centre with "
@@ -220,7 +226,8 @@ class RankTrainer(CentreTrainer):
             torch.set_num_threads(max(1, torch.get_num_threads() // ranks.world))
             with ranks.guard("building the run's model"):
                 ranks.send(("build", cfg, torch.get_num_threads()))
-        super().__init__(centre, data_dir, state_dir, cfg, ranks.rank, ranks.world)
+        super().__init__(centre, data_dir, state_dir, cfg, ranks.rank, ranks.world,
+                         speed=speed if ranks.rank == 0 else 1.0)
         # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
         # The GPT has no buffers, so DDP's buffer syncing costs nothing.
         gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
@@ -302,8 +309,8 @@ class RankZeroWorker(CentreWorker):
     exits after replying (with the error naming the rank), for the agent to restart the ranks."""
 
     def __init__(self, ranks: Ranks, *args: Any, **kwargs: Any):
-        super().__init__(*args, trainer_factory=lambda centre, data, state, cfg: RankTrainer(
-            centre, data, state, cfg, ranks), **kwargs)
+        super().__init__(*args, trainer_factory=lambda centre, data, state, cfg, speed=1.0: RankTrainer(
+            centre, data, state, cfg, ranks, speed), **kwargs)
         self.ranks = ranks
 
     def after_reply(self) -> None:

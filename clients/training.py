@@ -7,9 +7,21 @@ from the long-lived centre worker (clients/worker.py) or, without a worker,
 directly inside a ClientApp.
 
 Determinism: the batch at inner step s depends only on (seed, centre, s) and the
-learning rate only on s, with s = (round - 1) * H + i. The inner optimiser state
+learning rate only on s, with s = (round - 1) * H + i for a fixed H. The inner optimiser state
 is saved per round on the centre's own disk, so a round can be re-run (after a
 coordinator restart) from exactly the state it started with.
+
+Time budget (`round-seconds` = T > 0): a centre trains until its compute for the round
+reaches T (at least `min-inner-steps`, at most `max-inner-steps`), so fast and slow
+centres reply together and each contributes what it could; its tokens weight the mean.
+Then s is the centre's own cumulative step count (`steps.json` on its disk: round ->
+[first step, steps]), the batch still depends only on (seed, centre, s), and the
+learning rate follows s on the schedule's nominal horizon, rounds x inner-steps: a fast
+centre reaches the 10 % floor sooner and stays there, a slow one is still higher when
+the run ends. A round this centre trained before (a restarted coordinator, a resumed
+run) replays its recorded count instead of the clock, so the re-run is exact.
+`speed` < 1 emulates a slower centre on the same machine: each step is followed by a
+sleep of (1/speed - 1) x its time (counted as compute, as a slower device's would be).
 
 Overlap (`overlap-steps` = k > 0): while the server aggregates round r, the centre
 trains the first k steps of round r + 1 on its own model, where round r ended
@@ -41,6 +53,7 @@ from models.gpt import GPT, build_model
 
 log = logging.getLogger("bridgepool.centre")
 KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the last one or two)
+STEPS_FILE = "steps.json"  # time budget: round -> [first step, steps taken], every round of the run
 
 
 @dataclass
@@ -95,7 +108,9 @@ def sync(device: torch.device) -> None:
 
 
 def lr_schedule(step: int, cfg: RunConfig) -> float:
-    """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps."""
+    """Linear warmup, then cosine from inner-lr down to 10 % over rounds x inner-steps. With a time
+    budget `step` is the centre's own cumulative count and inner-steps the nominal H: a centre
+    that takes more steps than that reaches the floor sooner and stays there."""
     total = cfg.rounds * cfg.inner_steps
     if step < cfg.inner_warmup_steps:
         return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
@@ -128,10 +143,13 @@ class CentreTrainer:
     """One centre's model, data and inner optimiser, kept warm across rounds."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, rank: int = 0,
-                 ranks: int = 1):
+                 ranks: int = 1, speed: float = 1.0):
         """`rank` of `ranks`: this process's place in a multi-rank centre (clients/ranks.py), which
-        picks its slice of each step's batch and its own inner-optimiser files."""
-        self.centre, self.cfg = centre, cfg
+        picks its slice of each step's batch and its own inner-optimiser files; `speed` < 1: an
+        emulated slower centre."""
+        if not 0 < speed <= 1:
+            raise ValueError(f"centre {centre}: speed must be in (0, 1] (1 = full speed, 1/3 = 3x slower), got {speed}")
+        self.centre, self.cfg, self.speed = centre, cfg, speed
         self.state_root = Path(state_dir)
         self.state_dir = run_state_dir(self.state_root, cfg.run_name)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -190,16 +208,22 @@ class CentreTrainer:
             done, done_seconds, done_compute = ahead.losses, ahead.step_seconds, ahead.compute
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        H = self.cfg.inner_steps
+        first, replay = self._round_plan(server_round)
         t0 = time.perf_counter()
-        losses, step_seconds = self._steps(server_round, len(done), H)
+        if replay is None:  # the time budget decides how many steps
+            losses, step_seconds = self._steps(first, 0, self.cfg.max_inner_steps, self.cfg.round_seconds)
+        else:
+            losses, step_seconds = self._steps(first, len(done), replay)
         compute = time.perf_counter() - t0 + done_compute
+        H = len(done) + len(losses)
+        if self.cfg.budgeted:
+            self._record_steps(server_round, first, H)
         losses, step_seconds = done + losses, done_seconds + step_seconds
         train_loss = float(torch.stack(losses).float().mean())  # one sync, after the loop
         self._save_optim(server_round)
         if self.cfg.overlap_steps and server_round < self.cfg.rounds:
             self._save_local(server_round)  # where the next round's early steps start, also after a restart
-        tokens = H * self.cfg.batch_size * self.seq_len
+        tokens = H * self.cfg.batch_size * self.seq_len  # the weight of this centre's update in the mean
         state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
         return RoundResult(state, {
             "train-loss": train_loss,
@@ -210,6 +234,7 @@ class CentreTrainer:
             "step-seconds-max": max(step_seconds),
             "step-seconds-mean": float(np.mean(step_seconds)),
             "steps-ahead": float(len(done)),
+            "inner-steps": float(H),
             "flops-per-token": float(self.flops_per_token),
             "peak-memory-bytes": float(self._peak_memory()),
         }, step_seconds)
@@ -235,7 +260,7 @@ class CentreTrainer:
         base = self._snapshot()
         self._optim_round = self._local_round = -1  # from here memory holds neither a round's end nor its moments
         t0 = time.perf_counter()
-        losses, step_seconds = self._steps(next_round, 0, k)
+        losses, step_seconds = self._steps((next_round - 1) * self.cfg.inner_steps, 0, k)
         compute = time.perf_counter() - t0
         return Ahead(next_round, base, self._snapshot(), losses, step_seconds, compute)
 
@@ -243,12 +268,56 @@ class CentreTrainer:
         return lr_schedule(step, self.cfg)
 
     # ----------------------------------------------------------------- private
-    def _steps(self, server_round: int, first: int, last: int) -> tuple[list[torch.Tensor], list[float]]:
-        """Inner steps first..last-1 of `server_round` on the model as it is."""
+    def _round_plan(self, server_round: int) -> tuple[int, int | None]:
+        """(the round's first step s, its step count; None = until the time budget is spent).
+        Fixed H: ((round - 1) x H, H). Time budget: s continues this centre's own count, and a
+        round it has trained before (a re-sent or resumed round) replays its recorded count."""
+        if not self.cfg.budgeted:
+            return (server_round - 1) * self.cfg.inner_steps, self.cfg.inner_steps
+        record = self._steps_record()
+        if str(server_round) in record:
+            first, steps = record[str(server_round)]
+            return first, steps
+        if server_round == 1:
+            return 0, None
+        if str(server_round - 1) not in record:
+            # A centre joining mid-run (or one whose record was lost) starts at the nominal position.
+            log.warning("[%s] no step record for round %d: round %d starts at step %d", self.centre,
+                        server_round - 1, server_round, (server_round - 1) * self.cfg.inner_steps)
+            return (server_round - 1) * self.cfg.inner_steps, None
+        first, steps = record[str(server_round - 1)]
+        return first + steps, None
+
+    def _steps_path(self) -> Path:
+        return inside(self.state_dir, self.state_dir / STEPS_FILE)
+
+    def _steps_record(self) -> dict[str, list[int]]:
+        path = self._steps_path()
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _record_steps(self, server_round: int, first: int, steps: int) -> None:
+        """Record the round's steps (whole file or nothing). Later rounds' entries stay: a re-run round
+        replays its count, so what followed it (a resume from an older checkpoint) replays too."""
+        record = self._steps_record()
+        record[str(server_round)] = [first, steps]
+        text = json.dumps(dict(sorted(record.items(), key=lambda kv: int(kv[0]))))
+        self._keep(self._steps_path(), lambda tmp: tmp.write_text(text))
+
+    def _steps(self, first_step: int, first: int, last: int,
+               budget: float = 0.0) -> tuple[list[torch.Tensor], list[float]]:
+        """Inner steps first..last-1 of the round whose step 0 is `first_step`, on the model as it
+        is. With `budget` > 0: stop earlier, once `min-inner-steps` are done and the next step would
+        end more than half a step past `budget` seconds (by the mean step so far): the round's
+        compute lands within half a step of the budget, not up to a whole (slow) step over it."""
         self.model.train()
         losses, step_seconds = [], []
+        t0 = time.perf_counter()
         for i in range(first, last):
-            step = (server_round - 1) * self.cfg.inner_steps + i
+            if budget and i >= self.cfg.min_inner_steps:
+                spent = time.perf_counter() - t0
+                if spent + 0.5 * spent / max(1, i - first) >= budget:
+                    break
+            step = first_step + i
             for group in self.optim.param_groups:
                 group["lr"] = self.lr_at(step)
             ts = time.perf_counter()
@@ -260,6 +329,8 @@ class CentreTrainer:
             self.optim.step()
             losses.append(loss.detach())
             sync(self.device)
+            if self.speed < 1:  # emulated slower centre (see the module docstring)
+                time.sleep((time.perf_counter() - ts) * (1 / self.speed - 1))
             step_seconds.append(time.perf_counter() - ts)
         self.optim.zero_grad(set_to_none=True)  # the last step's gradients: 4 bytes/param not held past the loop
         return losses, step_seconds
@@ -331,4 +402,4 @@ class CentreTrainer:
         if self.file_prefix:  # one position per centre: rank 0 writes it
             return
         inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(
-            {"round": server_round, "next-step": server_round * self.cfg.inner_steps}))
+            {"round": server_round, "next-step": self._round_plan(server_round + 1)[0]}))

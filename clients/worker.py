@@ -68,7 +68,7 @@ from models.packing import (
 
 log = logging.getLogger("bridgepool.centre")
 VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
-TrainerFactory = Callable[[str, Path, Path, RunConfig], CentreTrainer]
+TrainerFactory = Callable[..., CentreTrainer]  # (centre, data dir, state dir, config, speed=) -> trainer
 
 
 class CentreWorker:
@@ -77,7 +77,7 @@ class CentreWorker:
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
                  metrics: CentreMetrics | None = None, policy: Policy | None = None,
                  destination: dataplane.Destination | None = None, device: str = "",
-                 trainer_factory: TrainerFactory = CentreTrainer):
+                 trainer_factory: TrainerFactory = CentreTrainer, speed: float = 1.0):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
@@ -91,6 +91,7 @@ class CentreWorker:
         self.threads = threads
         self.device = device  # this centre's device over the run config's ("" = the run config's)
         self.trainer_factory = trainer_factory  # a multi-rank centre's (clients/ranks.py) drives its other ranks
+        self.speed = speed  # < 1: an emulated slower centre (clients/training.py), the operator's setting
         self.metrics = metrics or CentreMetrics(centre)  # recorded always, served only with a port
         self._peak = Peak(0.0, "unknown")  # set when a run's model is built
         self.egress = EgressGuard(centre, self.state_dir / LEDGER_NAME, on_blocked=self.metrics.record_egress_blocked)
@@ -285,7 +286,7 @@ class CentreWorker:
             cfg = cfg.replace(device=self.device) if self.device else cfg
             torch.set_num_threads(self.threads or cfg.threads or
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
-            self._trainer = self.trainer_factory(self.centre, self.data_dir, self.state_dir, cfg)
+            self._trainer = self.trainer_factory(self.centre, self.data_dir, self.state_dir, cfg, speed=self.speed)
             self._config = dict(run_config)
             self.held = HeldBase()  # a new run (or a resumed one): the server sends what it needs
             self._manifest = wire_manifest(parameter_manifest(self._trainer.model))

@@ -5,6 +5,7 @@
     bridgepool demo --centres 2 --rounds 3 --model tiny --run-dir runs/quick
     bridgepool demo --resume runs/quick     # continue from the last good checkpoint
     bridgepool demo --centres 2 --nproc-per-centre 2 --model tiny   # each centre a 2-rank DDP cluster
+    bridgepool demo --round-seconds 5       # unequal centres (the last one 3x slower) finishing together
     bridgepool demo --prometheus-port 9090  # metrics on 9300.., and a Prometheus scraping them
     bridgepool demo --prometheus-port 9090 --keep-metrics   # ... kept up after the run until Ctrl-C
     bridgepool data prepare --out DIR --source manpages:fr     # or a path, or hf:NAME
@@ -31,6 +32,8 @@ from typing import Any
 
 from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
 from models.config import ConfigError, parse_overrides
+
+SLOW_DEMO_SPEED = 1 / 3  # `demo --round-seconds`: the last centre's emulated speed (clients/training.py)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--inner-steps", type=int)
     d.add_argument("--model", help="tiny | small | base | large | xl")
     d.add_argument("--strategy", help="diloco | fedavg")
+    d.add_argument("--round-seconds", type=float, metavar="T",
+                   help="time-budgeted rounds: each centre trains until its round's compute reaches T seconds; "
+                        "the demo's last centre is then emulated 3x slower (speed 1/3), to show unequal centres "
+                        "finishing together")
     _run_flags(d)
     d.set_defaults(func=cmd_demo)
 
@@ -102,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
                             "the centre's runtime runs submitted bundles as a member of it (--app-user)")
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--device", default="", help="auto | cpu | cuda: this centre's, over the run config's")
+    serve.add_argument("--speed", type=float, default=1.0,
+                       help="emulate a slower centre: 1/3 sleeps 2x each step's time after it (default 1, full speed)")
     serve.add_argument("--nice", type=int, default=0, help="lower the training priority by this much")
     serve.add_argument("--metrics-port", type=int, default=0, help="Prometheus endpoint port (0 = off)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address the metrics endpoint binds")
@@ -175,7 +184,7 @@ def run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     values = parse_overrides(args.set)
     flags = {"rounds": getattr(args, "rounds", None), "inner-steps": getattr(args, "inner_steps", None),
              "model": getattr(args, "model", None), "strategy": getattr(args, "strategy", None),
-             "device": args.device}
+             "device": args.device, "round-seconds": getattr(args, "round_seconds", None)}
     values.update({k: v for k, v in flags.items() if v is not None})
     return values
 
@@ -220,7 +229,10 @@ def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return run_spec(load_spec(BUILTIN_DEMO).with_centres(args.centres), args)
+    spec = load_spec(BUILTIN_DEMO).with_centres(args.centres)
+    if args.round_seconds:  # one flag shows it: a centre 3x slower than the others, on the same budget
+        spec = spec.with_slow_last_centre(SLOW_DEMO_SPEED)
+    return run_spec(spec, args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -278,7 +290,7 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
                                              " ".join(argv))
         return supervise(argv, args.centre, args.max_restarts)
     kwargs: dict[str, Any] = dict(threads=args.threads, nice=args.nice, policy=policy, destination=destination,
-                                  device=args.device)
+                                  device=args.device, speed=args.speed)
     ranks = None
     if args.as_rank:
         from clients.ranks import Ranks, RankZeroWorker, follow, stop_followers

@@ -157,7 +157,7 @@ def run_netns(spec: Any, run_dir: Path, cfg: Any) -> int:
     check_devices(spec, cfg)
     console = Console()
     run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc) for c in spec.centres]
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
     t0 = time.monotonic()
     with NetnsFederation(run_dir, centres, base_port=spec.coordinator.base_port) as fed:

@@ -2,7 +2,8 @@
 
 `loss.png`: held-out (federated evaluation) loss of the global model and each
 centre's training loss, against the tokens that centre has trained on.
-`throughput.png`: tokens/s per centre, utilisation and bytes per round.
+`throughput.png`: tokens/s per centre, utilisation, each centre's inner steps (solid) and
+idle seconds (dotted, waiting for the others) per round, and bytes per round.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def centre_series(run: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     for rec in run.get("rounds", []):
         for name, m in rec["centres"].items():
             s = out.setdefault(name, {k: [] for k in ("round", "tokens", "train", "eval_tokens",
-                                                      "eval", "tps", "util")})
+                                                      "eval", "tps", "util", "steps", "idle")})
             before = s["tokens"][-1] if s["tokens"] else 0.0
             s["round"].append(rec["round"])
             s["eval_tokens"].append(before)
@@ -40,6 +41,8 @@ def centre_series(run: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
             s["train"].append(m.get("train-loss", float("nan")))
             s["tps"].append(m.get("tokens-per-second", 0.0))
             s["util"].append(m.get("compute-seconds", 0.0) / max(rec["wall-seconds"], 1e-9))
+            s["steps"].append(rec.get("inner-steps", {}).get(name, m.get("inner-steps", float("nan"))))
+            s["idle"].append(rec.get("idle-seconds", {}).get(name, float("nan")))
     for name, m in run.get("final", {}).get("centres", {}).items():
         if name in out:
             out[name]["eval_tokens"].append(out[name]["tokens"][-1])
@@ -67,15 +70,20 @@ def plot_run(run_dir: Path) -> list[Path]:
     plt.close(fig)
 
     rounds = run.get("rounds", [])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    idle_axis = axes[2].twinx()
     for name, s in series.items():
-        axes[0].plot(s["round"], s["tps"], marker="o", label=name)
+        line, = axes[0].plot(s["round"], s["tps"], marker="o", label=name)
         axes[1].plot(s["round"], [100 * u for u in s["util"]], marker="o", label=name)
+        axes[2].plot(s["round"], s["steps"], marker="o", color=line.get_color(), label=name)
+        idle_axis.plot(s["round"], s["idle"], linestyle=":", marker="x", color=line.get_color())
     axes[0].set_title("training tokens/s per centre")
     axes[1].set_title("utilisation: compute / round wall time (%)")
-    axes[2].bar([r["round"] for r in rounds], [(r["bytes-sent"] + r["bytes-received"]) / 2**20
+    axes[2].set_title("inner steps (solid), idle s (dotted)")
+    idle_axis.set_ylabel("idle seconds (waiting)")
+    axes[3].bar([r["round"] for r in rounds], [(r["bytes-sent"] + r["bytes-received"]) / 2**20
                                                 for r in rounds])
-    axes[2].set_title("MiB exchanged per round")
+    axes[3].set_title("MiB exchanged per round")
     for ax in axes:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)

@@ -88,14 +88,18 @@ def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig) -> int:
     check_devices(spec, cfg)
     check_prometheus(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc) for c in spec.centres]
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
     co = spec.coordinator
-    console.print(f"[bold]bridgepool[/] {spec.path.name}: {len(centres)} centres, {cfg.rounds} rounds x "
-                  f"{cfg.inner_steps} inner steps, model {cfg.model}, strategy {cfg.strategy}; run directory {run_dir}")
+    steps = (f"{cfg.round_seconds:g} s of training per centre ({cfg.min_inner_steps}-{cfg.max_inner_steps} steps)"
+             if cfg.budgeted else f"{cfg.inner_steps} inner steps")
+    slow = [f"{c.name} at speed {c.speed:.3g}" for c in spec.centres if c.speed < 1]
+    console.print(f"[bold]bridgepool[/] {spec.path.name}: {len(centres)} centres, {cfg.rounds} rounds x {steps}, "
+                  f"model {cfg.model}, strategy {cfg.strategy}{'; emulated ' + ', '.join(slow) if slow else ''}; "
+                  f"run directory {run_dir}")
     with LocalFederation(run_dir, centres, base_port=co.base_port, metrics_port=co.metrics_port) as fed, \
             contextlib.ExitStack() as stack:
         console.print(f"SuperLink on 127.0.0.1:{fed.superlink_port}; logs in {fed.logs}")

@@ -25,6 +25,8 @@ The same file drives every deployment: `bridgepool run` (the deployment it names
     device = "auto"           # auto | cpu | cuda for this centre's worker (default: [config] device)
     threads = 0               # torch threads of this centre's worker (0 = [config] threads)
     nproc = 1                 # data-parallel ranks of this centre (torchrun; its threads are shared among them)
+    speed = 1.0               # < 1 emulates a slower centre on this machine: 0.333 = each step takes 3x as long
+                              # (study unequal centres, e.g. with [config] round-seconds; 1 = full speed)
     undecodable = "stop"      # a .txt/.md that is not UTF-8: stop with its name, or skip it (counted)
 
 Everything is checked by `load_spec` before anything starts; an error names the file, the
@@ -64,6 +66,7 @@ class CentreSpec:
     max_bytes: int = 0  # 0 = all
     device: str = ""  # "" = the run config's device
     threads: int = 0  # 0 = the run config's threads
+    speed: float = 1.0  # < 1: an emulated slower centre (clients/training.py)
     undecodable: str = "stop"
     nproc: int = 1  # data-parallel ranks of the centre's worker (clients/ranks.py)
 
@@ -115,6 +118,10 @@ class FederationSpec:
     def nprocs(self) -> dict[str, int]:
         """Ranks per centre name, as deploy/compose.py takes them."""
         return {c.name: c.nproc for c in self.centres}
+
+    def with_slow_last_centre(self, speed: float) -> FederationSpec:
+        """The last centre emulated at `speed` (`bridgepool demo --round-seconds`)."""
+        return replace(self, centres=(*self.centres[:-1], replace(self.centres[-1], speed=speed)))
 
     def sources(self) -> list[tuple[str, str]]:
         """(name, source) per centre, as deploy/compose.py takes them."""
@@ -171,7 +178,7 @@ def _coordinator(where: _Where, table: dict[str, Any]) -> CoordinatorSpec:
 
 def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreSpec:
     at = f"centre[{i}]"  # 0-based, in file order
-    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "undecodable", "nproc"})
+    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "speed", "undecodable", "nproc"})
     for key in ("name", "source"):
         if key not in table:
             raise SpecError(f"{where.path}: {at} has no '{key}'; every centre needs a name and a source")
@@ -204,6 +211,7 @@ def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreS
         device=where.choice(f"{at} device", table["device"], DEVICES) if "device" in table else "",
         threads=where.integer(f"{at} threads", table.get("threads", 0), 0, 1024),
         nproc=where.integer(f"{at} nproc", table.get("nproc", 1), 1, MAX_NPROC),
+        speed=where.speed(f"{at} speed", table.get("speed", 1.0)),
         undecodable=where.choice(f"{at} undecodable", table.get("undecodable", "stop"), UNDECODABLE))
 
 
@@ -246,6 +254,11 @@ class _Where:
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
             raise self.fail(key, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""), value)
         return value
+
+    def speed(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise self.fail(key, "a number in (0, 1] (1 = full speed, 0.333 = 3x slower)", value)
+        return float(value)
 
     def boolean(self, key: str, value: Any) -> bool:
         if not isinstance(value, bool):

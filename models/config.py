@@ -50,6 +50,9 @@ class RunConfig:
     inner_warmup_steps: int
     inner_weight_decay: float
     overlap_steps: int  # inner steps trained ahead on the centre's own model while the server aggregates
+    round_seconds: float  # time budget: each centre trains until its round's compute reaches this; 0 = fixed H
+    min_inner_steps: int  # with a time budget: the fewest inner steps a centre takes per round
+    max_inner_steps: int  # with a time budget: the most (also caps the tokens a reply may claim)
     strategy: str
     compression: str  # none | int8: how the model and the updates travel (server/broadcast.py)
     outer_lr: float
@@ -93,6 +96,7 @@ class RunConfig:
         for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port",
                     "overlap-steps"):
             _at_least(key, getattr(self, _snake(key)), 0)
+        self._check_budget()
         for key in ("inner-lr", "outer-lr", "connect-timeout", "round-timeout"):
             if not getattr(self, _snake(key)) > 0:
                 raise ConfigError(
@@ -130,6 +134,30 @@ class RunConfig:
                 f"config key 'min-centres' ({self.min_centres}) exceeds 'expected-centres' "
                 f"({self.expected_centres}); lower the quorum or start more centres"
             )
+
+    def _check_budget(self) -> None:
+        if not (math.isfinite(self.round_seconds) and self.round_seconds >= 0):  # "not >=" also refuses NaN
+            raise ConfigError(f"config key 'round-seconds' must be >= 0 (0 = off, fixed inner-steps), "
+                              f"got {self.round_seconds}")
+        _at_least("min-inner-steps", self.min_inner_steps, 1)
+        if self.max_inner_steps < self.min_inner_steps:
+            raise ConfigError(f"config key 'max-inner-steps' ({self.max_inner_steps}) is below 'min-inner-steps' "
+                              f"({self.min_inner_steps})")
+        if self.round_seconds > 0 and self.overlap_steps > 0:
+            # Steps trained ahead are a fixed count started before the round's clock; under a time budget
+            # the count would depend on how long the server took to aggregate, and resume would not replay it.
+            raise ConfigError("config keys 'round-seconds' and 'overlap-steps' cannot both be set: a time budget "
+                              "already keeps every centre busy; set overlap-steps = 0 or round-seconds = 0")
+
+    @property
+    def budgeted(self) -> bool:
+        """Rounds end on a time budget (round-seconds > 0), not after a fixed inner-steps."""
+        return self.round_seconds > 0
+
+    @property
+    def max_steps_per_round(self) -> int:
+        """The most inner steps one centre can take in a round: the token cap's factor."""
+        return self.max_inner_steps if self.budgeted else self.inner_steps
 
     def _check_dp(self) -> None:
         for key in ("dp-clip", "dp-noise-multiplier"):

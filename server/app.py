@@ -31,7 +31,7 @@ from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint
 from server.dataplane import Plane, open_plane, upload_shapes
 from server.liveness import Liveness
 from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_centres
-from server.metrics import ServerMetrics
+from server.metrics import ServerMetrics, centre_balance
 from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
 from server.validation import screen, token_cap
@@ -238,7 +238,10 @@ def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wa
         "train-loss-mean": _mean([r.metrics["train-loss"] for r in accepted]),
         "eval-loss-mean": _mean([r.metrics["eval-loss"] for r in accepted]),
         "centres": centres,
+        **centre_balance(wall, {r.centre: r.metrics for r in accepted}),
     }
+
+
 
 
 def _mean(values: list[float]) -> float:

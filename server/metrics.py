@@ -65,6 +65,15 @@ class ServerMetrics:
         self.utilisation = Gauge("bridgepool_utilisation",
                                  "Mean over accepted centres of compute seconds / round wall seconds (0..1)",
                                  LABELS, registry=r)
+        # Unequal centres (round-seconds): per centre, its inner steps and its idle seconds in the last round.
+        self.centre_steps = Gauge("bridgepool_centre_round_inner_steps", "Inner steps a centre took in the last round",
+                                  (*LABELS, "centre"), registry=r)
+        self.centre_idle = Gauge("bridgepool_centre_round_idle_seconds",
+                                 "Seconds of the last round a centre neither trained nor evaluated (waited)",
+                                 (*LABELS, "centre"), registry=r)
+        self.steps_spread = Gauge("bridgepool_round_inner_steps_spread",
+                                  "Most / fewest inner steps among the last round's centres (1 = equal)",
+                                  LABELS, registry=r)
         self.rounds = Counter("bridgepool_server_rounds", "Rounds aggregated", LABELS, registry=r)
         self.round = Gauge("bridgepool_round", "Last aggregated round", LABELS, registry=r)
         self.rejected = Counter("bridgepool_rejected_updates",
@@ -122,6 +131,24 @@ class ServerMetrics:
             self.bytes.labels(run, direction).inc(float(record[f"bytes-{direction}"]))
         compute = [float(m.get("compute-seconds", 0.0)) for m in accepted.values()]
         self.utilisation.labels(run).set(sum(compute) / len(compute) / wall if compute and wall > 0 else 0.0)
+        for centre, steps in record.get("inner-steps", {}).items():
+            self.centre_steps.labels(run, centre).set(float(steps))
+        for centre, idle in record.get("idle-seconds", {}).items():
+            self.centre_idle.labels(run, centre).set(float(idle))
+        if "inner-steps-spread" in record:
+            self.steps_spread.labels(run).set(float(record["inner-steps-spread"]))
         self.rounds.labels(run).inc()
         self.round.labels(run).set(int(record["round"]))
         self.changed = time.monotonic()
+
+
+def centre_balance(wall: float, metrics: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """How unequal the round's centres were: each one's inner steps, its idle seconds (the round's
+    wall less its own evaluation and training: time it waited for the others and for the
+    transfers) and the spread of the steps (most / fewest; 1 = equal)."""
+    steps = {c: m.get("inner-steps", 0.0) for c, m in metrics.items()}
+    idle = {c: max(0.0, wall - m.get("compute-seconds", 0.0) - m.get("eval-seconds", 0.0))
+            for c, m in metrics.items()}
+    counts = [s for s in steps.values() if s > 0]
+    return {"inner-steps": steps, "idle-seconds": idle,
+            "inner-steps-spread": max(counts) / min(counts) if counts else float("nan")}

@@ -57,7 +57,7 @@ def token_cap(cfg: RunConfig) -> float:
     """The most tokens one centre can train in a round of `cfg`: inner-steps x batch-size x
     seq-len (seq-len 0 = the model's block size). A reply claiming more is lying: its claim
     would buy it the mean's weight (issue 19, threat 5)."""
-    return float(cfg.inner_steps * cfg.batch_size * (cfg.seq_len or model_config(cfg.model).block_size))
+    return float(cfg.max_steps_per_round * cfg.batch_size * (cfg.seq_len or model_config(cfg.model).block_size))
 
 
 def expected_layout(size: int) -> dict[str, dict[str, tuple[str, tuple[int, ...]]]]:
@@ -182,7 +182,8 @@ def check_metrics(metrics: Mapping[str, float], max_tokens: float) -> None:
         raise UpdateRejected("metric 'tokens' must be > 0 (it weights the average)", "metrics")
     if tokens > max_tokens:
         raise UpdateRejected(f"metric 'tokens' claims {tokens:.4g}, above the {max_tokens:.0f} the round's "
-                             "config allows (inner-steps x batch-size x seq-len)", "tokens-over-cap")
+                             "config allows (inner-steps, or max-inner-steps with round-seconds, "
+                             "x batch-size x seq-len)", "tokens-over-cap")
 
 
 def update_norm(update: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:

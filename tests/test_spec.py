@@ -71,6 +71,7 @@ def test_a_good_spec_parses_into_typed_parts(tmp_path):
     (('source = "manpages:fr"', 'source = "hf:"'), "centre 'site-b' source 'hf:': hf: needs a dataset name"),
     (('device = "cpu"', 'device = "tpu"'), "centre 'site-a' device must be one of auto, cpu, cuda; got 'tpu'"),
     (("threads = 2", "threads = -1"), "centre 'site-a' threads must be an integer >= 0 and <= 1024; got -1"),
+    (("threads = 2", "speed = 3"), "centre 'site-a' speed must be a number in (0, 1] (1 = full speed, 0.333 = 3x"),
     (('undecodable = "skip"', 'undecodable = "ignore"'), "centre 'site-b' undecodable must be one of stop, skip"),
     (('name = "site-b"', 'name = "site-a"'), "centre name 'site-a' is used twice"),
     (('name = "site-b"', 'name = "Site B"'), "centre[1] name must be 1-31 characters of a-z, 0-9 and '-'"),
@@ -142,12 +143,31 @@ def test_a_centres_own_device_and_threads_reach_its_worker(worker, tmp_path):
     from deploy.cli import _parser
     from models.config import load_defaults
 
-    argv = commands.worker("site-a", "d", "s", "s/worker.sock", threads=2, device="cpu")
+    argv = commands.worker("site-a", "d", "s", "s/worker.sock", threads=2, device="cpu", speed=0.25)
     args = _parser().parse_args(argv[1:])
-    assert (args.device, args.threads) == ("cpu", 2)
-    own = CentreWorker("fr-genci", worker.data_dir, tmp_path / "state-own", device="cpu")
+    assert (args.device, args.threads, args.speed) == ("cpu", 2, 0.25)
+    own = CentreWorker("fr-genci", worker.data_dir, tmp_path / "state-own", device="cpu", speed=0.25)
     run = {**load_defaults(), "model": "tiny", "device": "cuda", "run-name": "r"}  # the run asks for a GPU
     assert own._trainer_for(run).device.type == "cpu"
+    assert own._trainer_for(run).speed == 0.25
+
+
+def test_a_centres_speed_in_the_spec_and_the_demos_one_flag(tmp_path, monkeypatch):
+    """`speed` in a spec reaches the centre; `bridgepool demo --round-seconds T` sets the budget and
+    makes the demo's last centre 3x slower, so that unequal centres finish each round together."""
+    from deploy import cli
+
+    spec = load_spec(_spec(tmp_path, GOOD.replace("threads = 2", "threads = 2\nspeed = 0.5")))
+    assert [c.speed for c in spec.centres] == [0.5, 1.0]
+    seen = {}
+    monkeypatch.setattr(cli, "run_spec", lambda spec, args: seen.update(spec=spec, args=args) or 0)
+    assert main(["demo", "--round-seconds", "5", "--centres", "3"]) == 0
+    assert [c.speed for c in seen["spec"].centres] == [1.0, 1.0, cli.SLOW_DEMO_SPEED]
+    cfg = seen["spec"].run_config(tmp_path / "run", cli.run_overrides(seen["args"]))
+    assert cfg.round_seconds == 5.0 and cfg.budgeted
+    assert main(["demo", "--centres", "2"]) == 0  # without the flag: fixed H, equal centres
+    assert [c.speed for c in seen["spec"].centres] == [1.0, 1.0]
+    assert not seen["spec"].run_config(tmp_path / "run", cli.run_overrides(seen["args"])).budgeted
 
 
 def test_run_of_a_compose_spec_writes_its_compose_file(tmp_path, capsys):
