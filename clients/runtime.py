@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import pwd
+import signal
 import subprocess
 import sys
 import threading
@@ -382,7 +383,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
     if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)  # SIGINT here when the SuperNode is gone
+        # The monitor sends SIGINT here when the SuperNode is gone. A process started from a background
+        # job inherits SIGINT ignored, and Python then installs no handler: install it, or it lives on.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        start_parent_process_monitor(args.parent_pid)
     certificates = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     if args.app_user is not None:
         try:
