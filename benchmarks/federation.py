@@ -16,12 +16,14 @@ the loopback interface of a network namespace holding only the DDP processes.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -285,6 +287,17 @@ class _Progress(dict):
 
 def _free_port() -> int:
     return free_base_port(8)
+
+
+def save_results(res: dict[str, Any], out: Path, kind: str, tag: str, render: Callable[[dict[str, Any]], str]) -> Path:
+    """A benchmark's JSON (with this machine's environment) and its Markdown report, named `tag` or
+    KIND_<hardware>_<date>; returns the report's path."""
+    res["environment"] = _environment()
+    stem = tag or f"{kind}_{_hardware()}_{time.strftime('%Y-%m-%d')}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    (out / f"{stem}.md").write_text(render(res))
+    return out / f"{stem}.md"
 
 
 def _hardware() -> str:

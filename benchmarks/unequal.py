@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -196,14 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.fast_speed <= 1:
         p.error(f"--fast-speed must be in (0, 1], got {args.fast_speed}")
     res = run_all(QUICK if args.quick else FULL, args.fast_speed)
-    from benchmarks.federation import _environment, _hardware
+    from benchmarks.federation import save_results
 
-    res["environment"] = _environment()
-    stem = args.tag or f"unequal_{_hardware()}_{time.strftime('%Y-%m-%d')}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{stem}.md").write_text(report(res))
-    print(args.out / f"{stem}.md")
+    print(save_results(res, args.out, "unequal", args.tag, report))
     return 0
 
 

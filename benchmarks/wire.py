@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -179,14 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="file name stem; default wire_<hardware>_<date>")
     args = p.parse_args(argv)
     res = run_all(args.quick, args.ratio)
-    from benchmarks.federation import _environment, _hardware
+    from benchmarks.federation import save_results
 
-    res["environment"] = _environment()
-    stem = args.tag or f"wire_{_hardware()}_{time.strftime('%Y-%m-%d')}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1))
-    (args.out / f"{stem}.md").write_text(report(res))
-    print(args.out / f"{stem}.md")
+    print(save_results(res, args.out, "wire", args.tag, report))
     return 0
 
 
