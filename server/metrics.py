@@ -135,7 +135,7 @@ class ServerMetrics:
             self.centre_steps.labels(run, centre).set(float(steps))
         for centre, idle in record.get("idle-seconds", {}).items():
             self.centre_idle.labels(run, centre).set(float(idle))
-        if "inner-steps-spread" in record:
+        if record.get("inner-steps-spread") is not None:
             self.steps_spread.labels(run).set(float(record["inner-steps-spread"]))
         self.rounds.labels(run).inc()
         self.round.labels(run).set(int(record["round"]))
@@ -151,4 +151,5 @@ def centre_balance(wall: float, metrics: dict[str, dict[str, float]]) -> dict[st
             for c, m in metrics.items()}
     counts = [s for s in steps.values() if s > 0]
     return {"inner-steps": steps, "idle-seconds": idle,
-            "inner-steps-spread": max(counts) / min(counts) if counts else float("nan")}
+            # None (JSON null, not NaN, which strict JSON readers refuse) when no centre reported its steps
+            "inner-steps-spread": max(counts) / min(counts) if counts else None}
