@@ -39,6 +39,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -58,6 +59,7 @@ from models.config import RunConfig
 log = logging.getLogger("bridgepool.ranks")
 # Inside a round the ranks wait on each other for at most this long (a hung, not dead, rank).
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+VOUCH_GRACE = 30.0  # seconds a failed rank 0 waits for the runtime to check its error reply, then exits
 # Between rounds (and runs) ranks > 0 wait on rank 0's next command for as long as the centre is up.
 IDLE_TIMEOUT = timedelta(days=365)
 
@@ -312,10 +314,23 @@ class RankZeroWorker(CentreWorker):
         super().__init__(*args, trainer_factory=lambda centre, data, state, cfg, speed=1.0: RankTrainer(
             centre, data, state, cfg, ranks, speed), **kwargs)
         self.ranks = ranks
+        self._exiting = False
+
+    def handle(self, header: dict[str, Any], arrays: Any) -> tuple[dict[str, Any], Any]:
+        if self.ranks.failed and header.get("op") == "vouch":  # the runtime's check of the error reply
+            self._exiting = True
+        return super().handle(header, arrays)
 
     def after_reply(self) -> None:
         if self.ranks.failed:
-            raise SystemExit(f"[{self.centre}] {self.ranks.failed}")
+            # The error naming the rank leaves only once the centre's runtime has checked it with this
+            # worker (op "vouch"): exit after that, or after VOUCH_GRACE if it never comes.
+            if self._exiting:
+                raise SystemExit(f"[{self.centre}] {self.ranks.failed}")
+            timer = threading.Timer(VOUCH_GRACE, os._exit, args=(1,))
+            timer.daemon = True  # not a reason to outlive the SystemExit above
+            timer.start()
+            return
         super().after_reply()
 
 
