@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,9 @@ SLOW_DEMO_SPEED = 1 / 3  # `demo --round-seconds`: the last centre's emulated sp
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Ctrl-C (SIGINT) stops what a command started, also when it was started from a background job,
+    # which inherits SIGINT ignored (Python then installs no handler and the command would not stop).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if argv[:1] == ["bench"]:
         from benchmarks.federation import main as bench_main
 
