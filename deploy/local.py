@@ -136,7 +136,7 @@ class LocalFederation:
             self._spawn(c.name, f"worker {c.name}", self._worker_argv(c), self.logs / f"worker-{c.name}.log",
                         self._env(c.state_dir / "flwr-home"))
         self.server_home.mkdir(parents=True, exist_ok=True)
-        self.superlink_internal_port = free_base_port(1)
+        self.superlink_internal_port = self._internal_port()
         self._write_cli_config()
         self._spawn("server", "SuperLink", commands.superlink(
             self.superlink_internal_port, str(self.run_dir / "server" / "superlink.db") if self.durable else None,
@@ -361,6 +361,17 @@ class LocalFederation:
 
     def _superlink_up(self) -> bool:
         return port_open(self.superlink_internal_port) and port_open(self.superlink_port)
+
+    def _internal_port(self) -> int:
+        """A free loopback port for the SuperLink itself, away from the ports this federation and its
+        caller lay out from base-port (the data plane, metrics and Prometheus bind later, so a port
+        merely free now could be one of theirs: the kernel hands out ports near the base it gave)."""
+        near = range(self.superlink_port - 32, self.data_plane_port + 33)
+        for _ in range(100):
+            port = free_base_port(1)
+            if port not in near and port not in self._metrics_ports().values():
+                return port
+        raise LaunchError("no free loopback port away from the federation's own ports for the SuperLink")
 
 
 def _watching(proc: Proc) -> ProcessGroup:
