@@ -14,45 +14,31 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
 
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
 from models.packing import PARAMS_KEY, pack
-from server import messaging
 from server.app import federate
 from server.metrics import ServerMetrics
 from server.runlog import RunLog
 from server.validation import token_cap
+from tests.test_redteam_server import Grid as ScriptedGrid
+from tests.test_redteam_server import serverapp_identity  # noqa: F401  (autouse here too)
 
 NAMES = {1: "fr-genci", 2: "de-lrz", 3: "es-bsc", 4: "hostile"}
 
 
-@pytest.fixture(autouse=True)
-def serverapp_identity(monkeypatch):
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-    monkeypatch.setattr(messaging, "POLL_SECONDS", 0.01)
-
-
-class Grid:
-    """Nodes that answer every message at once: train with `weights[node]`, the rest with metrics."""
+class Grid(ScriptedGrid):
+    """Nodes that answer every message at once: train with `weights[node]`, the rest with metrics
+    (push_messages and the ServerApp identity fixture: tests/test_redteam_server.py's)."""
 
     def __init__(self, weights: dict[int, np.ndarray], tokens: float):
-        self.weights, self.tokens, self.sent, self.pushed = weights, tokens, {}, 0
+        super().__init__({})
+        self.weights, self.tokens = weights, tokens
 
     def get_node_ids(self) -> list[int]:
         return list(self.weights)
-
-    def push_messages(self, messages: list[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            mid, self.pushed = f"m{self.pushed}", self.pushed + 1
-            msg.metadata.__dict__["_message_id"] = mid
-            self.sent[mid] = msg
-            ids.append(mid)
-        return ids
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
         out = []
