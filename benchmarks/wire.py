@@ -8,7 +8,8 @@ Wire scenario: the same federation (2 centres, H=1, batch 1 x 64 tokens, 1 eval 
 compute) once with `data-plane = "stream"` and once with `"flower"`, one after the other in the same
 run. Per steady round (round 1 carries no weights: the centres build the seed's model), the time the
 weights took is what is left of the round's wall time after the slowest centre's compute and
-evaluation, the aggregation and the checkpoint; the effective throughput is the model bytes the round
+evaluation, the aggregation (with the screening of the updates, on the data plane the same read of
+each update as the sum) and the checkpoint; the effective throughput is the model bytes the round
 moved (the global model to each centre, each centre's update back) over that time. Peak resident
 memory: each centre worker's (its own getrusage, reported with its metrics) and the ServerApp's.
 
@@ -43,6 +44,8 @@ RATIO_OVERLAP = 4
 TARGET_BYTES_PER_SECOND = 1e9
 TARGET_ROUND_SECONDS = 4.0
 TARGET_RATIO = 0.90
+TARGET_COORDINATOR_MODELS = 4.0  # model-sized vectors the coordinator may hold, beyond a chunk per centre
+CHUNK_BYTES = 4 << 20  # server/dataplane.py CHUNK and server/chunked.py CHUNK_VALUES x 4 bytes
 
 
 def _config(run_dir: Path, centres: int, **over: Any) -> RunConfig:
@@ -76,7 +79,13 @@ def wire_figures(run: dict[str, Any]) -> dict[str, Any]:
     moving = sum(x["moving"] for x in rounds)
     moved = sum(x["bytes"] for x in rounds)
     last = run["rounds"][-1]
-    return {"rounds": rounds, "bytes-per-second": moved / moving if moving > 0 else None,
+    before = next((e["rss-before-model-bytes"] for e in run.get("events", []) if e.get("event") == "memory"), None)
+    peak = last.get("server-peak-rss-bytes")
+    model_bytes = rounds[0]["bytes"] / (2 * len(last["centres"])) if rounds else None  # to and from each centre
+    return {"rounds": rounds,
+            "coordinator-model-multiple": (peak - before) / model_bytes if peak and before and model_bytes else None,
+            "model-bytes": model_bytes, "centres": len(last["centres"]),
+            "bytes-per-second": moved / moving if moving > 0 else None,
             "round-seconds": sum(x["wall"] for x in rounds) / len(rounds),
             "worker-peak-rss-bytes": max(m.get("peak-memory-bytes", 0.0) for m in last["centres"].values()),
             "server-peak-rss-bytes": last.get("server-peak-rss-bytes"),
@@ -120,6 +129,10 @@ def run_all(quick: bool, ratio: bool, centres: int = 2) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _multiple(x: float | None) -> str:
+    return f"{x:.2f} x" if x is not None else "-"
+
+
 def report(res: dict[str, Any]) -> str:
     s = res["scenarios"]
     lines = ["# Model updates on the wire: data plane vs Flower messages", "",
@@ -127,13 +140,14 @@ def report(res: dict[str, Any]) -> str:
              "Steady rounds (2..N); 'moving' = round wall - slowest centre's compute+eval - aggregation - "
              "checkpoint; throughput = model bytes moved (global to each centre + each update) / moving.", "",
              "| scenario | round s | moving s/round | bytes/round | effective throughput | worker peak RSS | "
-             "coordinator peak RSS |", "|---|---|---|---|---|---|---|"]
+             "coordinator peak RSS | coordinator / model bytes |", "|---|---|---|---|---|---|---|---|"]
     for name, f in s.items():
         per = f["rounds"]
         lines.append(f"| {name} | {f['round-seconds']:.2f} | {sum(x['moving'] for x in per) / len(per):.2f} | "
                      f"{per[0]['bytes'] / 1e6:,.0f} MB | {(f['bytes-per-second'] or 0) / 1e6:,.0f} MB/s | "
                      f"{f['worker-peak-rss-bytes'] / 2**30:.2f} GiB | "
-                     f"{(f['server-peak-rss-bytes'] or 0) / 2**30:.2f} GiB |")
+                     f"{(f['server-peak-rss-bytes'] or 0) / 2**30:.2f} GiB | "
+                     f"{_multiple(f.get('coordinator-model-multiple'))} |")
     lines += ["", "## Targets", ""]
     for verdict, text in targets(res):
         lines.append(f"- **{verdict}**: {text}")
@@ -161,6 +175,14 @@ def targets(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append(("met" if stream["round-seconds"] <= TARGET_ROUND_SECONDS else "missed",
                     f"a {res['plan']['model']} round in <= 4 s: {stream['round-seconds']:.2f} s"
                     + (f" (flower: {flower['round-seconds']:.2f} s)" if flower else "")))
+        multiple = stream.get("coordinator-model-multiple")
+        if multiple is not None:  # the chunks: one being received and one being read, per centre
+            allowed = TARGET_COORDINATOR_MODELS + stream["centres"] * 2 * CHUNK_BYTES / stream["model-bytes"]
+            out.append(("met" if multiple <= allowed else "missed",
+                        f"coordinator memory <= 4 x the model's bytes plus a chunk per centre ({allowed:.2f} x): "
+                        f"{multiple:.2f} x above the process before the model"
+                        + (f" (flower: {flower['coordinator-model-multiple']:.2f} x)"
+                           if flower and flower.get("coordinator-model-multiple") else "")))
     ratios = {k: res[k]["ratio"] for k in ("ratio", "ratio-overlap") if k in res}
     if ratios:
         best = max(ratios, key=ratios.get)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -170,6 +171,11 @@ class CentreTrainer:
         self.net: torch.nn.Module = self.model  # what the inner steps run through (DDP in clients/ranks.py)
         self.file_prefix = f"rank{rank}-" if rank else ""  # rank 0's files keep the single-process names
         self._optim_round = 0  # round whose inner-optimiser state self.optim holds
+        # The worker writes the round's AdamW state (2x the model's bytes) while the update travels
+        # (`background_save`), and waits for it before its reply vouches for the round (`flush`).
+        self.background_save = False
+        self._saving: threading.Thread | None = None
+        self._save_error: BaseException | None = None
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
 
     # ------------------------------------------------------------------ public
@@ -309,6 +315,7 @@ class CentreTrainer:
         is. With `budget` > 0: stop earlier, once `min-inner-steps` are done and the next step would
         end more than half a step past `budget` seconds (by the mean step so far): the round's
         compute lands within half a step of the budget, not up to a whole (slow) step over it."""
+        self.flush()  # the moments these steps change are on disk first
         self.model.train()
         losses, step_seconds = [], []
         t0 = time.perf_counter()
@@ -379,11 +386,23 @@ class CentreTrainer:
     def _optim_path(self, server_round: int) -> Path:
         return inside(self.state_dir, self.state_dir / f"{self.file_prefix}inner-optim-round-{server_round:04d}.pt")
 
+    def flush(self) -> None:
+        """Wait until the inner-optimiser state of the last round is on disk; its error, if any.
+        A reply must not leave before: a centre restarted after the server took its update resumes
+        from that file, so resume stays bit-identical."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        err, self._save_error = self._save_error, None
+        if err is not None:
+            raise RuntimeError(f"[{self.centre}] saving the inner-optimiser state failed: {err}") from err
+
     def _load_optim(self, after_round: int) -> None:
         """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).
 
         Skipped when this process already holds it (the warm worker's usual case).
         """
+        self.flush()
         if self._optim_round == after_round:
             return
         path = self._optim_path(after_round)
@@ -397,9 +416,25 @@ class CentreTrainer:
         self._optim_round = after_round
 
     def _save_optim(self, server_round: int) -> None:
-        self._keep(self._optim_path(server_round), lambda tmp: torch.save(self.optim.state_dict(), tmp))
+        self.flush()
+        # Taken now: its tensors are the live moments, which only the next steps change, and those
+        # flush first (`_load_optim`, `_steps`).
+        state, path = self.optim.state_dict(), self._optim_path(server_round)
+        position = None if self.file_prefix else {  # one position per centre: rank 0 writes it
+            "round": server_round, "next-step": self._round_plan(server_round + 1)[0]}
         self._optim_round = server_round
-        if self.file_prefix:  # one position per centre: rank 0 writes it
+
+        def write() -> None:
+            try:
+                self._keep(path, lambda tmp: torch.save(state, tmp))
+                if position is not None:
+                    inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(position))
+            except BaseException as err:  # noqa: BLE001 (re-raised by flush, in the worker's thread)
+                self._save_error = err
+
+        if not self.background_save:
+            write()
+            self.flush()
             return
-        inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(
-            {"round": server_round, "next-step": self._round_plan(server_round + 1)[0]}))
+        self._saving = threading.Thread(target=write, name=f"save-optim-{server_round}", daemon=True)
+        self._saving.start()

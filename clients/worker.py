@@ -207,8 +207,10 @@ class CentreWorker:
         plane = header.get("data-plane") or {}
         if out and plane.get("token"):
             reply = self._upload(reply, out, plane, run, rnd, op)
+            trainer.flush()  # the round's optimiser state, written while the update travelled
             self.vouch(content_digest(reply_records(reply, {})))
             return reply, {}
+        trainer.flush()
         # Raises EgressBlocked (so nothing but the error is sent) if the reply breaks a rule.
         self.egress.check(describe_worker_reply(reply, out), self._manifest, run=run, round=rnd, op=op,
                           stage="worker-reply")
@@ -286,7 +288,10 @@ class CentreWorker:
             cfg = cfg.replace(device=self.device) if self.device else cfg
             torch.set_num_threads(self.threads or cfg.threads or
                                   max(1, (os.cpu_count() or 1) // cfg.expected_centres))
+            if self._trainer is not None:
+                self._trainer.flush()  # the last run's state is written before its trainer goes
             self._trainer = self.trainer_factory(self.centre, self.data_dir, self.state_dir, cfg, speed=self.speed)
+            self._trainer.background_save = True  # flushed before every reply (`_reply`)
             self._config = dict(run_config)
             self.held = HeldBase()  # a new run (or a resumed one): the server sends what it needs
             self._manifest = wire_manifest(parameter_manifest(self._trainer.model))

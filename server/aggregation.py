@@ -107,7 +107,25 @@ class OuterOptimizer:
         return self.state()
 
     @torch.no_grad()
-    def apply(self, avg_pseudo_grad: Mapping[str, torch.Tensor]) -> None:
+    def apply(self, avg_pseudo_grad: Mapping[str, torch.Tensor], consume: bool = False) -> None:
+        """One outer step. `consume`: the pseudo-gradient's tensors are the caller's to overwrite, so
+        Nesterov's look-ahead (g + m * buf) is formed in them, not in a new tensor per parameter
+        (the coordinator's peak stays at four model-sized vectors); the bits are torch's SGD's."""
+        group = self.opt.param_groups[0]
+        if consume and group["nesterov"] and not group["weight_decay"] and not group["dampening"]:
+            momentum, lr = group["momentum"], group["lr"]
+            for k, p in self.params.items():
+                g = avg_pseudo_grad[k]
+                if g.dtype != p.dtype:
+                    g = g.to(p.dtype)
+                state = self.opt.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:  # torch's first step: the buffer starts as the gradient
+                    buf = state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    buf.mul_(momentum).add_(g)
+                p.add_(g.add_(buf, alpha=momentum), alpha=-lr)
+            return
         for k, p in self.params.items():
             # No copy: SGD reads the gradient and never writes it (nesterov makes a new tensor).
             p.grad = avg_pseudo_grad[k].to(p.dtype)

@@ -16,6 +16,7 @@ import resource
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -25,6 +26,7 @@ from models.config import ConfigError, RunConfig
 from models.gpt import build_model
 from models.memory import release_freed_memory
 from models.packing import pack, unpack
+from server import chunked
 from server.aggregation import OuterOptimizer, round_update
 from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
@@ -34,6 +36,7 @@ from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_c
 from server.metrics import ServerMetrics, centre_balance
 from server.privacy import round_record as dp_round_record
 from server.runlog import RunLog
+from server.spool import SpooledUpdate
 from server.validation import screen, token_cap
 
 log = logging.getLogger("bridgepool.server")
@@ -71,12 +74,16 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
     """The run's rounds; with `data-plane = "stream"` the weights travel on a data plane this
     process serves for the run's lifetime (server/dataplane.py)."""
     metrics = metrics or ServerMetrics(cfg.run_name)  # recorded, not served
+    # The process before any model exists (interpreter, torch, Flower): what the rounds' peak adds to
+    # it is the coordinator's memory cost per model byte (benchmarks/wire.py).
+    runlog.event("memory", **{"rss-before-model-bytes": _peak_rss()})
     outer, start, broadcast = start_point(cfg, run_dir, runlog)
     if cfg.data_plane != "stream":
         return _rounds(grid, cfg, run_dir, runlog, metrics, outer, start, broadcast, None)
     n = broadcast.base.size
     plane = open_plane(cfg.data_plane_host, cfg.data_plane_port, cfg.data_plane_advertise, cfg.data_plane_certfile,
-                       cfg.data_plane_keyfile, upload_shapes(n, cfg.compression, cfg.wire_dtype))
+                       cfg.data_plane_keyfile, upload_shapes(n, cfg.compression, cfg.wire_dtype),
+                       spool=run_dir / "spool")  # the updates wait on disk, not in memory (server/spool.py)
     runlog.event("data-plane", url=plane.url)
     try:
         return _rounds(grid, cfg, run_dir, runlog, metrics, outer, start, broadcast, plane)
@@ -99,7 +106,11 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected(), plane=plane)
         clock.observe(ex)
-        accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
+        t_agg = time.perf_counter()  # screening included: on the data plane it is the same pass as the sum
+        if plane is None:
+            accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
+        else:
+            accepted, norms, folded = _accept_spooled(ex, broadcast.base, reference, cfg)
         for centre, code in ex.codes.values():
             metrics.reject(centre, code)
         if len(accepted) < cfg.quorum:
@@ -111,12 +122,21 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
                 + (f" (checkpoint {last}); restart the missing centres and resume with --resume"
                    if rnd > 1 else "; restart the missing centres and start again")
             )
-        t_agg = time.perf_counter()
-        update = round_update(outer, [r.state for r in accepted], [r.metrics["tokens"] for r in accepted],
-                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, reference=reference)
-        for r in ex.replies:  # the centres' updates (data-plane buffers) go before the outer step allocates
+        tokens = [r.metrics["tokens"] for r in accepted]
+        if plane is None:
+            update = round_update(outer, [r.state for r in accepted], tokens, cfg.aggregator, cfg.dp_clip,
+                                  cfg.dp_noise_multiplier, reference=reference)
+        else:
+            if folded is None or not _folds(cfg, len(accepted)):
+                folded = chunked.combined([r.arrays for r in accepted], tokens, norms, broadcast.base,
+                                          cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
+            update = unpack(folded, reference, copy=False)
+            del folded
+        for r in ex.replies:  # the centres' updates (buffers, spool files) go before the outer step allocates
+            if isinstance(r.arrays, SpooledUpdate):
+                r.arrays.discard()
             r.arrays, r.state = {}, {}
-        outer.apply(update)
+        outer.apply(update, consume=True)  # the round's own sum, not needed after the step
         del update
         agg_seconds = time.perf_counter() - t_agg
         t_ckpt = time.perf_counter()
@@ -126,7 +146,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
         record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
         # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
-        record["server-peak-rss-bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record["server-peak-rss-bytes"] = _peak_rss()
         if plane is not None:  # what actually crossed the data plane's sockets, run total so far
             record["data-plane"] = {"url": plane.url, "bytes-served": plane.server.bytes_served,
                                     "bytes-received": plane.server.bytes_received}
@@ -220,6 +240,28 @@ def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: f
     return sorted((ex.replies[i] for i in accepted), key=lambda r: (r.centre, r.node_id))
 
 
+def _folds(cfg: RunConfig, accepted: int) -> bool:
+    """Whether the round's aggregate is the plain token-weighted mean (what screening folds)."""
+    return cfg.dp_clip == 0 and (cfg.aggregator == "mean" or accepted < 3)
+
+
+def _accept_spooled(ex: Exchange, base: np.ndarray, reference: dict[str, torch.Tensor],
+                    cfg: RunConfig) -> tuple[list, list[float], np.ndarray | None]:
+    """`_accept` for updates that came on the data plane (spooled on disk): the accepted replies in
+    centre-name order, their pseudo-gradient norms, and their mean when screening could fold it in
+    the same read (server/chunked.py)."""
+    replies = sorted(ex.replies, key=lambda r: (r.centre, r.node_id))
+    kept, rejected, folded = chunked.screen_and_mean(
+        [(r.arrays, r.metrics) for r in replies], base, chunked.Layout.of(reference), cfg.max_norm_factor,
+        token_cap(cfg), fold=_folds(cfg, len(replies)))
+    for i, err in rejected.items():
+        centre = replies[i].centre
+        ex.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")
+    for who, why in ex.failures.items():
+        log.warning("%s did not contribute: %s", who, why)
+    return [replies[i] for i in kept], list(kept.values()), folded
+
+
 def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wall: float) -> dict:
     centres = {r.centre: {**r.metrics, "bytes-sent": r.nbytes} for r in ex.replies}
     return {
@@ -242,6 +284,10 @@ def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wa
     }
 
 
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _mean(values: list[float]) -> float:

@@ -6,9 +6,10 @@ Flower's messages. Each round the ServerApp publishes the global blob here and g
 a token for that round (server/messaging.py); the Flower message carries the blob's manifest
 (models/blob.py), this server's URL and the token. The centre's worker, the only process of a centre
 that holds model bytes (clients/worker.py), pulls the blob and later streams its update back with the
-same token, straight into a buffer allocated from the manifest once it has been checked against the
-model, hashing each array once as it arrives. The centre's Flower reply names the upload's hashes;
-the ServerApp takes the upload only if they match (`take`).
+same token, once the manifest has been checked against the model, hashing each array once as it
+arrives: into a file of the run's spool (server/spool.py), so the coordinator's memory does not grow
+with the number of centres, or into a buffer when no spool is given. The centre's Flower reply names
+the upload's hashes; the ServerApp takes the upload only if they match (`take`).
 
 Built from the standard library's threaded HTTP server and `ssl` (HTTP/1.0, one request per
 connection, a body of known length): measured on loopback at >1 GB/s, where the hashing is the
@@ -36,11 +37,13 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from models import blob
 from models.packing import BF16_KEY, INT8_BLOCK, INT8_KEY, PARAMS_KEY, SCALE_KEY
+from server.spool import SpooledUpdate, clear_spool, open_spool
 
 log = logging.getLogger("bridgepool.server")
 CHUNK = 4 << 20  # bytes read and hashed at a time: large enough that the per-call cost vanishes
@@ -57,7 +60,7 @@ class Grant:
     blob_id: str | None
     upload: blob.Shapes | None
     expires: float  # time.monotonic()
-    received: tuple[list[blob.Entry], np.ndarray] | None = None  # a whole, verified update
+    received: tuple[list[blob.Entry], np.ndarray] | SpooledUpdate | None = None  # a whole, verified update
     busy: bool = False  # an upload is streaming in
     ended: bool = False  # its exchange is over: a late upload is answered 410 and not kept
     log: list[str] = field(default_factory=list)  # refusals, for the ServerApp's log
@@ -66,7 +69,12 @@ class Grant:
 class DataPlaneServer:
     """Threaded HTTP(S) server holding published blobs and granted upload slots."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, certfile: str = "", keyfile: str = ""):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, certfile: str = "", keyfile: str = "",
+                 spool: Path | None = None):
+        """`spool`: a directory for the uploads (server/spool.py), so that the coordinator's memory does
+        not grow with the number of centres; None keeps them in memory."""
+        self.spool = open_spool(spool) if spool is not None else None
+        self._seq = 0  # spool file names: unique within the run
         self._blobs: dict[str, tuple[list[blob.Entry], dict[str, np.ndarray]]] = {}
         self._grants: dict[str, Grant] = {}
         self._lock = threading.Lock()
@@ -99,6 +107,8 @@ class DataPlaneServer:
         with self._lock:
             self._blobs.clear()
             self._grants.clear()
+        if self.spool is not None:
+            clear_spool(self.spool)
 
     def __enter__(self) -> DataPlaneServer:
         return self.start()
@@ -120,9 +130,10 @@ class DataPlaneServer:
             self._grants[token] = Grant(node, rnd, blob_id, upload, time.monotonic() + ttl)
         return token
 
-    def take(self, token: str, digests: Mapping[str, str]) -> dict[str, np.ndarray]:
+    def take(self, token: str, digests: Mapping[str, str]) -> dict[str, np.ndarray] | SpooledUpdate:
         """The verified update uploaded with `token`, if its hashes are `digests` (name -> hex, as the
-        centre's Flower reply states them); blob.BlobError otherwise. The slot is emptied."""
+        centre's Flower reply states them); blob.BlobError otherwise. The slot is emptied. With a
+        spool, the update stays on disk (the caller discards it once aggregated)."""
         with self._lock:
             g = self._grants.get(token)
             got = g.received if g is not None else None
@@ -131,10 +142,11 @@ class DataPlaneServer:
         if got is None:
             why = "; ".join(g.log) if g is not None and g.log else "nothing was uploaded with its token"
             raise blob.BlobError(f"no update on the data plane ({why})")
-        entries, buffer = got
+        entries = got.entries if isinstance(got, SpooledUpdate) else got[0]
         if {e.name: e.digest for e in entries} != dict(digests):
+            _discard(got)
             raise blob.BlobError("the update on the data plane is not the one the centre's reply names")
-        return blob.split(buffer, entries)
+        return got if isinstance(got, SpooledUpdate) else blob.split(got[1], entries)
 
     def end_exchange(self) -> None:
         """Before a new exchange: drop every published blob and unclaimed update (memory), end every
@@ -145,6 +157,7 @@ class DataPlaneServer:
             for token in [t for t, g in self._grants.items() if g.expires < now]:
                 del self._grants[token]
             for g in self._grants.values():
+                _discard(g.received)
                 g.ended, g.received = True, None
 
     # ------------------------------------------------------------ the handler's side
@@ -192,10 +205,16 @@ class DataPlaneServer:
                 if g.received is not None or g.busy:
                     raise _Refused(409, "an update was already uploaded with this token")
                 g.busy = True
+                self._seq += 1
+                seq = self._seq
         except blob.BlobError as err:
             raise _Refused(400, str(err)) from err
         try:
-            buffer = _read_into(handler, entries, size)
+            if self.spool is not None:
+                received: tuple[list[blob.Entry], np.ndarray] | SpooledUpdate = _read_to_file(
+                    handler, entries, size, self.spool / f"round{g.round}-node{g.node}-{seq}.update")
+            else:
+                received = (entries, _read_into(handler, entries, size))
         except (blob.BlobError, OSError) as err:
             g.log.append(str(err))
             raise _Refused(400, f"update refused: {err}") from err
@@ -203,7 +222,9 @@ class DataPlaneServer:
             g.busy = False
         with self._lock:
             if token in self._grants and not g.ended:  # not if the round ended meanwhile
-                g.received = (entries, buffer)
+                g.received = received
+            else:
+                _discard(received)
             self.bytes_received += size
         return {"bytes": size}
 
@@ -222,6 +243,38 @@ def _read_into(handler: _Handler, entries: list[blob.Entry], size: int) -> np.nd
         pos += n
     hasher.verify()
     return buffer
+
+
+def _read_to_file(handler: _Handler, entries: list[blob.Entry], size: int, path: Path) -> SpooledUpdate:
+    """The body, hashed once on the way into a new owner-only file of the spool; no file is left
+    unless the whole blob arrived and every region matched its hash."""
+    chunk = np.empty(min(size, CHUNK), np.uint8)  # the one chunk of this upload in memory
+    view = memoryview(chunk)
+    hasher = blob.RegionHasher(entries)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        pos = 0
+        while pos < size:
+            n = handler.rfile.readinto(view[:min(size - pos, CHUNK)])
+            if not n:
+                raise blob.BlobError(f"stream truncated at {pos} of {size} bytes")
+            hasher.update(view[:n])
+            written = 0
+            while written < n:
+                written += os.write(fd, view[written:n])
+            pos += n
+        hasher.verify()
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return SpooledUpdate(entries, path)
+
+
+def _discard(received: object) -> None:
+    if isinstance(received, SpooledUpdate):
+        received.discard()
 
 
 class _Refused(Exception):
@@ -307,10 +360,11 @@ def upload_shapes(num_values: int, compression: str, wire_dtype: str) -> blob.Sh
     return {PARAMS_KEY: ((num_values,), "float32")}
 
 
-def open_plane(host: str, port: int, advertise: str, certfile: str, keyfile: str, upload: blob.Shapes) -> Plane:
+def open_plane(host: str, port: int, advertise: str, certfile: str, keyfile: str, upload: blob.Shapes,
+               spool: Path | None = None) -> Plane:
     """Bind and start the data plane; a taken port or an unreadable certificate is named."""
     try:
-        server = DataPlaneServer(host, port, certfile, keyfile)
+        server = DataPlaneServer(host, port, certfile, keyfile, spool)
     except OSError as err:
         raise OSError(f"data plane: cannot listen on {host}:{port} ({err}); set data-plane-port to a free "
                       "port, or 0 for any") from err

@@ -30,6 +30,7 @@ from models.packing import FULL, STALE_BASE_METRIC
 from server.broadcast import Broadcast
 from server.dataplane import Plane
 from server.liveness import Liveness
+from server.spool import SpooledUpdate
 from server.validation import UpdateRejected, read_record
 
 log = logging.getLogger("bridgepool.server")
@@ -81,7 +82,9 @@ def _pull(grid: Grid, message_ids: list[str], deadline: float) -> list[Message]:
 class Reply:
     node_id: int
     centre: str
-    arrays: dict[str, np.ndarray]  # as received: validated and unpacked by the caller
+    # As received, validated and unpacked by the caller: Flower's arrays, or the data plane's upload
+    # waiting in the spool (server/spool.py).
+    arrays: dict[str, np.ndarray] | SpooledUpdate
     metrics: dict[str, float]
     nbytes: int
     state: dict[str, torch.Tensor] = field(default_factory=dict)  # set once validated

@@ -122,3 +122,19 @@ def test_robust_aggregate_steps_the_outer_optimiser_per_coordinate():
     locals_ = [{"w": torch.tensor([v, -v])} for v in (1.0, 2.0, 3.0, 1e6)]
     new = aggregate(outer, locals_, tokens=[1.0] * 4, method="median")
     assert torch.equal(new["w"], torch.tensor([2.5, -2.5]))  # fedavg: theta = median of the models
+
+
+def test_the_in_place_outer_step_is_torchs_nesterov_bit_for_bit():
+    """OuterOptimizer.apply(consume=True) forms the look-ahead in the pseudo-gradient's own memory
+    (the coordinator's peak memory): the same bits as torch's SGD, step after step."""
+    gen = torch.Generator().manual_seed(0)
+    start = {"w": torch.randn(64, 32, generator=gen), "b": torch.randn(32, generator=gen)}
+    a = OuterOptimizer(start, "diloco", 0.7, 0.9)
+    b = OuterOptimizer(start, "diloco", 0.7, 0.9)
+    for _ in range(3):
+        g = {k: torch.randn(v.shape, generator=gen) for k, v in start.items()}
+        a.apply({k: v.clone() for k, v in g.items()})
+        b.apply({k: v.clone() for k, v in g.items()}, consume=True)
+        for k in start:
+            assert torch.equal(a.params[k], b.params[k])
+            assert torch.equal(a.optimizer_state()[k], b.optimizer_state()[k])

@@ -24,11 +24,21 @@ def test_throughput_is_bytes_over_what_is_left_of_the_round():
     assert f["worker-peak-rss-bytes"] == 2e9 and f["round-seconds"] == 5.0
 
 
-@pytest.mark.parametrize(("bps", "seconds", "ratio", "want"), [
-    (1.2e9, 3.5, 0.93, ["met", "met", "met"]), (0.9e9, 4.5, 0.85, ["missed", "missed", "missed"])])
-def test_verdicts_on_both_sides_of_each_target(bps, seconds, ratio, want):
+def test_the_coordinators_memory_is_counted_in_model_sizes_above_the_bare_process():
+    run = {"rounds": [_round(9.0, 1.0, 0.0, 0.0, 0), {**_round(5.0, 2.0, 0.5, 0.5, 4_000_000_000),
+                                                       "server-peak-rss-bytes": 4.5e9}],
+           "events": [{"event": "memory", "rss-before-model-bytes": 0.5e9}], "final": {"eval-loss-mean": 3.0}}
+    f = wire.wire_figures(run)  # 2 centres: the model went out twice and came back twice
+    assert f["model-bytes"] == 1e9 and f["coordinator-model-multiple"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(("bps", "seconds", "ratio", "models", "want"), [
+    (1.2e9, 3.5, 0.93, 4.01, ["met", "met", "met", "met"]),
+    (0.9e9, 4.5, 0.85, 4.2, ["missed", "missed", "missed", "missed"])])
+def test_verdicts_on_both_sides_of_each_target(bps, seconds, ratio, models, want):
     res = {"plan": {"model": "base"},
-           "scenarios": {"stream fp32": {"bytes-per-second": bps, "round-seconds": seconds},
+           "scenarios": {"stream fp32": {"bytes-per-second": bps, "round-seconds": seconds, "centres": 2,
+                                         "model-bytes": 514e6, "coordinator-model-multiple": models},
                          "flower fp32": {"bytes-per-second": 5.4e7, "round-seconds": 43.0}},
            "ratio": {"ratio": ratio}}
     assert [v for v, _ in wire.targets(res)] == want
