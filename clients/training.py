@@ -37,7 +37,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -49,6 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.data import TokenSampler, load_split
+from models.background import BackgroundWrite
 from models.config import RunConfig, check_run_name
 from models.gpt import GPT, build_model
 
@@ -174,8 +174,7 @@ class CentreTrainer:
         # The worker writes the round's AdamW state (2x the model's bytes) while the update travels
         # (`background_save`), and waits for it before its reply vouches for the round (`flush`).
         self.background_save = False
-        self._saving: threading.Thread | None = None
-        self._save_error: BaseException | None = None
+        self._saving = BackgroundWrite(f"[{centre}] the inner-optimiser state")
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
 
     # ------------------------------------------------------------------ public
@@ -390,12 +389,7 @@ class CentreTrainer:
         """Wait until the inner-optimiser state of the last round is on disk; its error, if any.
         A reply must not leave before: a centre restarted after the server took its update resumes
         from that file, so resume stays bit-identical."""
-        if self._saving is not None:
-            self._saving.join()
-            self._saving = None
-        err, self._save_error = self._save_error, None
-        if err is not None:
-            raise RuntimeError(f"[{self.centre}] saving the inner-optimiser state failed: {err}") from err
+        self._saving.wait()
 
     def _load_optim(self, after_round: int) -> None:
         """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).
@@ -425,16 +419,10 @@ class CentreTrainer:
         self._optim_round = server_round
 
         def write() -> None:
-            try:
-                self._keep(path, lambda tmp: torch.save(state, tmp))
-                if position is not None:
-                    inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(position))
-            except BaseException as err:  # noqa: BLE001 (re-raised by flush, in the worker's thread)
-                self._save_error = err
+            self._keep(path, lambda tmp: torch.save(state, tmp))
+            if position is not None:
+                inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(position))
 
+        self._saving.start(write)
         if not self.background_save:
-            write()
             self.flush()
-            return
-        self._saving = threading.Thread(target=write, name=f"save-optim-{server_round}", daemon=True)
-        self._saving.start()

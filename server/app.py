@@ -11,6 +11,7 @@ scores the last one.
 
 from __future__ import annotations
 
+import functools
 import logging
 import resource
 import time
@@ -22,6 +23,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import save_file
 
+from models.background import BackgroundWrite
 from models.config import ConfigError, RunConfig
 from models.gpt import build_model
 from models.memory import release_freed_memory
@@ -99,6 +101,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout), cfg.quorum).items():
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
+    saver = BackgroundWrite("a checkpoint")
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
@@ -106,6 +109,9 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected(), plane=plane)
         clock.observe(ex)
+        # The previous round's checkpoint was written while this round's bytes travelled; it is on disk
+        # before a quorum error names it, and before the step changes the tensors it reads.
+        ckpt_wait = saver.wait()
         t_agg = time.perf_counter()  # screening included: on the data plane it is the same pass as the sum
         if plane is None:
             accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
@@ -140,11 +146,16 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         del update
         agg_seconds = time.perf_counter() - t_agg
         t_ckpt = time.perf_counter()
-        save_checkpoint(run_dir, rnd, outer.weights(), outer.optimizer_state(), cfg.to_mapping(),
-                        broadcast=broadcast.base if cfg.compression == "int8" else None)
+        # Zero-copy (safetensors reads the live tensors), in the background: the next round waits for it
+        # before its own step. A coordinator killed meanwhile resumes from the round before.
+        saver.start(functools.partial(save_checkpoint, run_dir, rnd, outer.weights(), outer.optimizer_state(),
+                                      cfg.to_mapping(),
+                                      broadcast=broadcast.base if cfg.compression == "int8" else None),
+                    f"the checkpoint of round {rnd}")
         reference = None  # the old b goes as soon as the next round's replaces it
         record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
-        record["checkpoint-seconds"] = time.perf_counter() - t_ckpt
+        # What the round waited for checkpoints: the last round's write, if it had not ended, and this start.
+        record["checkpoint-seconds"] = ckpt_wait + time.perf_counter() - t_ckpt
         # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
         record["server-peak-rss-bytes"] = _peak_rss()
         if plane is not None:  # what actually crossed the data plane's sockets, run total so far
@@ -158,6 +169,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
                  record["train-loss-mean"], record["eval-loss-mean"], len(accepted), len(nodes),
                  record["wall-seconds"])
 
+    saver.wait()  # the last round's checkpoint is on disk before the run can finish
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
     _sent(broadcast, outer)
     final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", broadcast, cfg.rounds,

@@ -82,7 +82,8 @@ def save_checkpoint(
     save_file(_for_save(outer), tmp / FILES[1])
     files = FILES
     if broadcast is not None:
-        save_file({"params": torch.from_numpy(np.array(broadcast, dtype=np.float32))}, tmp / BROADCAST_FILE)
+        # No copy: b is replaced each round, never changed, so it can be written as it is.
+        save_file({"params": torch.from_numpy(np.ascontiguousarray(broadcast, dtype=np.float32))}, tmp / BROADCAST_FILE)
         files = (*FILES, BROADCAST_FILE)
     meta = {
         "round": round_,
