@@ -91,12 +91,14 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     registry = _registry(cfg, runlog)
 
     ready = wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
+    if registry is not None:  # a node whose key is no centre's is not asked to get ready either
+        ready = _listed(grid, registry, liveness, runlog)
     for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout), cfg.quorum).items():
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
-        nodes = _listed(grid, registry, liveness)  # centres that (re)joined take part from now on
+        nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
         reference = _sent(broadcast, outer)  # what the centres train from
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected(), plane=plane)
@@ -142,7 +144,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
 
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
     _sent(broadcast, outer)
-    final_ex = exchange(grid, _listed(grid, registry, liveness), "evaluate", broadcast, cfg.rounds,
+    final_ex = exchange(grid, _listed(grid, registry, liveness, runlog), "evaluate", broadcast, cfg.rounds,
                         cfg.round_timeout, liveness, plane=plane)
     final_model = run_dir / "final_model.safetensors"
     save_file({k: p.detach().contiguous() for k, p in outer.params.items()}, final_model)
@@ -169,13 +171,19 @@ def _registry(cfg: RunConfig, runlog: RunLog) -> Registry | None:
     return registry
 
 
-def _listed(grid: Grid, registry: Registry | None, liveness: Liveness) -> list[int]:
-    """The nodes the SuperLink lists now; with a registry, each one's name pinned to its registered key."""
+def _listed(grid: Grid, registry: Registry | None, liveness: Liveness, runlog: RunLog) -> list[int]:
+    """The nodes the SuperLink lists now. With a registry, each one's name pinned to its registered key, and
+    only nodes whose key is a centre's: one whose key no CENTRE.pub holds is sent nothing (named once)."""
     if registry is None:
         return sorted(grid.get_node_ids())
     nodes = list(grid.get_nodes())  # NodeInfo: the key each node authenticates with, as the SuperLink holds it
-    liveness.pin(registry.pins(nodes))
-    return sorted(int(n.node_id) for n in nodes)
+    pins = registry.pins(nodes)
+    for node in sorted(n for n, c in pins.items() if c is None and n not in (liveness.pinned or {})):
+        log.warning("node %d is sent nothing: its SuperNode key is none of the registered centres' (%s); "
+                    "add its CENTRE.pub there, or unregister it at the SuperLink", node, registry.source)
+        runlog.event("unregistered-node", node=node, registry=registry.source)
+    liveness.pin(pins)
+    return sorted(n for n, c in pins.items() if c is not None)
 
 
 def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int, Broadcast]:

@@ -7,8 +7,9 @@ one registered key. The ServerApp reads that record through Flower's public Grid
 the Runtime API's GetNodes, NodeInfo.public_key, the PEM Flower stored at registration) and looks the key
 up in the operator's registry: the directory deploy/pki.sh fills with each centre's public half, CENTRE.pub
 (OpenSSH, made at the centre by deploy/centre-key.sh). So a centre's name comes from the coordinator's own
-files and the SuperLink's authentication; a reply can only repeat it. A reply claiming another name, or
-from a node whose key is in no CENTRE.pub, is refused before validation (server/liveness.py `claim`).
+files and the SuperLink's authentication; a reply can only repeat it. A reply claiming another name is
+refused before validation (server/liveness.py `claim`); a node whose key is in no CENTRE.pub is sent
+nothing, and anything it sends is refused (server/app.py `_listed`).
 
 This needs no signature of our own: the SuperLink already verified the node's key on every request. What
 it does not cover: a centre that hands its private key to someone else, and a SuperLink run without
@@ -43,8 +44,9 @@ def _der(key: object) -> bytes:
 class Registry:
     """Centre name <-> public key, from the operator's CENTRE.pub files."""
 
-    def __init__(self, by_key: dict[bytes, str]) -> None:
+    def __init__(self, by_key: dict[bytes, str], source: str = "") -> None:
         self.by_key = by_key  # DER SubjectPublicKeyInfo -> centre name
+        self.source = source  # where the CENTRE.pub files were read, for messages
 
     @classmethod
     def load(cls, directory: str | Path) -> Registry:
@@ -68,7 +70,7 @@ class Registry:
             by_key[key] = name
         if not by_key:
             raise ConfigError(f"config key 'centre-keys': no CENTRE.pub in {root}")
-        return cls(by_key)
+        return cls(by_key, str(root))
 
     def name_of(self, public_key: bytes) -> str | None:
         """The centre whose key the SuperLink holds as `public_key` (Flower's PEM), None if none is."""
