@@ -51,6 +51,10 @@ class Pki:
     def server_key(self) -> str:
         return str(self.root / "server" / "server.key")
 
+    @property
+    def public_dir(self) -> str:  # the registry of CENTRE.pub: the ServerApp's `centre-keys` (server/identity.py)
+        return str(self.root / "public")
+
     def public_key(self, centre: str) -> str:  # registered at the SuperLink
         return str(self.root / "public" / f"{centre}.pub")
 

@@ -85,7 +85,9 @@ def run_config(centres: int) -> dict[str, Any]:
             # The ServerApp's data plane (server/dataplane.py), in the superlink container, reached by each
             # centre's worker over its centre network as "superlink" (the certificate's SAN), over TLS.
             "data-plane-host": "0.0.0.0", "data-plane-port": DATA_PLANE_PORT, "data-plane-advertise": "superlink",
-            "data-plane-certfile": PKI.server_cert, "data-plane-keyfile": PKI.server_key}
+            "data-plane-certfile": PKI.server_cert, "data-plane-keyfile": PKI.server_key,
+            # Each centre's name pinned to the key it registered (server/identity.py): the registry pki.sh fills.
+            "centre-keys": PKI.public_dir}
 
 
 def _ours(**service: Any) -> dict[str, Any]:
@@ -131,7 +133,7 @@ def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
         "superlink": _ours(
             command=commands.superlink(commands.SUPERLINK_PORT, "/state/superlink.db", PKI),
             environment=_env("/state/flwr-home"),
-            volumes=["superlink-state:/state", "runs:/runs", "pki-server:/pki/server:ro"],
+            volumes=["superlink-state:/state", "runs:/runs", "pki-server:/pki/server:ro", "pki-public:/pki/public:ro"],
             networks=[*(f"centre-{c}" for c in names), "control", "monitoring"],
             # Grafana and Prometheus share this network namespace; their UIs, on the host's loopback only.
             ports=["127.0.0.1:${GRAFANA_PORT:-3000}:3000", "127.0.0.1:${PROMETHEUS_PORT:-9090}:9090"],

@@ -162,6 +162,8 @@ class LocalFederation:
         if self.metrics_port:  # the ServerApp serves where prometheus.yml points
             run_config = {**run_config, "metrics-port": self.metrics_port}
         run_config = {**run_config, **self.data_plane_config()}
+        if self.pki is not None:  # node authentication on: each centre's name pinned to its key (server/identity.py)
+            run_config = {**run_config, "centre-keys": self.pki.public_dir}
         self._previous_end = _read_json(self.run_dir / "run.json").get("finished")
         self._min_centres = int(run_config.get("min-centres") or 0)
         argv = commands.flwr_run(str(app_dir), run_config, exe=venv_bin("flwr"))

@@ -82,6 +82,7 @@ class RunConfig:
     data_plane_advertise: str  # the host centres dial; "" = data_plane_host
     data_plane_certfile: str  # TLS certificate; "" = plaintext
     data_plane_keyfile: str
+    centre_keys: str  # directory of NAME.pub: each centre's name pinned to its registered key; "" = off
 
     def __post_init__(self) -> None:
         _choice("model", self.model, MODEL_NAMES)

@@ -33,6 +33,7 @@ from server.aggregation import OuterOptimizer, round_update
 from server.broadcast import Broadcast
 from server.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, save_checkpoint
 from server.dataplane import Plane, open_plane, upload_shapes
+from server.identity import Registry
 from server.liveness import Liveness
 from server.messaging import Exchange, ReplyClock, exchange, prepare, wait_for_centres
 from server.metrics import ServerMetrics, centre_balance
@@ -96,15 +97,18 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
 def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: ServerMetrics,
             outer: OuterOptimizer, start: int, broadcast: Broadcast, plane: Plane | None) -> dict:
     liveness = Liveness()
+    registry = _registry(cfg, runlog)
 
     ready = wait_for_centres(grid, cfg.expected_centres, cfg.connect_timeout)
+    if registry is not None:  # a node whose key is no centre's is not asked to get ready either
+        ready = _listed(grid, registry, liveness, runlog)
     for centre, why in prepare(grid, ready, min(cfg.connect_timeout, cfg.round_timeout), cfg.quorum).items():
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
     saver = BackgroundWrite("a checkpoint")
     for rnd in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
-        nodes = sorted(grid.get_node_ids())  # centres that (re)joined take part from now on
+        nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
         reference = _sent(broadcast, outer)  # what the centres train from
         ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                       expected=clock.expected(), plane=plane)
@@ -172,7 +176,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     saver.wait()  # the last round's checkpoint is on disk before the run can finish
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
     _sent(broadcast, outer)
-    final_ex = exchange(grid, sorted(grid.get_node_ids()), "evaluate", broadcast, cfg.rounds,
+    final_ex = exchange(grid, _listed(grid, registry, liveness, runlog), "evaluate", broadcast, cfg.rounds,
                         cfg.round_timeout, liveness, plane=plane)
     final_model = run_dir / "final_model.safetensors"
     save_file({k: p.detach().contiguous() for k, p in outer.params.items()}, final_model)
@@ -184,6 +188,34 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             # The run's totals on the data plane's sockets (the final evaluation's downloads included).
             **({"data-plane": {"bytes-served": plane.server.bytes_served,
                                "bytes-received": plane.server.bytes_received}} if plane is not None else {})}
+
+
+def _registry(cfg: RunConfig, runlog: RunLog) -> Registry | None:
+    """The operator's registry of centre keys (server/identity.py), or None: names as replies claim them."""
+    if not cfg.centre_keys:
+        log.warning("centre names are taken from the replies (no centre-keys registry: a plain local run "
+                    "without SuperNode authentication); a node keeps the first name it claims")
+        runlog.event("centre-names", pinned=False)
+        return None
+    registry = Registry.load(cfg.centre_keys)
+    log.info("centre names pinned to registered keys: %s (from %s)", ", ".join(registry.names()), cfg.centre_keys)
+    runlog.event("centre-names", pinned=True, registry=cfg.centre_keys, centres=registry.names())
+    return registry
+
+
+def _listed(grid: Grid, registry: Registry | None, liveness: Liveness, runlog: RunLog) -> list[int]:
+    """The nodes the SuperLink lists now. With a registry, each one's name pinned to its registered key, and
+    only nodes whose key is a centre's: one whose key no CENTRE.pub holds is sent nothing (named once)."""
+    if registry is None:
+        return sorted(grid.get_node_ids())
+    nodes = list(grid.get_nodes())  # NodeInfo: the key each node authenticates with, as the SuperLink holds it
+    pins = registry.pins(nodes)
+    for node in sorted(n for n, c in pins.items() if c is None and n not in (liveness.pinned or {})):
+        log.warning("node %d is sent nothing: its SuperNode key is none of the registered centres' (%s); "
+                    "add its CENTRE.pub there, or unregister it at the SuperLink", node, registry.source)
+        runlog.event("unregistered-node", node=node, registry=registry.source)
+    liveness.pin(pins)
+    return sorted(n for n, c in pins.items() if c is not None)
 
 
 def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOptimizer, int, Broadcast]:

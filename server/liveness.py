@@ -25,23 +25,41 @@ class Liveness:
         self.names: dict[int, str] = {}  # node id -> centre name, learnt from its replies
         self.suspects: set[int] = set()
         self.stale: dict[str, int] = {}  # unanswered message id -> node, pulled for late replies
+        # node id -> the centre its registered key is filed under (server/identity.py), None: no centre's key.
+        # None as a whole: names are not pinned (no key registry), a node's first claim sticks instead.
+        self.pinned: dict[int, str | None] | None = None
+
+    def pin(self, pins: dict[int, str | None]) -> None:
+        """The nodes the SuperLink lists now, each with its centre name from its registered key."""
+        self.pinned = {**(self.pinned or {}), **pins}
+        self.names.update({n: c for n, c in pins.items() if c is not None})
 
     def name(self, node_id: int) -> str:
-        """The centre's name if the node ever replied, else node-ID."""
+        """The centre's name (pinned, or of the node's first reply), else node-ID."""
         return self.names.get(node_id, f"node-{node_id}")
 
-    def renamed(self, node_id: int, centre: str) -> str | None:
-        """Why a reply from `node_id` claiming to be `centre` is refused, or None. A node keeps the
-        name of its first reply: one that later claims another centre's name (to take its place
-        in the round record, or its weight) is lying (issue 19, threat 5)."""
+    def claim(self, node_id: int, centre: str) -> tuple[str, str] | None:
+        """(reason code, why) a reply from `node_id` claiming to be `centre` is refused, or None (issue 19,
+        threat 5). With pinned names, the claim must be the name the node's registered key is filed under.
+        Without, a node keeps the name of its first reply: one that later claims another centre's name (to
+        take its place in the round record, or its weight) is lying."""
+        if self.pinned is not None:
+            pinned = self.pinned.get(node_id)
+            if pinned is None:
+                return ("unregistered-key", f"node {node_id} replied as {centre[:64]!r}, but its SuperNode key is "
+                        "none of the registered centres' (centre-keys); nothing from it is used")
+            if pinned != centre:
+                return ("name-not-registered", f"node {node_id} replied as {centre[:64]!r}, but its key is the one "
+                        f"registered for {pinned!r}; a node cannot claim another centre's name")
+            return None
         known = self.names.get(node_id)
         if known is None or known == centre:
             return None
-        return (f"node {node_id} replied as {centre[:64]!r} but has been {known!r} in this run; "
+        return ("name-changed", f"node {node_id} replied as {centre[:64]!r} but has been {known!r} in this run; "
                 "a node cannot change its centre name")
 
     def replied(self, node_id: int, centre: str | None = None) -> None:
-        if centre and node_id not in self.names:  # the first name sticks (see `renamed`)
+        if centre and node_id not in self.names and self.pinned is None:  # the first name sticks (see `claim`)
             self.names[node_id] = centre
         self.suspects.discard(node_id)
         self.stale = {m: n for m, n in self.stale.items() if n != node_id}

@@ -329,10 +329,10 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
         return
     content = msg.content
     centre = _centre(msg, nid)
-    clash = live.renamed(nid, centre)
-    if clash:  # named in the round's failures; its update never reaches validation
+    refused = live.claim(nid, centre)
+    if refused:  # named in the round's failures; its update never reaches validation
         broadcast.forget(nid)
-        result.fail(_key(live, nid), live.name(nid), "name-changed", clash)
+        result.fail(_key(live, nid), live.name(nid), *refused)
         return
     live.replied(nid, centre)
     if _stale_base(msg):  # to the full weights: nothing more to send it (the worker never does this)

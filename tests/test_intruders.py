@@ -86,6 +86,8 @@ def test_intruders_are_refused_and_never_get_the_model(tmp_path, corpora):
     # The two centres, and only they, were activated and trained.
     assert run["status"] == "finished", run.get("message")
     assert run["rounds"][0]["replied"] == 2 and set(run["final"]["centres"]) == {a.name, b.name}
+    # Their names came from the keys the SuperLink authenticated them with (server/identity.py), not their replies.
+    assert [e for e in run["events"] if e["event"] == "centre-names"][0]["pinned"] is True
     assert Counter(map(int, ACTIVATED.findall(superlink_log))) == Counter(ids.values()), superlink_log[-3000:]
     assert all(TRAIN in log for log in legit_logs.values())
     # Each intruder: exit 305 before activation (no node id), no model, and its own reason.
