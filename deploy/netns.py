@@ -39,10 +39,12 @@ class NetnsFederation(LocalFederation):
     metrics_host = "0.0.0.0"  # a centre's metrics endpoint, for a Prometheus in the server namespace
 
     def __init__(self, run_dir: Path, centres: list[Centre], pki_dir: Path | None = None, base_port: int = 9093,
-                 threads_per_centre: int = 0, metrics_port: int = 0, prefix: str | None = None):
+                 threads_per_centre: int = 0, metrics_port: int = 0, prefix: str | None = None,
+                 app_user: str | None = None):
         run_dir = Path(run_dir).resolve()
         super().__init__(run_dir, centres, base_port=base_port, threads_per_centre=threads_per_centre,
-                         metrics_port=metrics_port, pki=commands.Pki(Path(pki_dir or run_dir / "pki").resolve()))
+                         metrics_port=metrics_port, pki=commands.Pki(Path(pki_dir or run_dir / "pki").resolve()),
+                         app_user=app_user)
         self.prefix = prefix or f"bp{os.getpid()}"  # unique per launcher: concurrent runs don't collide
         self.namespaces = {"server": f"{self.prefix}-server",
                            **{c.name: f"{self.prefix}-{c.name}" for c in centres}}
