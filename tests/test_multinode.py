@@ -73,12 +73,12 @@ print(conn.getresponse().status)
 """
 
 
-def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
+def test_netns_hosts_run_a_federation_and_stay_apart(short_tmp, corpora):
     assert netns_available() is None, netns_available()
-    run_dir = tmp_path / "run"
+    run_dir = short_tmp / "run"  # others may traverse it: the bundles run as 'nobody', as `deploy netns` does
     a, b = make_centres(run_dir, corpora, 2)
     span = free_base_port(4)  # SuperLink, 2 SuperNodes, the data plane
-    fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3))
+    fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3), app_user="nobody")
     with fed:
         proc = fed.submit(one_round(run_dir).to_mapping())
         pid = {p.name: p.popen.pid for p in fed.group.procs}
@@ -132,6 +132,8 @@ def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
 
     assert run["status"] == "finished", run.get("message")
     assert run["rounds"][0]["replied"] == 2
+    for c in (a, b):
+        assert "as user nobody" in (run_dir / "logs" / f"supernode-{c.name}.log").read_text(), c.name
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in fed.namespaces.values()), listed
     for p in pids:
