@@ -95,6 +95,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded SuperNode poll otherwise
     host, _, port = args.listen.rpartition(":")
     if bool(args.certfile) != bool(args.keyfile):
         raise SystemExit("--certfile and --keyfile go together")
