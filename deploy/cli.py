@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deploy import appuser
 from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
 from models.config import ConfigError, parse_overrides
 
@@ -180,6 +181,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "the spec's nproc otherwise, default 1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
+    p.add_argument("--app-user", default="auto", metavar="auto|none|USER", help=appuser.HELP)
 
 
 # ---------------------------------------------------------------- commands
@@ -222,14 +224,14 @@ def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
     if spec.deployment == "netns":
         from deploy.multinode import run_netns
 
-        return run_netns(spec, run_dir, cfg)
+        return run_netns(spec, run_dir, cfg, args.app_user)
     if spec.deployment == "compose":
         from deploy.multinode import write_compose
 
         return write_compose(spec, spec.path.with_name(f"{spec.path.stem}.compose.yml"))
     from deploy.runner import run_local
 
-    return run_local(spec, run_dir, cfg)
+    return run_local(spec, run_dir, cfg, args.app_user)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

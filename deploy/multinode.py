@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy import commands
+from deploy import appuser, commands
 
 
 def add_deploy_parser(sub: Any) -> None:
@@ -65,6 +65,7 @@ def add_deploy_parser(sub: Any) -> None:
                     help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
     ns.add_argument("--nproc-per-centre", type=int, metavar="N",
                     help="data-parallel ranks in each centre (default: the spec's nproc, or 1)")
+    ns.add_argument("--app-user", default="auto", metavar="auto|none|USER", help=appuser.HELP)
     ns.set_defaults(func=cmd_netns)
 
 
@@ -136,11 +137,12 @@ def cmd_netns(args: argparse.Namespace) -> int:
     flags = {"rounds": args.rounds, "inner-steps": args.inner_steps, "model": args.model}
     overrides = {**quick, **{k: v for k, v in flags.items() if v is not None},
                  **run_overrides(argparse.Namespace(set=args.set, device=None))}
-    return run_netns(spec, run_dir, spec.run_config(run_dir, overrides))
+    return run_netns(spec, run_dir, spec.run_config(run_dir, overrides), args.app_user)
 
 
-def run_netns(spec: Any, run_dir: Path, cfg: Any) -> int:
-    """The spec's federation with the server and each centre in network namespaces of their own."""
+def run_netns(spec: Any, run_dir: Path, cfg: Any, app_user: str = "auto") -> int:
+    """The spec's federation with the server and each centre in network namespaces of their own;
+    `app_user`: deploy/appuser.py's choice of the user submitted bundles run as."""
     from rich.console import Console
 
     from deploy.live import summary_table
@@ -159,8 +161,10 @@ def run_netns(spec: Any, run_dir: Path, cfg: Any) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
+    user, why = appuser.resolve(app_user, appuser.places([c.state_dir for c in centres], [c.socket for c in centres]))
+    console.print(why)
     t0 = time.monotonic()
-    with NetnsFederation(run_dir, centres, base_port=spec.coordinator.base_port) as fed:
+    with NetnsFederation(run_dir, centres, base_port=spec.coordinator.base_port, app_user=user) as fed:
         for where, ns in fed.namespaces.items():
             console.print(f"{where}: network namespace {ns}, address {fed.addresses[where]}")
         console.print(f"SuperLink on {fed.superlink_address} (TLS, SuperNode authentication); logs in {fed.logs}")

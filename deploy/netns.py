@@ -7,7 +7,8 @@ SuperNode). Each centre's namespace has one veth link, `eth0` (SUBNET.10+i), to 
 the server namespace (SUBNET.1). Bridge ports are *isolated*: a centre reaches the server and
 nothing else, the server reaches every centre, and the server namespace forwards nothing.
 
-Every process also runs in a mount namespace of its own (`unshare --mount`) in which the
+Every process also runs in a mount namespace and a PID namespace of its own (`unshare --mount
+--pid --fork --mount-proc`: its /proc shows only its own processes, /run/netns is hidden) in which the
 run's per-host private directories are hidden under a tmpfs, with only its own brought back:
 a centre sees its own data (read-only), state and SuperNode key, never another centre's; the
 server sees no centre directory at all. TLS and SuperNode authentication are on (deploy/pki.sh,
@@ -38,10 +39,12 @@ class NetnsFederation(LocalFederation):
     metrics_host = "0.0.0.0"  # a centre's metrics endpoint, for a Prometheus in the server namespace
 
     def __init__(self, run_dir: Path, centres: list[Centre], pki_dir: Path | None = None, base_port: int = 9093,
-                 threads_per_centre: int = 0, metrics_port: int = 0, prefix: str | None = None):
+                 threads_per_centre: int = 0, metrics_port: int = 0, prefix: str | None = None,
+                 app_user: str | None = None):
         run_dir = Path(run_dir).resolve()
         super().__init__(run_dir, centres, base_port=base_port, threads_per_centre=threads_per_centre,
-                         metrics_port=metrics_port, pki=commands.Pki(Path(pki_dir or run_dir / "pki").resolve()))
+                         metrics_port=metrics_port, pki=commands.Pki(Path(pki_dir or run_dir / "pki").resolve()),
+                         app_user=app_user)
         self.prefix = prefix or f"bp{os.getpid()}"  # unique per launcher: concurrent runs don't collide
         self.namespaces = {"server": f"{self.prefix}-server",
                            **{c.name: f"{self.prefix}-{c.name}" for c in centres}}
@@ -108,8 +111,13 @@ class NetnsFederation(LocalFederation):
         return f"{self.addresses['server']}:{self.superlink_port}"
 
     def _wrap(self, where: str, argv: list[str]) -> list[str]:
-        """ip netns exec NS unshare --mount -- sh -c HIDE argv: `where`'s network and private mounts."""
+        """ip netns exec NS unshare --mount --pid -- sh -c HIDE argv: `where`'s network, private mounts and PIDs.
+
+        A PID namespace of its own (`--pid --fork --mount-proc`): the command is its PID 1, its /proc lists
+        only its own processes, so `/proc/1/root` is its own hidden tree and no other host's process (nor its
+        /proc/PID/ns/*) is there to enter (issue 19, threat 8). `--kill-child`: it dies with its launcher."""
         return ["ip", "netns", "exec", self.namespaces[where], "unshare", "--mount", "--propagation", "private",
+                "--pid", "--fork", "--mount-proc", "--kill-child",
                 "--", "sh", "-c", self.mount_script(where) + ' exec "$@"', "sh", *argv]
 
     def mount_script(self, where: str) -> str:
@@ -126,6 +134,8 @@ class NetnsFederation(LocalFederation):
             if where != "server" and own.is_dir():
                 lines += [f"mkdir -p {_q(own)}", f"mount --move {_q(stash)} {_q(own)}"]
         lines += [f"mount -t tmpfs -o size=1m,mode=0700 bridgepool-hidden {_q(Path(self.pki.root) / 'ca')}"]
+        # The other hosts' network namespaces (ip netns's bind mounts), which a root process could enter.
+        lines += ["if [ -d /run/netns ]; then mount -t tmpfs -o size=1m,mode=0755 bridgepool-hidden /run/netns; fi"]
         if where != "server":  # the centre's corpus: read-only even to its own processes
             data = self._centre(where).data_dir
             lines += [f"mount --bind {_q(data)} {_q(data)}", f"mount -o remount,bind,ro {_q(data)}"]

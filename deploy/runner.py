@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from deploy import appuser
 from deploy.processes import check_port_free, check_port_range
 from deploy.spec import FederationSpec, SpecError
 from models.config import ConfigError, RunConfig
@@ -75,7 +76,7 @@ def check_prometheus(spec: FederationSpec) -> None:
         raise ConfigError("--prometheus-port needs the `prometheus` binary (Debian: apt-get install prometheus)")
 
 
-def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig) -> int:
+def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig, app_user: str = "auto") -> int:
     """Prepare the centres' data, run the federation, report; raises on a failed run (exit 2)."""
     from rich.console import Console
 
@@ -90,6 +91,8 @@ def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
+    user, why = appuser.resolve(app_user, appuser.places([c.state_dir for c in centres], [c.socket for c in centres]))
+    console.print(why)
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     t0 = time.monotonic()
@@ -100,7 +103,8 @@ def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig) -> int:
     console.print(f"[bold]bridgepool[/] {spec.path.name}: {len(centres)} centres, {cfg.rounds} rounds x {steps}, "
                   f"model {cfg.model}, strategy {cfg.strategy}{'; emulated ' + ', '.join(slow) if slow else ''}; "
                   f"run directory {run_dir}")
-    with LocalFederation(run_dir, centres, base_port=co.base_port, metrics_port=co.metrics_port) as fed, \
+    with LocalFederation(run_dir, centres, base_port=co.base_port, metrics_port=co.metrics_port,
+                         app_user=user) as fed, \
             contextlib.ExitStack() as stack:
         console.print(f"SuperLink on 127.0.0.1:{fed.superlink_port}; logs in {fed.logs}")
         prom = _start_monitoring(console, fed, stack, co.prometheus_port)

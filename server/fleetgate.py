@@ -82,15 +82,20 @@ def gate_app(upstream: str, ca_file: str | None = None,
                      lifespan=lifespan)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server.fleetgate", description=__doc__.split("\n")[0])
     p.add_argument("--listen", required=True, help="HOST:PORT the centres connect to")
     p.add_argument("--upstream", required=True, help="the SuperLink on loopback, e.g. https://127.0.0.1:9100")
     p.add_argument("--certfile", default=None, help="TLS certificate to serve (the SuperLink's)")
     p.add_argument("--keyfile", default=None)
     p.add_argument("--ca-file", default=None, help="CA that signed the SuperLink's certificate")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded SuperNode poll otherwise
     host, _, port = args.listen.rpartition(":")
     if bool(args.certfile) != bool(args.keyfile):
         raise SystemExit("--certfile and --keyfile go together")

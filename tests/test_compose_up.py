@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy import compose, dockerup, images
+from deploy import commands, compose, dockerup, images
 from deploy.processes import free_base_port
 from deploy.register import supernode_refusal
 from tests.docker_engine import EngineUnavailable, PrivateEngine
@@ -208,6 +208,49 @@ def test_an_unregistered_key_is_refused(stack):
                         images.IMAGE, "sh", "-c", rogue, timeout=180, check=False)
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "not registered" in (supernode_refusal(log) or ""), log[-1500:]
+
+
+# Run inside a centre's container: its POSTs to the coordinator through the Fleet gate (TLS, the deployment's
+# CA), then a plain TCP connection to the SuperLink's own port. Prints {path: status, "own-port": outcome}.
+ATTACK = """import json, socket, ssl, sys, urllib.error, urllib.request
+gate, own, ca = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx, seen = ssl.create_default_context(cafile=ca), {}
+for path in ("/v1/control/list-runs", "/v1/control/register-node", "/v1/control/start-run",
+             "/v1/runtime/acquire-task", "/docs"):
+    ask = urllib.request.Request(gate + path, data=b"", method="POST", headers={"Content-Type": "application/protobuf"})
+    try:
+        seen[path] = urllib.request.urlopen(ask, context=ctx, timeout=10).status
+    except urllib.error.HTTPError as err:
+        seen[path] = err.code
+try:
+    socket.create_connection(("superlink", own), 5).close()
+    seen["own-port"] = "connected"
+except OSError as err:
+    seen["own-port"] = type(err).__name__
+print(json.dumps(seen))
+"""
+
+
+def test_a_centre_reaches_only_the_fleet_api(stack):
+    """Issue 19, threat 1 in compose: from inside a centre's SuperNode container, the coordinator's Control and
+    Runtime APIs answer 403 through the gate, and the SuperLink's own port refuses the connection (it binds
+    127.0.0.1 of its namespace). The run above went through the same gate (its Fleet API)."""
+    c, _ = stack
+    for name in CENTRES[:2]:
+        done = c.docker_cmd("exec", c.container(f"supernode-{name}"), "python", "-c", ATTACK,
+                            f"https://superlink:{commands.SUPERLINK_PORT}", str(compose.SUPERLINK_LOOPBACK_PORT),
+                            "/pki/public/ca.crt", check=False)
+        assert done.returncode == 0, done.stderr[-1500:]
+        seen = json.loads(done.stdout)
+        assert seen.pop("own-port") == "ConnectionRefusedError", (name, done.stdout)
+        assert set(seen.values()) == {403}, (name, seen)
+    refused = c("logs", "--no-color", "gate", timeout=120, check=False).stdout
+    assert "refused POST /v1/control/list-runs" in refused, refused[-1500:]
+    # The refusal is the binding's, not an empty port: in the SuperLink's own namespace the port is open.
+    port = compose.SUPERLINK_LOOPBACK_PORT
+    code = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5); print('open')"
+    own = c.docker_cmd("exec", c.container("superlink"), "python", "-c", code, check=False)
+    assert own.stdout.strip() == "open", own.stderr[-800:]
 
 
 def test_down_leaves_nothing(stack):

@@ -19,12 +19,13 @@ from deploy.netns import NetnsFederation
 from deploy.processes import venv_bin
 from deploy.prometheus import scrape_config
 from deploy.register import supernode_refusal
+from server import fleetgate
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 CENTRES = [name for name, _ in compose.centres_and_sources()]
-SERVER_SIDE = ["pki", "superlink", "register", "submit", "prometheus", "grafana"]
+SERVER_SIDE = ["pki", "superlink", "gate", "register", "submit", "prometheus", "grafana"]
 FLOWER = {"flower-superlink": ["flower-superlink"], "flower-supernode": ["flower-supernode"],
           "flwr run": ["flwr", "run"], "flwr supernode register": ["flwr", "supernode", "register"]}
 
@@ -136,6 +137,42 @@ def test_each_centre_network_holds_only_that_centre_and_the_superlink():
     assert SERVICES["prometheus"]["network_mode"] == SERVICES["grafana"]["network_mode"] == "service:superlink"
 
 
+def test_centres_reach_only_the_fleet_gate_and_the_data_plane():
+    """Issue 19, threat 1 in compose: the SuperLink (Fleet, Control and Runtime APIs on one port) binds the
+    loopback of its network namespace; what the centre networks reach there is the Fleet gate and the
+    ServerApp's data plane. The operator's flwr CLI (register, submit) shares that namespace to reach Control."""
+    superlink = SERVICES["superlink"]["command"]
+    assert superlink[superlink.index("--host") + 1] == "127.0.0.1"
+    loopback = superlink[superlink.index("--port") + 1]
+    shares = {name for name, svc in SERVICES.items() if svc.get("network_mode") == "service:superlink"}
+    assert shares == {"gate", "register", "submit", "prometheus", "grafana"}, shares
+    # The Control API's clients (the flwr CLI, and `bridgepool deploy register` which runs it) dial it at loopback.
+    cli = {n for n, svc in SERVICES.items() if svc.get("command", [""])[0] == "flwr"
+           or svc.get("command", [])[:3] == ["bridgepool", "deploy", "register"]}
+    assert cli == {"register", "submit"} and cli <= shares
+    flwr_address = re.search(r'address = "([^"]+)"', (ROOT / compose.FLWR_CONFIG).read_text()).group(1)
+    assert flwr_address == f"127.0.0.1:{loopback}"
+    for centre in CENTRES:  # every centre service dials the gate's port, never the SuperLink's own
+        for name in centre_services(centre):
+            text = " ".join(SERVICES[name].get("command", []))
+            assert f":{loopback}" not in text, (name, text)
+        node = SERVICES[f"supernode-{centre}"]["command"]
+        assert node[node.index("--superlink") + 1] == f"superlink:{commands.SUPERLINK_PORT}"
+        worker = SERVICES[f"worker-{centre}"]["command"]
+        assert worker[worker.index("--coordinator") + 1] == "superlink"  # the data plane (its own TLS server)
+    # What listens beyond loopback in the SuperLink's namespace, on the centre networks: the gate, the
+    # ServerApp's data plane, and the monitoring UIs (published to the host's loopback, read-only).
+    gate = SERVICES["gate"]["command"]
+    assert gate[gate.index("--listen") + 1] == f"0.0.0.0:{commands.SUPERLINK_PORT}"
+    assert "--certfile" in gate and "--ca-file" in gate  # TLS to the centres and to the SuperLink
+    submitted = SERVICES["submit"]["command"][-3]
+    assert f"data-plane-port={compose.DATA_PLANE_PORT}" in submitted and 'data-plane-host="0.0.0.0"' in submitted
+    assert str(compose.DATA_PLANE_PORT) != loopback != str(commands.SUPERLINK_PORT)
+    # The certificate the centres check names what they dial ("superlink") and the loopback the CLI dials.
+    assert SERVICES["pki"]["environment"]["SUPERLINK_SANS"] == "DNS:superlink,IP:127.0.0.1"
+    assert "control" not in COMPOSE["networks"]  # no network carries the Control API
+
+
 def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
     checked = set()
     for name, svc in SERVICES.items():
@@ -159,6 +196,9 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
         elif argv[0] == "bridgepool":
             _parser().parse_args(argv[1:])  # exits (fails the test) on an unknown flag or value
             checked.add("bridgepool")
+        elif argv[:3] == ["python", "-m", "server.fleetgate"]:
+            fleetgate.parser().parse_args(argv[3:])  # exits (fails the test) on an unknown flag
+            checked.add("fleetgate")
         elif argv[0] == "sh":
             assert argv[1] in ("/app/deploy/pki.sh", "/app/deploy/centre-key.sh"), argv
             assert (ROOT / argv[1].removeprefix("/app/")).is_file()
@@ -169,18 +209,22 @@ def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
             checked.add(which)
     register = commands.register_supernode("k.pub")  # run by `bridgepool deploy register`
     assert not {f for f in flags(register) if f not in flower_help["flwr supernode register"]}
-    assert checked >= {"bridgepool", "flower-superlink", "flower-supernode", "flwr run", "prometheus"}
+    assert checked >= {"bridgepool", "flower-superlink", "flower-supernode", "flwr run", "prometheus", "fleetgate"}
 
 
 def test_ports_agree_across_services():
-    port = commands.SUPERLINK_PORT
+    port, loopback = commands.SUPERLINK_PORT, compose.SUPERLINK_LOOPBACK_PORT
     superlink = SERVICES["superlink"]["command"]
-    assert superlink[superlink.index("--port") + 1] == str(port)
-    assert f"{port}" in SERVICES["superlink"]["healthcheck"]["test"][-1]
+    assert superlink[superlink.index("--port") + 1] == str(loopback)
+    assert f"{loopback}" in SERVICES["superlink"]["healthcheck"]["test"][-1]
+    gate = SERVICES["gate"]["command"]
+    assert gate[gate.index("--listen") + 1] == f"0.0.0.0:{port}"
+    assert f"{port}" in SERVICES["gate"]["healthcheck"]["test"][-1]
+    assert gate[gate.index("--upstream") + 1] == f"https://127.0.0.1:{loopback}"
     for centre in CENTRES:
         node = SERVICES[f"supernode-{centre}"]["command"]
         assert node[node.index("--superlink") + 1] == f"superlink:{port}"
-    assert f'address = "superlink:{port}"' in (ROOT / compose.FLWR_CONFIG).read_text()
+    assert f'address = "127.0.0.1:{loopback}"' in (ROOT / compose.FLWR_CONFIG).read_text()
     prom = yaml.safe_load((ROOT / compose.PROMETHEUS_CONFIG).read_text())
     assert f"./{compose.PROMETHEUS_CONFIG}:/etc/prometheus/prometheus.yml:ro" in SERVICES["prometheus"]["volumes"]
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}

@@ -33,9 +33,10 @@ def test_every_example_is_a_valid_spec():
         assert spec.centres and spec.deployment == "local", path
 
 
-def test_demo_example_runs(tmp_path, capsys):
+def test_demo_example_runs(short_tmp, capsys):
+    """As root (CI), in a run directory other users may traverse: the bundles run as 'nobody' by default."""
     base = free_base_port(8)
-    run_dir = tmp_path / "demo"
+    run_dir = short_tmp / "demo"
     rc = main(["run", str(EXAMPLES / "demo.toml"), "--run-dir", str(run_dir), "--base-port", str(base),
                "--metrics-port", str(base + 5), "--max-bytes", "40000", "--set", "rounds=1", *QUICK])
     out = capsys.readouterr().out
@@ -44,6 +45,9 @@ def test_demo_example_runs(tmp_path, capsys):
     assert run["status"] == "finished" and len(run["rounds"]) == 1
     assert set(run["rounds"][0]["centres"]) == {"fr-genci", "de-lrz", "es-bsc"}
     assert "residency verdict: pass" in out
+    assert "submitted bundles run as nobody" in out  # deploy/appuser.py's default as root
+    for name in ("fr-genci", "de-lrz", "es-bsc"):
+        assert "as user nobody" in (run_dir / "logs" / f"supernode-{name}.log").read_text(), name
 
 
 def _query(url: str, expr: str) -> list:

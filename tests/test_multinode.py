@@ -6,6 +6,7 @@ authentication against intruders: tests/test_intruders.py.)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,38 @@ def one_round(run_dir: Path, **over) -> RunConfig:
     return RunConfig.from_mapping(values)
 
 
-def nsenter(pid: int, argv: list[str]) -> subprocess.CompletedProcess:
-    """Run argv inside the network and mount namespaces of the running process `pid`."""
-    return subprocess.run(["nsenter", "--target", str(pid), "--net", "--mount", "--", *argv],
+def nsenter(pid: int, argv: list[str], extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run argv inside the network and mount namespaces of the running process `pid` (and those
+    `extra` nsenter flags name, e.g. --pid)."""
+    return subprocess.run(["nsenter", "--target", str(pid), "--net", "--mount", *extra, "--", *argv],
                           capture_output=True, text=True, timeout=30)
+
+
+def child(pid: int) -> int:
+    """The one child of `unshare --fork` (`pid`): the host's command itself, PID 1 of its PID namespace."""
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(kids) == 1, (pid, kids)
+    return int(kids[0])
+
+
+# Run inside a centre's namespaces: what its PID 1 and /proc show, and what /proc/1/root and /run/netns reach.
+LOOK = """import json, os, sys
+other, own = sys.argv[1:]
+def cmd(p):
+    try:
+        return open(f"/proc/{p}/cmdline", "rb").read().replace(b"\\0", b" ").decode()
+    except OSError:
+        return ""
+try:
+    os.listdir("/proc/1/root" + other)
+    other_data = "listed"
+except OSError as err:
+    other_data = type(err).__name__
+others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]
+print(json.dumps({"pid-1": cmd(1), "commands": [cmd(p) for p in others],
+                  "other-data": other_data, "own-data": os.path.isdir("/proc/1/root" + own),
+                  "run-netns": os.listdir("/run/netns") if os.path.isdir("/run/netns") else None}))
+"""
 
 
 def connects(pid: int, host: str, port: int) -> subprocess.CompletedProcess:
@@ -44,12 +73,12 @@ print(conn.getresponse().status)
 """
 
 
-def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
+def test_netns_hosts_run_a_federation_and_stay_apart(short_tmp, corpora):
     assert netns_available() is None, netns_available()
-    run_dir = tmp_path / "run"
+    run_dir = short_tmp / "run"  # others may traverse it: the bundles run as 'nobody', as `deploy netns` does
     a, b = make_centres(run_dir, corpora, 2)
     span = free_base_port(4)  # SuperLink, 2 SuperNodes, the data plane
-    fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3))
+    fed = NetnsFederation(run_dir, [a, b], base_port=span, metrics_port=free_base_port(3), app_user="nobody")
     with fed:
         proc = fed.submit(one_round(run_dir).to_mapping())
         pid = {p.name: p.popen.pid for p in fed.group.procs}
@@ -71,6 +100,20 @@ def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
                                                       fed.pki.centre_ca_cert(a.name), path])
             assert asked.stdout.strip() == "403", (path, asked)
 
+        # Issue 19, threat 8: each host's processes are in a PID namespace of their own. From inside centre a's
+        # worker (its PID 1): /proc lists only centre a's processes, /proc/1/root is its own hidden tree (not
+        # the host's: centre b's data is not there) and /run/netns (the other hosts' namespaces) is empty.
+        inside = nsenter(child(pid[f"worker {a.name}"]), [sys.executable, "-c", LOOK, str(b.data_dir),
+                                                          str(a.data_dir)], extra=("--pid",))
+        seen = json.loads(inside.stdout or "{}")
+        assert seen, inside
+        assert seen["pid-1"] and "centre serve" in seen["pid-1"] and a.name in seen["pid-1"], seen
+        assert not [c for c in seen["commands"] if "flower-superlink" in c or b.name in c], seen["commands"]
+        assert seen["other-data"] == "FileNotFoundError" and seen["own-data"] is True, seen
+        assert seen["run-netns"] == [], seen
+        host_sees = subprocess.run(["ls", "/run/netns"], capture_output=True, text=True).stdout.split()
+        assert fed.namespaces[b.name] in host_sees  # the check above is not vacuous
+
         # Files: a centre reads its own data (read-only), never another centre's or its key.
         for name in (f"worker {a.name}", f"SuperNode {a.name}"):
             assert nsenter(pid[name], ["cat", str(a.data_dir / "manifest.json")]).returncode == 0
@@ -89,6 +132,8 @@ def test_netns_hosts_run_a_federation_and_stay_apart(tmp_path, corpora):
 
     assert run["status"] == "finished", run.get("message")
     assert run["rounds"][0]["replied"] == 2
+    for c in (a, b):
+        assert "as user nobody" in (run_dir / "logs" / f"supernode-{c.name}.log").read_text(), c.name
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in fed.namespaces.values()), listed
     for p in pids:
