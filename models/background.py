@@ -9,9 +9,12 @@ before anything that must find the file on disk (a reply that vouches for the ro
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+
+log = logging.getLogger("bridgepool")
 
 
 class BackgroundWrite:
@@ -37,13 +40,17 @@ class BackgroundWrite:
         self._thread = threading.Thread(target=run, name=f"write {self.what}", daemon=True)
         self._thread.start()
 
-    def wait(self) -> float:
-        """Block until the write is done; the seconds this waited. Its error, if it failed."""
+    def wait(self, quiet: bool = False) -> float:
+        """Block until the write is done; the seconds this waited. Its error, if it failed (logged
+        instead with `quiet`, when another error is already on its way)."""
         t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         err, self._error = self._error, None
         if err is not None:
-            raise RuntimeError(f"writing {self.what} failed: {err}") from err
+            if quiet:
+                log.error("writing %s failed: %s", self.what, err)
+            else:
+                raise RuntimeError(f"writing {self.what} failed: {err}") from err
         return time.perf_counter() - t0

@@ -106,73 +106,77 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
     saver = BackgroundWrite("a checkpoint")
-    for rnd in range(start, cfg.rounds + 1):
-        t0 = time.perf_counter()
-        nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
-        reference = _sent(broadcast, outer)  # what the centres train from
-        ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
-                      expected=clock.expected(), plane=plane)
-        clock.observe(ex)
-        # The previous round's checkpoint was written while this round's bytes travelled; it is on disk
-        # before a quorum error names it, and before the step changes the tensors it reads.
-        ckpt_wait = saver.wait()
-        t_agg = time.perf_counter()  # screening included: on the data plane it is the same pass as the sum
-        if plane is None:
-            accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
-        else:
-            accepted, norms, folded = _accept_spooled(ex, broadcast.base, reference, cfg)
-        for centre, code in ex.codes.values():
-            metrics.reject(centre, code)
-        if len(accepted) < cfg.quorum:
-            last = checkpoint_dir(run_dir) / f"round-{rnd - 1:04d}"
-            raise QuorumLost(
-                f"round {rnd}: {len(accepted)} of {len(nodes)} centres replied with a valid "
-                f"update, below the quorum of {cfg.quorum} ({'; '.join(f'{k}: {v}' for k, v in ex.failures.items())}); "
-                f"stopped after round {rnd - 1}"
-                + (f" (checkpoint {last}); restart the missing centres and resume with --resume"
-                   if rnd > 1 else "; restart the missing centres and start again")
-            )
-        tokens = [r.metrics["tokens"] for r in accepted]
-        if plane is None:
-            update = round_update(outer, [r.state for r in accepted], tokens, cfg.aggregator, cfg.dp_clip,
-                                  cfg.dp_noise_multiplier, reference=reference)
-        else:
-            if folded is None or not _folds(cfg, len(accepted)):
-                folded = chunked.combined([r.arrays for r in accepted], tokens, norms, broadcast.base,
-                                          cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
-            update = unpack(folded, reference, copy=False)
-            del folded
-        for r in ex.replies:  # the centres' updates (buffers, spool files) go before the outer step allocates
-            if isinstance(r.arrays, SpooledUpdate):
-                r.arrays.discard()
-            r.arrays, r.state = {}, {}
-        outer.apply(update, consume=True)  # the round's own sum, not needed after the step
-        del update
-        agg_seconds = time.perf_counter() - t_agg
-        t_ckpt = time.perf_counter()
-        # Zero-copy (safetensors reads the live tensors), in the background: the next round waits for it
-        # before its own step. A coordinator killed meanwhile resumes from the round before.
-        saver.start(functools.partial(save_checkpoint, run_dir, rnd, outer.weights(), outer.optimizer_state(),
-                                      cfg.to_mapping(),
-                                      broadcast=broadcast.base if cfg.compression == "int8" else None),
-                    f"the checkpoint of round {rnd}")
-        reference = None  # the old b goes as soon as the next round's replaces it
-        record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
-        # What the round waited for checkpoints: the last round's write, if it had not ended, and this start.
-        record["checkpoint-seconds"] = ckpt_wait + time.perf_counter() - t_ckpt
-        # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
-        record["server-peak-rss-bytes"] = _peak_rss()
-        if plane is not None:  # what actually crossed the data plane's sockets, run total so far
-            record["data-plane"] = {"url": plane.url, "bytes-served": plane.server.bytes_served,
-                                    "bytes-received": plane.server.bytes_received}
-        if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
-            record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
-        runlog.add_round(record)
-        metrics.observe_round(record)
-        log.info("round %d/%d: train loss %.4f, eval loss %.4f, %d/%d centres, %.1fs", rnd, cfg.rounds,
-                 record["train-loss-mean"], record["eval-loss-mean"], len(accepted), len(nodes),
-                 record["wall-seconds"])
-
+    try:
+        for rnd in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
+            reference = _sent(broadcast, outer)  # what the centres train from
+            ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
+                          expected=clock.expected(), plane=plane)
+            clock.observe(ex)
+            # The previous round's checkpoint was written while this round's bytes travelled; it is on disk
+            # before a quorum error names it, and before the step changes the tensors it reads.
+            ckpt_wait = saver.wait()
+            t_agg = time.perf_counter()  # screening included: on the data plane it is the same pass as the sum
+            if plane is None:
+                accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
+            else:
+                accepted, norms, folded = _accept_spooled(ex, broadcast.base, reference, cfg)
+            for centre, code in ex.codes.values():
+                metrics.reject(centre, code)
+            if len(accepted) < cfg.quorum:
+                last = checkpoint_dir(run_dir) / f"round-{rnd - 1:04d}"
+                raise QuorumLost(
+                    f"round {rnd}: {len(accepted)} of {len(nodes)} centres replied with a valid "
+                    f"update, below the quorum of {cfg.quorum} "
+                    f"({'; '.join(f'{k}: {v}' for k, v in ex.failures.items())}); "
+                    f"stopped after round {rnd - 1}"
+                    + (f" (checkpoint {last}); restart the missing centres and resume with --resume"
+                       if rnd > 1 else "; restart the missing centres and start again")
+                )
+            tokens = [r.metrics["tokens"] for r in accepted]
+            if plane is None:
+                update = round_update(outer, [r.state for r in accepted], tokens, cfg.aggregator, cfg.dp_clip,
+                                      cfg.dp_noise_multiplier, reference=reference)
+            else:
+                if folded is None or not _folds(cfg, len(accepted)):
+                    folded = chunked.combined([r.arrays for r in accepted], tokens, norms, broadcast.base,
+                                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
+                update = unpack(folded, reference, copy=False)
+                del folded
+            for r in ex.replies:  # the centres' updates (buffers, spool files) go before the outer step allocates
+                if isinstance(r.arrays, SpooledUpdate):
+                    r.arrays.discard()
+                r.arrays, r.state = {}, {}
+            outer.apply(update, consume=True)  # the round's own sum, not needed after the step
+            del update
+            agg_seconds = time.perf_counter() - t_agg
+            t_ckpt = time.perf_counter()
+            # Zero-copy (safetensors reads the live tensors), in the background: the next round waits for it
+            # before its own step. A coordinator killed meanwhile resumes from the round before.
+            saver.start(functools.partial(save_checkpoint, run_dir, rnd, outer.weights(), outer.optimizer_state(),
+                                          cfg.to_mapping(),
+                                          broadcast=broadcast.base if cfg.compression == "int8" else None),
+                        f"the checkpoint of round {rnd}")
+            reference = None  # the old b goes as soon as the next round's replaces it
+            record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
+            # What the round waited for checkpoints: the last round's write, if it had not ended, and this start.
+            record["checkpoint-seconds"] = ckpt_wait + time.perf_counter() - t_ckpt
+            # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
+            record["server-peak-rss-bytes"] = _peak_rss()
+            if plane is not None:  # what actually crossed the data plane's sockets, run total so far
+                record["data-plane"] = {"url": plane.url, "bytes-served": plane.server.bytes_served,
+                                        "bytes-received": plane.server.bytes_received}
+            if cfg.dp_clip > 0:  # epsilon spent by the rounds so far (rounds 1..rnd of this model)
+                record["dp"] = dp_round_record(cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_delta, rnd, len(accepted))
+            runlog.add_round(record)
+            metrics.observe_round(record)
+            log.info("round %d/%d: train loss %.4f, eval loss %.4f, %d/%d centres, %.1fs", rnd, cfg.rounds,
+                     record["train-loss-mean"], record["eval-loss-mean"], len(accepted), len(nodes),
+                     record["wall-seconds"])
+    except BaseException:
+        saver.wait(quiet=True)  # a round that fails still leaves the last round's checkpoint whole
+        raise
     saver.wait()  # the last round's checkpoint is on disk before the run can finish
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
     _sent(broadcast, outer)
