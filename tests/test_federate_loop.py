@@ -41,18 +41,23 @@ class Grid(ScriptedGrid):
         return list(self.weights)
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
-        out = []
-        for mid in ids:
-            msg = self.sent.pop(mid, None)
-            if msg is None:
-                continue
-            node = msg.metadata.dst_node_id
-            metrics = {"tokens": self.tokens, "train-loss": 3.0, "eval-loss": 3.1}
-            content = RecordDict({"metrics": MetricRecord(metrics), "centre": ConfigRecord({"name": NAMES[node]})})
-            if msg.metadata.message_type == "train":
-                content["arrays"] = ArrayRecord({PARAMS_KEY: Array(self.weights[node])})
-            out.append(Message(content=content, reply_to=msg))
-        return out
+        return [answer(msg, NAMES[msg.metadata.dst_node_id], self.tokens, self.weights[msg.metadata.dst_node_id])
+                for msg in pending(self, ids)]
+
+
+def pending(grid: ScriptedGrid, ids: list[str]) -> list[Message]:
+    """The messages pushed to the scripted `grid` among `ids` not answered yet (each answered once)."""
+    return [m for m in (grid.sent.pop(mid, None) for mid in ids) if m is not None]
+
+
+def answer(msg: Message, name: str, tokens: float, weights: np.ndarray) -> Message:
+    """A centre's reply to `msg`: the round's metrics under the `name` it claims and, to a train
+    message, `weights` as its new model."""
+    content = RecordDict({"metrics": MetricRecord({"tokens": tokens, "train-loss": 3.0, "eval-loss": 3.1}),
+                          "centre": ConfigRecord({"name": name})})
+    if msg.metadata.message_type == "train":
+        content["arrays"] = ArrayRecord({PARAMS_KEY: Array(weights)})
+    return Message(content=content, reply_to=msg)
 
 
 def _config(run_dir: Path, **over) -> RunConfig:

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from safetensors.torch import load_file
 
 from models.config import ConfigError
-from models.packing import PARAMS_KEY, pack
+from models.packing import pack
 from server.app import federate
 from server.identity import Registry
 from server.liveness import Liveness
@@ -29,7 +29,7 @@ from server.metrics import ServerMetrics
 from server.runlog import RunLog
 from server.validation import token_cap
 from tests.test_federate_loop import Grid as LoopGrid
-from tests.test_federate_loop import _config, _initial
+from tests.test_federate_loop import _config, _initial, answer, pending
 from tests.test_redteam_server import serverapp_identity  # noqa: F401  (autouse here too)
 
 CENTRES = ("fr-genci", "de-lrz", "es-bsc")
@@ -118,19 +118,8 @@ class KeyedGrid(LoopGrid):
         return [NodeInfo(node_id=n, public_key=self.keys[n]) for n in self.weights]
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
-        out = []
-        for mid in ids:
-            msg = self.sent.pop(mid, None)
-            if msg is None:
-                continue
-            node = msg.metadata.dst_node_id
-            content = RecordDict({"metrics": MetricRecord({"tokens": self.tokens, "train-loss": 3.0,
-                                                           "eval-loss": 3.1}),
-                                  "centre": ConfigRecord({"name": self.claims[node]})})
-            if msg.metadata.message_type == "train":
-                content["arrays"] = ArrayRecord({PARAMS_KEY: Array(self.weights[node])})
-            out.append(Message(content=content, reply_to=msg))
-        return out
+        return [answer(msg, self.claims[msg.metadata.dst_node_id], self.tokens, self.weights[msg.metadata.dst_node_id])
+                for msg in pending(self, ids)]
 
 
 def _federate(grid: KeyedGrid, cfg, run_dir: Path) -> tuple[np.ndarray, dict, ServerMetrics, dict]:

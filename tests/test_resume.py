@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message
 from safetensors.torch import load_file
 
 from models.packing import FORM_KEY, PARAMS_KEY, SEED, pack
@@ -26,7 +26,7 @@ from server.app import federate, start_point
 from server.checkpoint import load_checkpoint
 from server.runlog import RunLog
 from server.validation import token_cap
-from tests.test_federate_loop import _config, _initial
+from tests.test_federate_loop import _config, _initial, answer, pending
 from tests.test_redteam_server import Grid as ScriptedGrid
 from tests.test_redteam_server import serverapp_identity  # noqa: F401  (autouse here too)
 
@@ -61,23 +61,17 @@ class Centres(ScriptedGrid):
 
     def pull_messages(self, ids: list[str]) -> list[Message]:
         out = []
-        for mid in ids:
-            msg = self.sent.pop(mid, None)
-            if msg is None:
-                continue
-            node = msg.metadata.dst_node_id
-            metrics = {"tokens": self.tokens, "train-loss": 3.0, "eval-loss": 3.1}
-            content = RecordDict({"metrics": MetricRecord(metrics), "centre": ConfigRecord({"name": NAMES[node]})})
+        for msg in pending(self, ids):
+            node, model = msg.metadata.dst_node_id, None
             if msg.metadata.message_type == "train":
                 rnd = int(msg.metadata.group_id)
                 seed_only = msg.content["config"][FORM_KEY] == SEED  # round 1: built from the run's seed
                 model = _initial() if seed_only else msg.content["arrays"][PARAMS_KEY].numpy()
                 self.sent_models.setdefault(rnd, model.copy())
                 step = np.random.default_rng(100 * rnd + node).standard_normal(model.size).astype(np.float32)
-                content["arrays"] = ArrayRecord({PARAMS_KEY: Array(model - 1e-3 * step)})
-            out.append(Message(content=content, reply_to=msg))
+                model = model - 1e-3 * step
+            out.append(answer(msg, NAMES[node], self.tokens, model))
         return out
-
 
 def _federate(grid: Centres, run_dir: Path, resume: bool = False) -> dict:
     cfg = _config(run_dir, **{"rounds": ROUNDS, "outer-lr": 0.7, "outer-momentum": 0.9, "resume": resume})
