@@ -14,6 +14,10 @@ group, and every rank runs it in step:
     rank 0:  load_global -> weights broadcast from rank 0 -> train_round under DDP -> reply
     rank k:  "load"      -> weights broadcast from rank 0 -> train_round under DDP
 
+With `--shard` the ranks split the model instead of each holding it whole (FSDP2, clients/shard.py):
+"load" scatters rank 0's full model into the shards, evaluation runs on every rank (each forward
+gathers the weights), and the round's reply is gathered whole onto rank 0.
+
 The run's `batch-size` stays the centre's batch per inner step, whatever its hardware: each of N
 ranks trains a slice of b = batch-size / N windows (the server's token cap, the aggregation's
 weights and the optimisation are the same as with one rank; more ranks make a round faster). DDP
@@ -35,13 +39,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from clients.shard import full_state, load_full, optim_local, optim_sharded, shard
 from clients.training import Ahead, CentreTrainer, RoundResult, resolve_device
 from clients.worker import CentreWorker
 from models.config import RunConfig
@@ -101,12 +107,50 @@ def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_ra
     return [*argv, "-m", *worker_argv]
 
 
-def supervise(argv: Sequence[str], centre: str, restarts: int) -> int:
+def rendezvous_missing(line: str, centre: str, nproc: int, nnodes: int, node_rank: int, endpoint: str,
+                       timeout: int) -> str | None:
+    """What a line of torchrun's log says is missing when its static rendezvous timed out, naming the
+    centre, the node(s) and their ranks; None for any other line. Node 0 hosts the rendezvous (a
+    TCPStore waiting for every node's agent: "Timed out after T seconds waiting for clients. k/N
+    clients joined."); a node > 0 dials it ("The client socket has timed out ... trying to connect")."""
+    def ranks_of(first: int, last: int) -> str:
+        low, high = first * nproc, (last + 1) * nproc - 1
+        return f"rank {low}" if low == high else f"ranks {low}-{high}"
+
+    joined = re.search(r"waiting for clients\. (\d+)/(\d+) clients joined", line)
+    if joined:
+        k = int(joined.group(1))
+        who = (f"node 1 ({ranks_of(1, 1)})" if nnodes == 2 else
+               f"nodes 1-{nnodes - 1} ({ranks_of(1, nnodes - 1)})" if k == 1 else
+               f"{nnodes - k} of nodes 1-{nnodes - 1} ({ranks_of(1, nnodes - 1)})")
+        return (f"centre {centre}: the rendezvous at {endpoint} timed out after {timeout} s (--rdzv-timeout) with "
+                f"{k} of {nnodes} nodes: {who} never joined; start `centre serve` on the missing node(s) with "
+                f"the same --rdzv-endpoint and their --node-rank")
+    if "trying to connect to" in line and "timed out" in line:
+        return (f"centre {centre}, node {node_rank}: node 0 ({ranks_of(0, 0)}, the centre's worker) did not "
+                f"answer at the rendezvous {endpoint} within {timeout} s (--rdzv-timeout); start node 0 first, "
+                "or check the endpoint")
+    return None
+
+
+def supervise(argv: Sequence[str], centre: str, restarts: int,
+              explain: Callable[[str], str | None] = lambda _line: None) -> int:
     """Run torchrun's agent (`argv`) and start it again, up to `restarts` times, when the centre's
     ranks fail (a rank died, a rendezvous timed out); SIGTERM/SIGINT stop it and its ranks. The
-    agent's exit status, 0 once stopped on request."""
+    agent's log passes through, and `explain` turns a line of it into what failed (a rendezvous that
+    timed out: `rendezvous_missing`), logged as the centre's error. A rendezvous waits at most its
+    --rdzv-timeout, so a node that never comes fails the centre within (restarts + 1) x that, plus
+    start-up. The agent's exit status, 0 once stopped on request."""
     proc: subprocess.Popen | None = None
     stopping = False
+    reasons: list[str] = []
+
+    def _relay(stream: Any) -> None:
+        for line in stream:
+            sys.stderr.write(line)
+            reason = explain(line)
+            if reason:
+                reasons.append(reason)
 
     def _stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -118,13 +162,21 @@ def supervise(argv: Sequence[str], centre: str, restarts: int) -> int:
     signal.signal(signal.SIGINT, _stop)
     rc = 0
     for attempt in range(restarts + 1):
-        proc = subprocess.Popen(list(argv))
+        reasons.clear()
+        proc = subprocess.Popen(list(argv), stderr=subprocess.PIPE, text=True, errors="replace")
+        relay = threading.Thread(target=_relay, args=(proc.stderr,), daemon=True)
+        relay.start()
         rc = proc.wait()
+        relay.join(10)  # the agent's last lines (its ranks may hold the pipe a moment longer)
         if stopping or rc == 0:
             return 0
         left = restarts - attempt
-        log.error("centre %s: its ranks failed (torchrun exited with %d; its log above names the rank); %s", centre,
-                  rc, f"starting them again ({left} restart(s) left)" if left else "no restarts left, giving up")
+        then = f"starting them again ({left} restart(s) left)" if left else "no restarts left, giving up"
+        if reasons:
+            log.error("%s; %s", reasons[-1], then)
+        else:
+            log.error("centre %s: its ranks failed (torchrun exited with %d; its log above names the rank); %s",
+                      centre, rc, then)
     return rc
 
 
@@ -138,11 +190,14 @@ class Ranks:
     commands: Any = None  # the gloo group commands travel on (long timeout: idle ranks wait on it)
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
     failed: str = ""  # set on rank 0 once a collective failed: the worker then exits
+    shard: bool = False  # --shard: the model's parameters are split over the ranks (FSDP2, clients/shard.py)
 
     @classmethod
-    def join(cls, centre: str, device: str, rank: int | None = None, world: int | None = None) -> Ranks:
+    def join(cls, centre: str, device: str, rank: int | None = None, world: int | None = None,
+             shard: bool = False) -> Ranks:
         """Join the centre's process group (torchrun's environment, or rank/world given with
-        MASTER_ADDR/MASTER_PORT set, as the tests do)."""
+        MASTER_ADDR/MASTER_PORT set, as the tests do); `shard`: every rank of the centre was started
+        with --shard."""
         rank = int(os.environ["RANK"]) if rank is None else rank
         world = int(os.environ["WORLD_SIZE"]) if world is None else world
         name = backend(device)
@@ -153,7 +208,7 @@ class Ranks:
         peers: list[Any] = [None] * world
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=commands)
         log.info("[%s] rank %d of %d joined (%s)", centre, rank, world, name)
-        return cls(centre, rank, world, commands, [tuple(p) for p in peers])
+        return cls(centre, rank, world, commands, [tuple(p) for p in peers], shard=shard)
 
     def send(self, command: tuple[Any, ...]) -> None:
         self.broadcast(command)
@@ -208,8 +263,9 @@ def _alive(pid: int) -> bool:
 
 
 class RankTrainer(CentreTrainer):
-    """A CentreTrainer that trains under DDP with the centre's other ranks. On rank 0 each
-    public call first tells the other ranks to make it too; they get it in `follow`."""
+    """A CentreTrainer that trains under DDP (or, with --shard, FSDP2) with the centre's other
+    ranks. On rank 0 each public call first tells the other ranks to make it too; they get it in
+    `follow`."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, ranks: Ranks,
                  speed: float = 1.0):
@@ -219,6 +275,13 @@ class RankTrainer(CentreTrainer):
             # Each rank would stop by its own clock and DDP would hang on the step one of them skips.
             raise ValueError(f"centre {centre}: round-seconds (a time budget) is not supported with several ranks "
                              "yet; set round-seconds = 0 or start the centre with --nproc 1")
+        if ranks.shard and ranks.world < 2:
+            raise ValueError(f"centre {centre}: --shard splits the model over the centre's ranks and needs at least 2; "
+                             "start the centre with --nproc 2 or more, or without --shard")
+        if ranks.shard and cfg.overlap_steps:
+            # The steps trained ahead add (end - start) of whole-model copies onto the global model.
+            raise ValueError(f"centre {centre}: --shard does not support overlap-steps "
+                             f"({cfg.overlap_steps}) yet; set overlap-steps = 0 or start the centre without --shard")
         if cfg.batch_size % ranks.world:
             raise ValueError(f"centre {centre}: batch-size {cfg.batch_size} does not split over its {ranks.world} "
                              f"ranks; set batch-size to a multiple of {ranks.world} or start the centre with "
@@ -230,21 +293,42 @@ class RankTrainer(CentreTrainer):
                 ranks.send(("build", cfg, torch.get_num_threads()))
         super().__init__(centre, data_dir, state_dir, cfg, ranks.rank, ranks.world,
                          speed=speed if ranks.rank == 0 else 1.0)
-        # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
-        # The GPT has no buffers, so DDP's buffer syncing costs nothing.
-        gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-        self.net = DistributedDataParallel(self.model, device_ids=gpu)
+        if ranks.shard:
+            # Every rank built the same model from the run's seed; its parameters become this rank's
+            # shards, and the optimiser is built again over them (its moments are then shards too).
+            self.model = self.net = shard(self.model)
+            self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
+        else:
+            # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
+            # The GPT has no buffers, so DDP's buffer syncing costs nothing.
+            gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=gpu)
         self._inside = False  # within a mirrored call: inner calls (train_ahead's load) stay local
         self._follower_ahead: Ahead | None = None
 
     # ------------------------------------------------------- rank 0's calls, mirrored
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        if self.ranks.shard:  # rank 0's full model, scattered into every rank's shards
+            with self.ranks.guard("the scatter of the global model"):
+                self.ranks.send(("load",))
+                load_full(self.model, state)
+            self._local_round = -1
+            return
         super().load_global(state)
         if self._inside or self.ranks.rank != 0:
             return
         with self.ranks.guard("the broadcast of the global model"):
             self.ranks.send(("load",))
             self._broadcast_weights()
+
+    def evaluate(self) -> dict[str, float]:
+        """Rank 0 alone with its whole model (DDP); with --shard every rank takes part in each forward
+        (FSDP gathers each block's weights from the shards), on the same held-out batches."""
+        if not self.ranks.shard:
+            return super().evaluate()
+        with self.ranks.guard("the evaluation"):
+            self.ranks.send(("eval",))
+            return super().evaluate()
 
     def train_ahead(self, next_round: int) -> Ahead | None:
         if self._inside:
@@ -274,6 +358,15 @@ class RankTrainer(CentreTrainer):
         result.ranks = [e[2] for e in every]
         return result
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        return full_state(self.model) if self.ranks.shard else super()._full_state()  # {} on ranks > 0
+
+    def _optim_to_disk(self) -> dict:
+        return optim_local(self.optim.state_dict()) if self.ranks.shard else super()._optim_to_disk()
+
+    def _optim_from_disk(self, state: dict) -> dict:
+        return optim_sharded(state, self.optim) if self.ranks.shard else state
+
     def _broadcast_weights(self) -> None:
         """Rank 0's model into every rank's, in place (tied weights once)."""
         seen: set[int] = set()
@@ -293,8 +386,14 @@ class RankTrainer(CentreTrainer):
 
     # ------------------------------------------------------------------ ranks > 0
     def follow_load(self) -> None:
-        self._broadcast_weights()
+        if self.ranks.shard:
+            load_full(self.model, None)
+        else:
+            self._broadcast_weights()
         self._local_round = -1
+
+    def follow_eval(self) -> None:
+        super().evaluate()
 
     def follow_ahead(self, next_round: int) -> None:
         with self._mirrored():
@@ -354,6 +453,8 @@ def follow(ranks: Ranks, data_dir: Path, state_dir: Path, device: str = "") -> N
             raise RuntimeError(f"[{ranks.centre}] rank {ranks.rank}: command {op!r} before any run was built")
         if op == "load":
             trainer.follow_load()
+        elif op == "eval":
+            trainer.follow_eval()
         elif op == "ahead":
             trainer.follow_ahead(int(command[1]))
         elif op == "train":

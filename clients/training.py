@@ -224,8 +224,7 @@ class CentreTrainer:
         if self.cfg.overlap_steps and server_round < self.cfg.rounds:
             self._save_local(server_round)  # where the next round's early steps start, also after a restart
         tokens = H * self.cfg.batch_size * self.seq_len  # the weight of this centre's update in the mean
-        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
-        return RoundResult(state, {
+        return RoundResult(self._full_state(), {
             "train-loss": train_loss,
             "tokens": float(tokens),
             "num-examples": float(H * self.cfg.batch_size),
@@ -335,6 +334,16 @@ class CentreTrainer:
         self.optim.zero_grad(set_to_none=True)  # the last step's gradients: 4 bytes/param not held past the loop
         return losses, step_seconds
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights as the reply carries them: fp32 on CPU (a sharded centre gathers them)."""
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+
+    def _optim_to_disk(self) -> dict:
+        return self.optim.state_dict()  # a sharded centre saves each rank's shard (clients/shard.py)
+
+    def _optim_from_disk(self, state: dict) -> dict:
+        return state
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -388,7 +397,8 @@ class CentreTrainer:
             return
         path = self._optim_path(after_round)
         if after_round >= 1 and path.exists():
-            self.optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            self.optim.load_state_dict(self._optim_from_disk(torch.load(path, map_location=self.device,
+                                                                        weights_only=True)))
         else:  # round 1, or a centre joining mid-run: fresh moments
             if after_round >= 1:
                 log.warning("[%s] no inner-optimiser state after round %d (%s): starting round %d with "
@@ -397,7 +407,7 @@ class CentreTrainer:
         self._optim_round = after_round
 
     def _save_optim(self, server_round: int) -> None:
-        self._keep(self._optim_path(server_round), lambda tmp: torch.save(self.optim.state_dict(), tmp))
+        self._keep(self._optim_path(server_round), lambda tmp: torch.save(self._optim_to_disk(), tmp))
         self._optim_round = server_round
         if self.file_prefix:  # one position per centre: rank 0 writes it
             return

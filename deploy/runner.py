@@ -88,7 +88,7 @@ def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig) -> int:
     check_devices(spec, cfg)
     check_prometheus(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed, c.shard) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
 
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

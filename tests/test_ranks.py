@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from clients.data import TokenSampler
 from clients.training import CentreTrainer
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
+from models.gpt import build_model
 from tests.conftest import make_centres
 
 CENTRE = "fr-genci"
@@ -35,14 +38,14 @@ def _cfg(run_dir: Path, batch: int = 4) -> RunConfig:
 
 
 def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str, rounds: list[int],
-          start: str, out: str, die_on: str) -> None:
+          start: str, out: str, die_on: str, shard: bool) -> None:
     """One rank: rank 0 trains `rounds` from the model in `start` (or a fresh one) and saves the
     states and metrics to `out`; the others follow (or, with `die_on`, die when it comes)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from clients.ranks import RankFailure, Ranks, RankTrainer, follow, stop_followers
 
-    ranks = Ranks.join(CENTRE, "cpu", rank, world)
+    ranks = Ranks.join(CENTRE, "cpu", rank, world, shard=shard)
     if rank:
         if die_on == "train":  # follows until a round's training starts, then dies as a killed rank would
             RankTrainer.follow_train = lambda *_: os._exit(3)
@@ -50,14 +53,15 @@ def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str,
         return
     cfg = _cfg(Path(run_dir), 4)
     trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
-    model = torch.load(start) if start else {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    model = torch.load(start) if start else build_model(cfg.model, seed=cfg.seed).state_dict()  # the run's start
     saved: dict = {"start": model}
     try:
         for rnd in rounds:
             trainer.load_global(model)
+            evaluated = trainer.evaluate()
             result = trainer.train_round(rnd)
             model = {k: v.clone() for k, v in result.state.items()}
-            saved[rnd] = {"state": model, "metrics": result.metrics, "ranks": result.ranks}
+            saved[rnd] = {"state": model, "metrics": result.metrics, "ranks": result.ranks, "eval": evaluated}
     except RankFailure as err:
         saved["failure"] = str(err)
     torch.save(saved, out)
@@ -65,10 +69,11 @@ def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str,
     ranks.close()
 
 
-def _run_ranks(tmp_path: Path, data: Path, rounds: list[int], start: str = "", die_on: str = "") -> dict:
+def _run_ranks(tmp_path: Path, data: Path, rounds: list[int], start: str = "", die_on: str = "",
+               shard: bool = False) -> dict:
     port, out = free_base_port(1), tmp_path / f"rank0-{os.urandom(4).hex()}.pt"
     ctx = multiprocessing.get_context("spawn")
-    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on)
+    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on, shard)
     procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
@@ -91,17 +96,20 @@ def test_a_rank_reads_its_slice_of_the_global_batch():
         TokenSampler(tokens, 16, 3, seed=7, rank=2, ranks=2)
 
 
-def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_path, corpora):
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp"])
+def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_path, corpora, shard):
     """One group of 2 ranks trains rounds 1-3; one rank of batch 2b trains rounds 1-2 beside it
     (equivalence, round 2 also checks the AdamW state carried over); fresh ranks then re-train
-    round 3 from the per-rank optimiser state on disk alone (resume)."""
+    round 3 from the per-rank optimiser state on disk alone (resume). DDP (each rank the whole
+    model) and FSDP (`--shard`: each rank a half of every parameter and of its AdamW moments)."""
     data = corpora[CENTRE]
-    two = _run_ranks(tmp_path, data, [1, 2, 3])
+    two = _run_ranks(tmp_path, data, [1, 2, 3], shard=shard)
     torch.set_num_threads(1)
     one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4))
     model = two["start"]
     for rnd in (1, 2):
         one.load_global(model)
+        assert two[rnd]["eval"]["eval-loss"] == pytest.approx(one.evaluate()["eval-loss"], rel=1e-5)
         result = one.train_round(rnd)
         model = {k: v.clone() for k, v in result.state.items()}
         for k, v in model.items():
@@ -111,10 +119,13 @@ def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_
         assert len(two[rnd]["ranks"]) == 2
     assert any(not torch.equal(model[k], two["start"][k]) for k in model)  # it did train
 
-    assert (tmp_path / "state" / "ranks" / "rank1-inner-optim-round-0002.pt").exists()  # rank 1's own state
+    state = tmp_path / "state" / "ranks"
+    saved = [torch.load(state / f"{prefix}inner-optim-round-0002.pt") for prefix in ("", "rank1-")]
+    moments = [s["state"][0]["exp_avg"] for s in saved]  # the embedding's (vocab x n_embd) first moment
+    assert [m.shape[0] for m in moments] == ([128, 128] if shard else [256, 256])  # a half each, or whole
     start = tmp_path / "after-round-2.pt"
     torch.save(two[2]["state"], start)
-    cold = _run_ranks(tmp_path, data, [3], start=str(start))  # new processes: optimiser state from disk only
+    cold = _run_ranks(tmp_path, data, [3], start=str(start), shard=shard)  # new processes: optimiser state from disk
     for k, v in two[3]["state"].items():
         assert torch.equal(cold[3]["state"][k], v), k
 
@@ -143,6 +154,37 @@ def test_a_federation_of_two_rank_centres_trains(tmp_path, corpora):
     left = [p for p in Path("/proc").glob("[0-9]*/cmdline")
             if str(run_dir).encode() in _read(p) and b"--as-rank" in _read(p)]
     assert not left, "ranks left running"
+
+
+def test_a_rendezvous_that_times_out_fails_the_centre_naming_the_missing_node(tmp_path):
+    """A centre on 2 nodes of 2 ranks, each node started alone: node 0 waits --rdzv-timeout (3 s) for
+    node 1, node 1 as long for node 0; both `centre serve` fail naming the centre and the node (and
+    its ranks) that never came, without restarting (--max-restarts 0), and leave nothing running."""
+    port = free_base_port(2)
+    free = port + 1  # node 0 listens on `port` only: node 1 is given this one, where nobody answers
+
+    def serve(node: int, endpoint: str) -> subprocess.Popen:
+        state = tmp_path / f"node{node}"
+        return subprocess.Popen([sys.executable, "-m", "deploy.cli", "centre", "serve", "--centre", CENTRE,
+                                 "--data-dir", str(tmp_path / "data"), "--state-dir", str(state), "--socket",
+                                 str(state / "w.sock"), "--nproc", "2", "--nnodes", "2", "--node-rank", str(node),
+                                 "--rdzv-endpoint", endpoint, "--rdzv-timeout", "3", "--max-restarts", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [serve(0, f"127.0.0.1:{port}"), serve(1, f"127.0.0.1:{free}")]
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert [p.returncode for p in nodes] == [1, 1], logs
+    assert (f"centre {CENTRE}: the rendezvous at 127.0.0.1:{port} timed out after 3 s (--rdzv-timeout) with 1 of 2 "
+            "nodes: node 1 (ranks 2-3) never joined") in logs[0]
+    assert (f"centre {CENTRE}, node 1: node 0 (ranks 0-1, the centre's worker) did not answer at the rendezvous "
+            f"127.0.0.1:{free} within 3 s") in logs[1]
+    assert all("no restarts left" in log for log in logs)
+    left = [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(tmp_path).encode() in _read(p)]
+    assert not left, "processes left running"
 
 
 def _read(path: Path) -> bytes:
