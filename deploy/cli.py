@@ -281,6 +281,9 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     from clients.policy import Policy
     from clients.worker import CentreWorker, serve
 
+    if args.shard and args.nproc * args.nnodes < 2 and not args.as_rank:
+        raise ValueError(f"--shard splits the model over the centre's ranks, but --nproc {args.nproc} x --nnodes "
+                         f"{args.nnodes} is 1 rank; start it with --nproc 2 or more, or without --shard")
     # Everything the worker writes (state, optimiser moments, ledger, checkpoints) is its user's alone.
     os.umask(0o077)
     if args.socket_group is not None:
@@ -294,9 +297,6 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--data-plane-ca {args.data_plane_ca}: no such file (the deployment's CA certificate)")
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
-    if args.shard and args.nproc * args.nnodes < 2 and not args.as_rank:
-        raise ValueError(f"--shard splits the model over the centre's ranks, but --nproc {args.nproc} x --nnodes "
-                         f"{args.nnodes} is 1 rank; start it with --nproc 2 or more, or without --shard")
     if (args.nproc > 1 or args.nnodes > 1) and not args.as_rank:
         from clients.ranks import launch_argv, rendezvous_missing, supervise
 

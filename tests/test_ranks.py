@@ -227,6 +227,40 @@ def test_nproc_reaches_every_place_a_centre_starts(tmp_path):
         launch_argv(inner, 2, nnodes=2, node_rank=1)
 
 
+def test_shard_reaches_every_place_a_centre_starts_and_is_refused_where_it_cannot_work(tmp_path):
+    """--shard: in demo/run (spec), compose and the ranks' own command line; refused, naming the flag,
+    with one rank (CLI, spec, --nproc-per-centre) and with overlap-steps (the trainer)."""
+    from clients.ranks import Ranks, RankTrainer
+    from deploy import compose
+    from deploy.cli import LAUNCH_FLAGS, _parser, strip_flags
+    from deploy.local import LocalFederation
+    from deploy.spec import BUILTIN_DEMO, SpecError, load_spec
+
+    spec = load_spec(BUILTIN_DEMO).with_centres(2).with_nproc(2).with_shard()
+    assert spec.shards() == {"fr-genci", "de-lrz"}
+    with pytest.raises(SpecError, match="--shard .* add --nproc-per-centre 2"):
+        load_spec(BUILTIN_DEMO).with_centres(2).with_shard()
+    own = tmp_path / "spec.toml"
+    own.write_text('[[centre]]\nname = "a"\nsource = "manpages:fr"\nshard = true\n')
+    with pytest.raises(SpecError, match="centre 'a' shard = true .* needs nproc >= 2"):
+        load_spec(own)
+    centre = dataclasses.replace(_centre(tmp_path), nproc=2, shard=True)
+    argv = LocalFederation(tmp_path / "run", [centre])._worker_argv(centre)
+    args = _parser().parse_args(argv[3:])
+    assert args.nproc == 2 and args.shard
+    assert _parser().parse_args([*strip_flags(argv[3:], LAUNCH_FLAGS), "--as-rank"]).shard  # every rank is told
+    services = compose.compose(centres=[("fr-genci", "manpages:fr")], nproc={"fr-genci": 2}, shard={"fr-genci"})
+    assert "--shard" in services["services"]["worker-fr-genci"]["command"]
+    one = _parser().parse_args([*strip_flags(argv[3:], ("--nproc",)), "--nproc", "1"])
+    with pytest.raises(ValueError, match="--shard .* --nproc 1 x --nnodes 1 is 1 rank"):
+        one.func(one)
+    cfg = _cfg(tmp_path, 4)
+    with pytest.raises(ValueError, match="--shard splits the model .* needs at least 2"):
+        RankTrainer(CENTRE, tmp_path, tmp_path / "state", cfg, Ranks(CENTRE, 0, 1, shard=True))
+    with pytest.raises(ValueError, match="--shard does not support overlap-steps"):
+        RankTrainer(CENTRE, tmp_path, tmp_path / "state", cfg.replace(overlap_steps=1), Ranks(CENTRE, 0, 2, shard=True))
+
+
 def _centre(root: Path):
     from deploy.local import centre_dirs
 
