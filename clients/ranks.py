@@ -32,7 +32,9 @@ Failures: a collective that fails on rank 0 (a rank died, its connection closed)
 naming the centre and the rank(s) gone; the worker replies with that error, then exits; the agent
 (which also names the failed rank in its log) stops the other ranks and exits, and `supervise`
 starts the centre's ranks again (`--max-restarts`); the federation's quorum covers the round. A
-rank > 0 whose collective fails exits at once. The agent stops every rank when it is stopped.
+rank > 0 whose collective fails exits at once. The agent stops every rank when it is stopped. A
+centre on several nodes waits at most --rdzv-timeout at the rendezvous: then `supervise` names the
+centre and the node (and its ranks) that never came (`rendezvous_missing`), before any rank started.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from clients.data import TokenSampler
-from clients.training import CentreTrainer
+from clients.training import CentreTrainer, RoundResult
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
 from models.gpt import build_model
@@ -38,7 +38,7 @@ def _cfg(run_dir: Path, batch: int = 4) -> RunConfig:
 
 
 def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str, rounds: list[int],
-          start: str, out: str, die_on: str, shard: bool) -> None:
+          start: str, out: str, die_on: str, shard: bool, overlap: int) -> None:
     """One rank: rank 0 trains `rounds` from the model in `start` (or a fresh one) and saves the
     states and metrics to `out`; the others follow (or, with `die_on`, die when it comes)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -51,15 +51,13 @@ def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str,
             RankTrainer.follow_train = lambda *_: os._exit(3)
         follow(ranks, Path(data), Path(state))
         return
-    cfg = _cfg(Path(run_dir), 4)
+    cfg = _cfg(Path(run_dir), 4).replace(overlap_steps=overlap)
     trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
     model = torch.load(start) if start else build_model(cfg.model, seed=cfg.seed).state_dict()  # the run's start
     saved: dict = {"start": model}
     try:
         for rnd in rounds:
-            trainer.load_global(model)
-            evaluated = trainer.evaluate()
-            result = trainer.train_round(rnd)
+            result, evaluated = _round(trainer, model, rnd)
             model = {k: v.clone() for k, v in result.state.items()}
             saved[rnd] = {"state": model, "metrics": result.metrics, "ranks": result.ranks, "eval": evaluated}
     except RankFailure as err:
@@ -69,11 +67,23 @@ def _rank(rank: int, world: int, port: int, data: str, state: str, run_dir: str,
     ranks.close()
 
 
+def _round(trainer: CentreTrainer, model: dict, rnd: int) -> tuple[RoundResult, dict]:
+    """A train request as the centre worker serves it (clients/worker.py): load the global model,
+    evaluate it, train the round's first overlap-steps ahead from the centre's own model (none when
+    overlap-steps = 0), load the global model again under them, train the rest."""
+    trainer.load_global(model)
+    evaluated = trainer.evaluate()
+    ahead = trainer.train_ahead(rnd)
+    if ahead is not None:
+        trainer.load_global(model)
+    return trainer.train_round(rnd, ahead), evaluated
+
+
 def _run_ranks(tmp_path: Path, data: Path, rounds: list[int], start: str = "", die_on: str = "",
-               shard: bool = False) -> dict:
+               shard: bool = False, overlap: int = 0) -> dict:
     port, out = free_base_port(1), tmp_path / f"rank0-{os.urandom(4).hex()}.pt"
     ctx = multiprocessing.get_context("spawn")
-    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on, shard)
+    args = (2, port, str(data), str(tmp_path / "state"), str(tmp_path), rounds, start, str(out), die_on, shard, overlap)
     procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(2)]
     for p in procs:
         p.start()
@@ -108,9 +118,8 @@ def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_
     one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4))
     model = two["start"]
     for rnd in (1, 2):
-        one.load_global(model)
-        assert two[rnd]["eval"]["eval-loss"] == pytest.approx(one.evaluate()["eval-loss"], rel=1e-5)
-        result = one.train_round(rnd)
+        result, evaluated = _round(one, model, rnd)
+        assert two[rnd]["eval"]["eval-loss"] == pytest.approx(evaluated["eval-loss"], rel=1e-5)
         model = {k: v.clone() for k, v in result.state.items()}
         for k, v in model.items():
             torch.testing.assert_close(two[rnd]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"round {rnd}: {k}")
@@ -128,6 +137,22 @@ def test_two_ranks_train_as_one_of_twice_the_batch_and_resume_bit_identical(tmp_
     cold = _run_ranks(tmp_path, data, [3], start=str(start), shard=shard)  # new processes: optimiser state from disk
     for k, v in two[3]["state"].items():
         assert torch.equal(cold[3]["state"][k], v), k
+
+
+def test_two_ranks_train_ahead_as_one_rank_of_twice_the_batch(tmp_path, corpora):
+    """overlap-steps with 2 ranks: round 2's first step, trained ahead from where round 1 ended on
+    each rank, then added onto the global model, equals what 1 rank of batch 2b does."""
+    data = corpora[CENTRE]
+    two = _run_ranks(tmp_path, data, [1, 2], overlap=1)
+    torch.set_num_threads(1)
+    one = CentreTrainer(CENTRE, data, tmp_path / "one" / "state", _cfg(tmp_path / "one", 4).replace(overlap_steps=1))
+    model = two["start"]
+    for rnd in (1, 2):
+        result, _ = _round(one, model, rnd)
+        model = {k: v.clone() for k, v in result.state.items()}
+        for k, v in model.items():
+            torch.testing.assert_close(two[rnd]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"round {rnd}: {k}")
+        assert two[rnd]["metrics"]["steps-ahead"] == result.metrics["steps-ahead"] == (rnd == 2)
 
 
 def test_a_rank_that_dies_fails_the_round_naming_centre_and_rank(tmp_path, corpora):
