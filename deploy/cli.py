@@ -298,7 +298,7 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
     if (args.nproc > 1 or args.nnodes > 1) and not args.as_rank:
-        from clients.ranks import launch_argv, rendezvous_missing, supervise
+        from clients.launch import launch_argv, rendezvous_missing, supervise
 
         # torchrun's agent runs this command again in each rank with --as-rank; this process watches
         # it, starts it again when the ranks fail, and stops it (and so the ranks) when stopped.

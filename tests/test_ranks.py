@@ -224,7 +224,7 @@ def test_nproc_reaches_every_place_a_centre_starts(tmp_path):
     `centre serve` accept the command lines they are given."""
     from torch.distributed.run import get_args_parser
 
-    from clients.ranks import launch_argv
+    from clients.launch import launch_argv
     from deploy import commands, compose
     from deploy.cli import LAUNCH_FLAGS, _parser, strip_flags
     from deploy.local import LocalFederation
