@@ -162,18 +162,20 @@ def test_a_rank_that_dies_fails_the_round_naming_centre_and_rank(tmp_path, corpo
 
 
 def test_a_federation_of_two_rank_centres_trains(tmp_path, corpora):
-    """The real thing, once: Flower, 2 centres of 2 ranks each (`centre serve --nproc 2` under torchrun)."""
+    """The real thing, once: Flower, 2 centres of 2 ranks each (`centre serve --nproc 2` under torchrun),
+    the second with its model sharded over its ranks (`--shard`, FSDP)."""
     from tests.test_federation import run_federation, tiny_config
 
     run_dir = tmp_path / "run"
-    centres = [dataclasses.replace(c, nproc=2) for c in make_centres(run_dir, corpora, 2)]
+    centres = [dataclasses.replace(c, nproc=2, shard=i == 1) for i, c in enumerate(make_centres(run_dir, corpora, 2))]
     run = run_federation(run_dir, centres, tiny_config(run_dir, rounds=2, **{"inner-steps": 8}))
     assert run["status"] == "finished", run.get("message")
     assert all(r["replied"] == 2 for r in run["rounds"])
     assert run["final"]["eval-loss-mean"] < run["rounds"][0]["eval-loss-mean"] - 0.3
     for c in centres:
         assert run["rounds"][-1]["centres"][c.name]["tokens"] == 8 * 8 * 32  # the centre's whole batch
-        assert (c.state_dir / run_dir.name / "rank1-inner-optim-round-0002.pt").exists()
+        moments = torch.load(c.state_dir / run_dir.name / "rank1-inner-optim-round-0002.pt")["state"]
+        assert moments[0]["exp_avg"].shape[0] == (128 if c.shard else 256)  # rank 1's half of the embedding's, or all
         log = (run_dir / "logs" / f"worker-{c.name}.log").read_text()
         assert "rank 1 of 2 joined" in log
     left = [p for p in Path("/proc").glob("[0-9]*/cmdline")
