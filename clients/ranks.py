@@ -194,7 +194,7 @@ class RankTrainer(CentreTrainer):
         if ranks.shard:
             # Every rank built the same model from the run's seed; its parameters become this rank's
             # shards, and the optimiser is built again over them (its moments are then shards too).
-            self.model = self.net = shard(self.model)
+            self.model = self.net = shard(self.model, self.device.type, ranks.world)
             self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
         else:
             # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.

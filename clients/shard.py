@@ -31,17 +31,21 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from models.gpt import GPT
 
 
-def shard(model: GPT) -> GPT:
-    """`model`, its parameters now this rank's shards (in place: the same object, FSDP's subclass)."""
+def shard(model: GPT, device_type: str, world: int) -> GPT:
+    """`model`, its parameters now this rank's shards over the centre's `world` ranks (in place: the
+    same object, FSDP's subclass). The mesh is on the trainer's device type: FSDP's default is CUDA
+    whenever a GPU is visible, even for a centre told to train on the CPU."""
+    mesh = init_device_mesh(device_type, (world,))
     for block in model.transformer.h:
-        fully_shard(block)
-    fully_shard(model)  # the root: embeddings (tied to the lm_head), final LayerNorm
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root: embeddings (tied to the lm_head), final LayerNorm
     return model
 
 
