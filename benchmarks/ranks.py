@@ -2,6 +2,7 @@
 
     bridgepool bench --ranks                # tiny and small, 1 rank x 2 threads vs 2 ranks x 1 thread
     bridgepool bench --ranks --quick        # tiny only, fewer steps
+    bridgepool bench --ranks --shard        # 2 ranks: DDP (whole model each) vs FSDP (--shard, half each)
 
 No Flower: the centre's own round, `train_round` of H inner steps, as the worker runs it; each rank
 a spawned process joined by gloo, as torchrun's are. The same cores in both cases (the threads are
@@ -12,7 +13,12 @@ Round 1 warms up (allocations, first-touch); the figures are round 2's. tokens/s
 runs twice, interleaved (1, 2, 2, 1 ranks), and the faster try of each is reported (both tries are
 in the JSON): on a machine shared with other jobs, the slower try measures the other jobs.
 
-Writes OUT/STEM.json and OUT/STEM.md (default benchmarks/results/ranks_<hardware>_<date>).
+With --shard the two set-ups are 2 ranks under DDP and 2 ranks under FSDP (`--shard`, clients/shard.py),
+with the bytes of weights and AdamW moments rank 0 holds between rounds (its local shards under FSDP),
+counted from the tensors themselves.
+
+Writes OUT/STEM.json and OUT/STEM.md (default benchmarks/results/ranks_<hardware>_<date>, or
+ranks-shard_... with --shard).
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from clients.data import prepare_centre
 from deploy.processes import free_base_port
 from models.config import RunConfig, load_defaults
+from models.gpt import build_model
 
 CENTRE, SOURCE = "fr-genci", "manpages:fr"
 RUN = {"rounds": 2, "inner-steps": 10, "batch-size": 8, "inner-warmup-steps": 1, "eval-batches": 1}
@@ -38,35 +46,46 @@ MODELS = ("tiny", "small")
 
 
 def _rank(rank: int, world: int, port: int, threads: int, data: str, state: str, config: dict[str, Any],
-          out: str) -> None:
+          out: str, shard: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     from clients.ranks import Ranks, RankTrainer, follow, stop_followers
 
-    ranks = Ranks.join(CENTRE, "cpu", rank, world)
+    ranks = Ranks.join(CENTRE, "cpu", rank, world, shard=shard)
     if rank:
         follow(ranks, Path(data), Path(state))
         return
     cfg = RunConfig.from_mapping(config)
     trainer = RankTrainer(CENTRE, Path(data), Path(state), cfg, ranks)
-    model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    model = build_model(cfg.model, seed=cfg.seed).state_dict()  # the trainer's own start (sharded: DTensors)
     rounds = []
     for rnd in range(1, cfg.rounds + 1):
         trainer.load_global(model)
         result = trainer.train_round(rnd)
         model = {k: v.clone() for k, v in result.state.items()}
-        rounds.append({**result.metrics, "ranks": result.ranks})
+        rounds.append({**result.metrics, "ranks": result.ranks, "held-bytes-rank-0": held_bytes(trainer)})
     Path(out).write_text(json.dumps(rounds))
     stop_followers(ranks)
     ranks.close()
 
 
-def centre_round(world: int, cores: int, data: Path, work: Path, config: dict[str, Any]) -> list[dict[str, Any]]:
+def held_bytes(trainer: Any) -> int:
+    """Bytes of the weights and AdamW moments this rank holds (its local shards under FSDP)."""
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    tensors = [*trainer.model.parameters(),
+               *(v for s in trainer.optim.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())]
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def centre_round(world: int, cores: int, data: Path, work: Path, config: dict[str, Any],
+                 shard: bool = False) -> list[dict[str, Any]]:
     """The figures of each round of one centre of `world` ranks sharing `cores` threads."""
     out = work / f"rounds-{world}.json"
     ctx = multiprocessing.get_context("spawn")
-    args = (world, free_base_port(1), max(1, cores // world), str(data), str(work / f"state-{world}"), config,
-            str(out))
+    args = (world, free_base_port(1), max(1, cores // world), str(data), str(work / f"state-{world}-{shard}"),
+            config, str(out), shard)
     procs = [ctx.Process(target=_rank, args=(r, *args)) for r in range(world)]
     for p in procs:
         p.start()
@@ -104,7 +123,64 @@ def run(models: tuple[str, ...], run: dict[str, Any], cores: int) -> dict[str, A
             "cores": cores, "backend": "gloo", "run": run, "rows": rows}
 
 
+def run_shard(models: tuple[str, ...], run: dict[str, Any], cores: int) -> dict[str, Any]:
+    """2 ranks under DDP against 2 ranks under FSDP (--shard), interleaved, the faster try of each."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
+        work = Path(tmp)
+        prepare_centre(SOURCE, work / "data", max_bytes=300_000)
+        for model in models:
+            config = {**load_defaults(), **run, "model": model, "threads": cores, "run-dir": str(work),
+                      "run-name": f"shard-{model}"}
+            tries: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+            for shard in (False, True, True, False):
+                tries[shard].append(centre_round(2, cores, work / "data", work, config, shard)[-1])
+            ddp, fsdp = (max(tries[s], key=lambda m: m["tokens-per-second"]) for s in (False, True))
+            rows.append({"model": model, "tokens-per-round": ddp["tokens"],
+                         "tokens-per-second-ddp": ddp["tokens-per-second"],
+                         "tokens-per-second-fsdp": fsdp["tokens-per-second"],
+                         "tries-tokens-per-second": {("fsdp" if s else "ddp"): [m["tokens-per-second"] for m in t]
+                                                     for s, t in tries.items()},
+                         "ratio-fsdp-over-ddp": fsdp["tokens-per-second"] / ddp["tokens-per-second"],
+                         "held-bytes-rank-0-ddp": ddp["held-bytes-rank-0"],
+                         "held-bytes-rank-0-fsdp": fsdp["held-bytes-rank-0"],
+                         "train-loss-ddp": ddp["train-loss"], "train-loss-fsdp": fsdp["train-loss"]})
+    from benchmarks.federation import _environment, _hardware
+
+    return {"date": time.strftime("%Y-%m-%d"), "hardware": _hardware(), "environment": _environment(),
+            "cores": cores, "backend": "gloo", "run": run, "rows": rows, "shard": True}
+
+
+def markdown_shard(result: dict[str, Any]) -> str:
+    lines = [f"# One centre of 2 ranks, DDP vs FSDP (--shard), gloo, CPU, {result['date']}", "",
+             f"Hardware: {result['hardware']}; {result['cores']} cores shared by the 2 ranks (1 thread each); "
+             f"{json.dumps(result['environment'])}.",
+             f"Run: {json.dumps(result['run'])}; figures of round {result['run']['rounds']} (round 1 warms up); "
+             "the faster of 2 interleaved tries of each set-up (both in the JSON).",
+             "Command: `bridgepool bench --ranks --shard`. No GPU was lent to this session: FSDP on nccl is "
+             "untested here.", "",
+             "| model | tokens/round | tokens/s, DDP | tokens/s, FSDP | FSDP / DDP | tries DDP / FSDP | "
+             "weights + AdamW bytes on rank 0, DDP / FSDP | train loss DDP / FSDP |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        tries = r["tries-tokens-per-second"]
+        lines.append(f"| {r['model']} | {r['tokens-per-round']:.0f} | {r['tokens-per-second-ddp']:.0f} | "
+                     f"{r['tokens-per-second-fsdp']:.0f} | {r['ratio-fsdp-over-ddp']:.2f} | "
+                     f"{', '.join(f'{x:.0f}' for x in tries['ddp'])} / {', '.join(f'{x:.0f}' for x in tries['fsdp'])}"
+                     f" | {r['held-bytes-rank-0-ddp']:,} / {r['held-bytes-rank-0-fsdp']:,} | "
+                     f"{r['train-loss-ddp']:.4f} / {r['train-loss-fsdp']:.4f} |")
+    lines += ["", "Reading it: FSDP holds half the weights and AdamW moments per rank (the bytes column, counted",
+              "from the tensors) and pays for it with an all-gather of each block's weights in every forward and",
+              "backward and a reduce-scatter of its gradients, over loopback TCP (gloo) here. On 2 shared cores",
+              "that traffic is pure cost; what FSDP buys is fitting a model no single device holds, which this",
+              "machine cannot show. The machine was shared with other sessions' tests: tokens/s vary between tries.",
+              ""]
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
+    if result.get("shard"):
+        return markdown_shard(result)
     lines = [f"# One centre, 1 vs 2 data-parallel ranks (gloo, CPU), {result['date']}", "",
              f"Hardware: {result['hardware']}; {result['cores']} cores shared (1 rank x {result['cores']} threads "
              f"against 2 ranks x {max(1, result['cores'] // 2)} thread(s)); {json.dumps(result['environment'])}.",
@@ -135,6 +211,7 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bridgepool bench --ranks", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny only, 4 inner steps")
+    p.add_argument("--shard", action="store_true", help="2 ranks: DDP against FSDP (--shard)")
     p.add_argument("--cores", type=int, default=2, help="threads shared by the centre's ranks (default 2)")
     p.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
     p.add_argument("--tag", default="", help="file name stem; default ranks_<hardware>_<date>")
@@ -142,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from benchmarks.federation import _hardware
 
-    args.stem = args.tag or f"ranks_{_hardware()}_{time.strftime('%Y-%m-%d')}"
+    args.stem = args.tag or f"ranks{'-shard' if args.shard else ''}_{_hardware()}_{time.strftime('%Y-%m-%d')}"
     models, config = (("tiny",), {**RUN, "inner-steps": 4}) if args.quick else (MODELS, RUN)
     if args.render:
         args.render.with_suffix(".md").write_text(markdown(json.loads(args.render.read_text())))
         return 0
-    result = run(models, config, args.cores)
+    result = (run_shard if args.shard else run)(models, config, args.cores)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{args.stem}.md").write_text(markdown(result))

@@ -3,16 +3,21 @@
     bridgepool centre serve --nproc 2 --centre fr-genci --data-dir D --state-dir S --socket S/worker.sock
 
 `centre serve --nproc N` re-launches itself under torchrun (`torch.distributed.run`, whose elastic
-agent starts, watches and restarts the ranks). Every rank builds the same `CentreTrainer` with its
-own slice of each step's batch (clients/data.py `TokenSampler`: the batch of step s depends only on
-(seed, centre, s, rank)). Rank 0 runs the ordinary centre worker (clients/worker.py: the socket the
-ClientApp relays through, the data plane, the egress guard, the policy, the ledger); ranks > 0 open
-no socket to the outside and `follow` it: rank 0's `RankTrainer` broadcasts each command it is about
-to run (build a run's trainer, load the global model, train ahead, train a round) on a command
-group, and every rank runs it in step:
+agent starts and watches the ranks; clients/launch.py builds its command line and supervises it).
+Every rank builds the same `CentreTrainer` with its own slice of each step's batch (clients/data.py
+`TokenSampler`: the batch of step s depends only on (seed, centre, s, rank)). Rank 0 runs the
+ordinary centre worker (clients/worker.py: the socket the ClientApp relays through, the data plane,
+the egress guard, the policy, the ledger); ranks > 0 open no socket to the outside and `follow` it:
+rank 0's `RankTrainer` broadcasts each command it is about to run (build a run's trainer, load the
+global model, evaluate (with --shard), train ahead, train a round) on a command group, and every
+rank runs it in step:
 
     rank 0:  load_global -> weights broadcast from rank 0 -> train_round under DDP -> reply
     rank k:  "load"      -> weights broadcast from rank 0 -> train_round under DDP
+
+With `--shard` the ranks split the model instead of each holding it whole (FSDP2, clients/shard.py):
+"load" scatters rank 0's full model into the shards, evaluation runs on every rank (each forward
+gathers the weights), and the round's reply is gathered whole onto rank 0.
 
 The run's `batch-size` stays the centre's batch per inner step, whatever its hardware: each of N
 ranks trains a slice of b = batch-size / N windows (the server's token cap, the aggregation's
@@ -28,20 +33,19 @@ Failures: a collective that fails on rank 0 (a rank died, its connection closed)
 naming the centre and the rank(s) gone; the worker replies with that error, then exits; the agent
 (which also names the failed rank in its log) stops the other ranks and exits, and `supervise`
 starts the centre's ranks again (`--max-restarts`); the federation's quorum covers the round. A
-rank > 0 whose collective fails exits at once. The agent stops every rank when it is stopped.
+rank > 0 whose collective fails exits at once. The agent stops every rank when it is stopped. A
+centre on several nodes waits at most --rdzv-timeout at the rendezvous: then `supervise` names the
+centre and the node (and its ranks) that never came (`rendezvous_missing`), before any rank started.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -52,6 +56,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from clients.shard import full_state, load_full, optim_local, optim_sharded, shard
 from clients.training import Ahead, CentreTrainer, RoundResult, resolve_device
 from clients.worker import CentreWorker
 from models.config import RunConfig
@@ -73,61 +78,6 @@ def backend(device: str) -> str:
     return "nccl" if resolve_device(device or "auto").type == "cuda" else "gloo"
 
 
-def launch_argv(worker_argv: Sequence[str], nproc: int, nnodes: int = 1, node_rank: int = 0,
-                rdzv_endpoint: str = "", rdzv_timeout: int = 300) -> list[str]:
-    """torchrun's command line for a centre of `nnodes` x `nproc` ranks, each running `worker_argv`
-    (a `python -m` module and its arguments). One node: a private rendezvous on a free loopback port
-    (--standalone). Several: node `node_rank` of a static rendezvous at HOST:PORT (node 0 hosts it,
-    and its rank 0 is the centre's worker). The agent's monitor interval leaves rank 0 time to reply
-    to the round a dead rank broke before the agent stops it."""
-    if nproc < 1 or nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise ValueError(f"--nproc {nproc}, --nnodes {nnodes}, --node-rank {node_rank}: need nproc >= 1, "
-                         "nnodes >= 1 and 0 <= node-rank < nnodes")
-    # The agent does not restart the ranks itself (--max-restarts 0): with torch 2.13 the ranks it
-    # restarts fail to connect their gloo mesh ("connectFullMesh failed ... Connection refused",
-    # reproduced with a 10-line script; pytorch/pytorch#167288 for nccl). `supervise` starts a
-    # fresh agent instead, with a fresh rendezvous.
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--max-restarts", "0", "--monitor-interval", "5"]
-    if nnodes == 1:
-        argv += ["--standalone"]
-    else:
-        host, sep, port = rdzv_endpoint.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"--rdzv-endpoint {rdzv_endpoint!r}: a centre on {nnodes} nodes needs HOST:PORT of "
-                             "its node 0 (the same on every node)")
-        argv += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", host,
-                 "--master-port", port, "--rdzv-conf", f"timeout={rdzv_timeout}"]
-    return [*argv, "-m", *worker_argv]
-
-
-def supervise(argv: Sequence[str], centre: str, restarts: int) -> int:
-    """Run torchrun's agent (`argv`) and start it again, up to `restarts` times, when the centre's
-    ranks fail (a rank died, a rendezvous timed out); SIGTERM/SIGINT stop it and its ranks. The
-    agent's exit status, 0 once stopped on request."""
-    proc: subprocess.Popen | None = None
-    stopping = False
-
-    def _stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the agent stops its ranks, then exits
-
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    rc = 0
-    for attempt in range(restarts + 1):
-        proc = subprocess.Popen(list(argv))
-        rc = proc.wait()
-        if stopping or rc == 0:
-            return 0
-        left = restarts - attempt
-        log.error("centre %s: its ranks failed (torchrun exited with %d; its log above names the rank); %s", centre,
-                  rc, f"starting them again ({left} restart(s) left)" if left else "no restarts left, giving up")
-    return rc
-
-
 @dataclass
 class Ranks:
     """This process's place in its centre's group, and the command channel from rank 0."""
@@ -138,11 +88,14 @@ class Ranks:
     commands: Any = None  # the gloo group commands travel on (long timeout: idle ranks wait on it)
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of each rank
     failed: str = ""  # set on rank 0 once a collective failed: the worker then exits
+    shard: bool = False  # --shard: the model's parameters are split over the ranks (FSDP2, clients/shard.py)
 
     @classmethod
-    def join(cls, centre: str, device: str, rank: int | None = None, world: int | None = None) -> Ranks:
+    def join(cls, centre: str, device: str, rank: int | None = None, world: int | None = None,
+             shard: bool = False) -> Ranks:
         """Join the centre's process group (torchrun's environment, or rank/world given with
-        MASTER_ADDR/MASTER_PORT set, as the tests do)."""
+        MASTER_ADDR/MASTER_PORT set, as the tests do); `shard`: every rank of the centre was started
+        with --shard."""
         rank = int(os.environ["RANK"]) if rank is None else rank
         world = int(os.environ["WORLD_SIZE"]) if world is None else world
         name = backend(device)
@@ -153,7 +106,7 @@ class Ranks:
         peers: list[Any] = [None] * world
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=commands)
         log.info("[%s] rank %d of %d joined (%s)", centre, rank, world, name)
-        return cls(centre, rank, world, commands, [tuple(p) for p in peers])
+        return cls(centre, rank, world, commands, [tuple(p) for p in peers], shard=shard)
 
     def send(self, command: tuple[Any, ...]) -> None:
         self.broadcast(command)
@@ -208,8 +161,9 @@ def _alive(pid: int) -> bool:
 
 
 class RankTrainer(CentreTrainer):
-    """A CentreTrainer that trains under DDP with the centre's other ranks. On rank 0 each
-    public call first tells the other ranks to make it too; they get it in `follow`."""
+    """A CentreTrainer that trains under DDP (or, with --shard, FSDP2) with the centre's other
+    ranks. On rank 0 each public call first tells the other ranks to make it too; they get it in
+    `follow`."""
 
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, cfg: RunConfig, ranks: Ranks,
                  speed: float = 1.0):
@@ -219,6 +173,13 @@ class RankTrainer(CentreTrainer):
             # Each rank would stop by its own clock and DDP would hang on the step one of them skips.
             raise ValueError(f"centre {centre}: round-seconds (a time budget) is not supported with several ranks "
                              "yet; set round-seconds = 0 or start the centre with --nproc 1")
+        if ranks.shard and ranks.world < 2:
+            raise ValueError(f"centre {centre}: --shard splits the model over the centre's ranks and needs at least 2; "
+                             "start the centre with --nproc 2 or more, or without --shard")
+        if ranks.shard and cfg.overlap_steps:
+            # The steps trained ahead add (end - start) of whole-model copies onto the global model.
+            raise ValueError(f"centre {centre}: --shard does not support overlap-steps "
+                             f"({cfg.overlap_steps}) yet; set overlap-steps = 0 or start the centre without --shard")
         if cfg.batch_size % ranks.world:
             raise ValueError(f"centre {centre}: batch-size {cfg.batch_size} does not split over its {ranks.world} "
                              f"ranks; set batch-size to a multiple of {ranks.world} or start the centre with "
@@ -230,21 +191,42 @@ class RankTrainer(CentreTrainer):
                 ranks.send(("build", cfg, torch.get_num_threads()))
         super().__init__(centre, data_dir, state_dir, cfg, ranks.rank, ranks.world,
                          speed=speed if ranks.rank == 0 else 1.0)
-        # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
-        # The GPT has no buffers, so DDP's buffer syncing costs nothing.
-        gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
-        self.net = DistributedDataParallel(self.model, device_ids=gpu)
+        if ranks.shard:
+            # Every rank built the same model from the run's seed; its parameters become this rank's
+            # shards, and the optimiser is built again over them (its moments are then shards too).
+            self.model = self.net = shard(self.model, self.device.type, ranks.world)
+            self.optim = self.model.configure_optimizer(cfg.inner_lr, cfg.inner_weight_decay, (0.9, 0.95))
+        else:
+            # Broadcasts rank 0's weights at construction; shared (tied) parameters are all-reduced once.
+            # The GPT has no buffers, so DDP's buffer syncing costs nothing.
+            gpu = [torch.cuda.current_device()] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=gpu)
         self._inside = False  # within a mirrored call: inner calls (train_ahead's load) stay local
         self._follower_ahead: Ahead | None = None
 
     # ------------------------------------------------------- rank 0's calls, mirrored
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        if self.ranks.shard:  # rank 0's full model, scattered into every rank's shards
+            with self.ranks.guard("the scatter of the global model"):
+                self.ranks.send(("load",))
+                load_full(self.model, state)
+            self._local_round = -1
+            return
         super().load_global(state)
         if self._inside or self.ranks.rank != 0:
             return
         with self.ranks.guard("the broadcast of the global model"):
             self.ranks.send(("load",))
             self._broadcast_weights()
+
+    def evaluate(self) -> dict[str, float]:
+        """Rank 0 alone with its whole model (DDP); with --shard every rank takes part in each forward
+        (FSDP gathers each block's weights from the shards), on the same held-out batches."""
+        if not self.ranks.shard:
+            return super().evaluate()
+        with self.ranks.guard("the evaluation"):
+            self.ranks.send(("eval",))
+            return super().evaluate()
 
     def train_ahead(self, next_round: int) -> Ahead | None:
         if self._inside:
@@ -274,6 +256,15 @@ class RankTrainer(CentreTrainer):
         result.ranks = [e[2] for e in every]
         return result
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        return full_state(self.model) if self.ranks.shard else super()._full_state()  # {} on ranks > 0
+
+    def _optim_to_disk(self) -> dict:
+        return optim_local(self.optim.state_dict()) if self.ranks.shard else super()._optim_to_disk()
+
+    def _optim_from_disk(self, state: dict) -> dict:
+        return optim_sharded(state, self.optim) if self.ranks.shard else state
+
     def _broadcast_weights(self) -> None:
         """Rank 0's model into every rank's, in place (tied weights once)."""
         seen: set[int] = set()
@@ -293,8 +284,14 @@ class RankTrainer(CentreTrainer):
 
     # ------------------------------------------------------------------ ranks > 0
     def follow_load(self) -> None:
-        self._broadcast_weights()
+        if self.ranks.shard:
+            load_full(self.model, None)
+        else:
+            self._broadcast_weights()
         self._local_round = -1
+
+    def follow_eval(self) -> None:
+        super().evaluate()
 
     def follow_ahead(self, next_round: int) -> None:
         with self._mirrored():
@@ -354,6 +351,8 @@ def follow(ranks: Ranks, data_dir: Path, state_dir: Path, device: str = "") -> N
             raise RuntimeError(f"[{ranks.centre}] rank {ranks.rank}: command {op!r} before any run was built")
         if op == "load":
             trainer.follow_load()
+        elif op == "eval":
+            trainer.follow_eval()
         elif op == "ahead":
             trainer.follow_ahead(int(command[1]))
         elif op == "train":

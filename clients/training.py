@@ -229,8 +229,7 @@ class CentreTrainer:
         if self.cfg.overlap_steps and server_round < self.cfg.rounds:
             self._save_local(server_round)  # where the next round's early steps start, also after a restart
         tokens = H * self.cfg.batch_size * self.seq_len  # the weight of this centre's update in the mean
-        state = {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
-        return RoundResult(state, {
+        return RoundResult(self._full_state(), {
             "train-loss": train_loss,
             "tokens": float(tokens),
             "num-examples": float(H * self.cfg.batch_size),
@@ -341,6 +340,16 @@ class CentreTrainer:
         self.optim.zero_grad(set_to_none=True)  # the last step's gradients: 4 bytes/param not held past the loop
         return losses, step_seconds
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        """The model's weights as the reply carries them: fp32 on CPU (a sharded centre gathers them)."""
+        return {k: v.detach().float().cpu() for k, v in self.model.state_dict().items()}
+
+    def _optim_to_disk(self) -> dict:
+        return self.optim.state_dict()  # a sharded centre saves each rank's shard (clients/shard.py)
+
+    def _optim_from_disk(self, state: dict) -> dict:
+        return state
+
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
@@ -401,7 +410,8 @@ class CentreTrainer:
             return
         path = self._optim_path(after_round)
         if after_round >= 1 and path.exists():
-            self.optim.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+            self.optim.load_state_dict(self._optim_from_disk(torch.load(path, map_location=self.device,
+                                                                        weights_only=True)))
         else:  # round 1, or a centre joining mid-run: fresh moments
             if after_round >= 1:
                 log.warning("[%s] no inner-optimiser state after round %d (%s): starting round %d with "
@@ -411,9 +421,9 @@ class CentreTrainer:
 
     def _save_optim(self, server_round: int) -> None:
         self.flush()
-        # Taken now: its tensors are the live moments, which only the next steps change, and those
-        # flush first (`_load_optim`, `_steps`).
-        state, path = self.optim.state_dict(), self._optim_path(server_round)
+        # Taken now: its tensors are the live moments (each rank's shard with --shard), which only the
+        # next steps change, and those flush first (`_load_optim`, `_steps`).
+        state, path = self._optim_to_disk(), self._optim_path(server_round)
         position = None if self.file_prefix else {  # one position per centre: rank 0 writes it
             "round": server_round, "next-step": self._round_plan(server_round + 1)[0]}
         self._optim_round = server_round

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -127,10 +128,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--nproc", type=int, default=1,
                        help="ranks of this centre on this node (data-parallel under torchrun; gloo on CPU, nccl on "
                             "CUDA); rank 0 is the worker, the others train with it (clients/ranks.py)")
+    serve.add_argument("--shard", action="store_true",
+                       help="split the model over the centre's ranks (FSDP2) instead of a whole copy on each "
+                            "(DDP): for a model that does not fit one device; needs 2 ranks or more")
     serve.add_argument("--nnodes", type=int, default=1, help="nodes of this centre (each runs --nproc ranks)")
     serve.add_argument("--node-rank", type=int, default=0, help="this node's place among --nnodes (0 hosts rank 0)")
     serve.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT",
                        help="node 0's rendezvous address, the same on every node (--nnodes > 1)")
+    serve.add_argument("--rdzv-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long node 0 waits for the other nodes (and they for node 0) at the rendezvous "
+                            "(--nnodes > 1) before the centre fails, naming the node that never came (default 300)")
     serve.add_argument("--max-restarts", type=int, default=3,
                        help="times the centre's ranks are started again after one fails")
     serve.add_argument("--as-rank", action="store_true", help=argparse.SUPPRESS)  # set by the torchrun re-launch
@@ -179,6 +186,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc-per-centre", type=int, metavar="N",
                    help="data-parallel ranks in each centre (torchrun, gloo on CPU / nccl on CUDA; "
                         "the spec's nproc otherwise, default 1)")
+    p.add_argument("--shard", action="store_true",
+                   help="split each centre's model over its ranks (FSDP) instead of a whole copy on each; "
+                        "needs --nproc-per-centre 2 or more (or the spec's nproc)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any [tool.flwr.app.config] key, e.g. --set inner-lr=1e-3")
     p.add_argument("--app-user", default="auto", metavar="auto|none|USER", help=appuser.HELP)
@@ -210,7 +220,8 @@ def apply_flags(spec: FederationSpec, args: argparse.Namespace) -> FederationSpe
             raise ConfigError(f"--max-bytes must be >= 0 (0 = all), got {args.max_bytes}")
         centres = tuple(dataclasses.replace(c, max_bytes=args.max_bytes) for c in centres)
     spec = dataclasses.replace(spec, coordinator=co, centres=centres)
-    return spec.with_nproc(args.nproc_per_centre) if args.nproc_per_centre is not None else spec
+    spec = spec.with_nproc(args.nproc_per_centre) if args.nproc_per_centre is not None else spec
+    return spec.with_shard() if args.shard else spec
 
 
 def run_spec(spec: FederationSpec, args: argparse.Namespace) -> int:
@@ -272,6 +283,9 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     from clients.policy import Policy
     from clients.worker import CentreWorker, serve
 
+    if args.shard and args.nproc * args.nnodes < 2 and not args.as_rank:
+        raise ValueError(f"--shard splits the model over the centre's ranks, but --nproc {args.nproc} x --nnodes "
+                         f"{args.nnodes} is 1 rank; start it with --nproc 2 or more, or without --shard")
     # Everything the worker writes (state, optimiser moments, ledger, checkpoints) is its user's alone.
     os.umask(0o077)
     if args.socket_group is not None:
@@ -286,22 +300,27 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     destination = Destination(tuple(args.coordinator) or LOOPBACK_HOSTS, str(args.data_plane_ca or ""))
     policy = Policy.load(args.policy) if args.policy is not None else Policy()
     if (args.nproc > 1 or args.nnodes > 1) and not args.as_rank:
-        from clients.ranks import launch_argv, supervise
+        from clients.launch import launch_argv, rendezvous_missing, supervise
 
         # torchrun's agent runs this command again in each rank with --as-rank; this process watches
         # it, starts it again when the ranks fail, and stops it (and so the ranks) when stopped.
         worker_argv = ["deploy.cli", *strip_flags(args.argv, LAUNCH_FLAGS), "--as-rank"]
-        argv = launch_argv(worker_argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+        if args.rdzv_timeout < 1:
+            raise ValueError(f"--rdzv-timeout must be at least 1 second, got {args.rdzv_timeout}")
+        argv = launch_argv(worker_argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint,
+                           args.rdzv_timeout)
         logging.getLogger("bridgepool").info("centre %s: %d rank(s) on this node: %s", args.centre, args.nproc,
                                              " ".join(argv))
-        return supervise(argv, args.centre, args.max_restarts)
+        explain = functools.partial(rendezvous_missing, centre=args.centre, nproc=args.nproc, nnodes=args.nnodes,
+                                    node_rank=args.node_rank, endpoint=args.rdzv_endpoint, timeout=args.rdzv_timeout)
+        return supervise(argv, args.centre, args.max_restarts, explain)
     kwargs: dict[str, Any] = dict(threads=args.threads, nice=args.nice, policy=policy, destination=destination,
                                   device=args.device, speed=args.speed)
     ranks = None
     if args.as_rank:
         from clients.ranks import Ranks, RankZeroWorker, follow, stop_followers
 
-        ranks = Ranks.join(args.centre, args.device)
+        ranks = Ranks.join(args.centre, args.device, shard=args.shard)
         if ranks.rank:  # no socket, no metrics endpoint: rank 0 is the centre's only door
             if args.nice:
                 os.nice(args.nice)
@@ -319,7 +338,7 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts")
+LAUNCH_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-timeout", "--max-restarts")
 
 
 def strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:

@@ -142,12 +142,13 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
            metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
-           device: str = "", nproc: int = 1, speed: float = 1.0, prog: Sequence[str] = ("bridgepool",),
-           socket_group: str | None = None) -> list[str]:
+           device: str = "", nproc: int = 1, shard: bool = False, speed: float = 1.0,
+           prog: Sequence[str] = ("bridgepool",), socket_group: str | None = None) -> list[str]:
     """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
     `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show;
     `device`: the centre's own (a spec's centre device), over the run config's; `nproc`: its
-    data-parallel ranks (torchrun, clients/ranks.py); `speed` < 1: an emulated slower centre
+    data-parallel ranks (torchrun, clients/ranks.py), `shard`: its model split over them (FSDP);
+    `speed` < 1: an emulated slower centre
     (a spec's centre speed)."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
@@ -161,6 +162,8 @@ def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: 
         argv += ["--device", device]
     if nproc > 1:
         argv += ["--nproc", str(nproc)]
+    if shard:
+        argv += ["--shard"]
     if speed != 1.0:
         argv += ["--speed", repr(speed)]
     if metrics_port:

@@ -46,7 +46,7 @@ line in run_config(). Containers on a shared network reach each other's ports wi
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -119,10 +119,12 @@ def _env(flwr_home: str) -> dict[str, str]:
 
 
 def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
-            config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None) -> dict[str, Any]:
+            config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None,
+            shard: Collection[str] = ()) -> dict[str, Any]:
     """`centres`: (name, source) pairs, e.g. a federation spec's (deploy/spec.py); default the demo's.
     `config`: a spec's [config] run-config keys, submitted with the run (the deployment's own keys win).
-    `nproc`: data-parallel ranks per centre name (default 1); a centre's ranks share its worker's container."""
+    `nproc`: data-parallel ranks per centre name (default 1); a centre's ranks share its worker's container.
+    `shard`: the centres whose model is split over those ranks (FSDP, `--shard`)."""
     nproc = nproc or {}
     centres = centres if centres is not None else centres_and_sources(n_centres)
     names = [name for name, _ in centres]
@@ -177,7 +179,7 @@ def compose(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
             command=commands.worker(name, "/data/corpus", "/state", "/state/worker.sock",
                                     metrics_port=CENTRE_METRICS_PORT, metrics_host="0.0.0.0",
                                     coordinator="superlink", data_plane_ca=PKI.centre_ca_cert(name),
-                                    nproc=nproc.get(name, 1)),
+                                    nproc=nproc.get(name, 1), shard=name in shard),
             environment=_env("/state/flwr-home"),
             volumes=[f"data-{name}:/data:ro", f"state-{name}:/state", "pki-public:/pki/public:ro"],
             networks=[f"centre-{name}"],
@@ -258,34 +260,37 @@ _Dumper.add_representer(str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:
 
 
 def render(n_centres: int = 3, centres: list[tuple[str, str]] | None = None,
-           config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None) -> str:
-    return HEADER + yaml.dump(compose(n_centres, centres, config, nproc), Dumper=_Dumper, sort_keys=False, width=120,
-                              default_flow_style=False)
+           config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None,
+           shard: Collection[str] = ()) -> str:
+    return HEADER + yaml.dump(compose(n_centres, centres, config, nproc, shard), Dumper=_Dumper, sort_keys=False,
+                              width=120, default_flow_style=False)
 
 
 def write(out: Path, centres: list[tuple[str, str]], config: dict[str, Any] | None = None,
-          nproc: Mapping[str, int] | None = None) -> Path:
+          nproc: Mapping[str, int] | None = None, shard: Collection[str] = ()) -> Path:
     """The compose file for these (name, source) centres and run `config` at `out`, its configuration
     files beside it."""
     out = Path(out)
-    for p, text in _files(out, centres, config, nproc).items():
+    for p, text in _files(out, centres, config, nproc, shard).items():
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(text)
     return out
 
 
 def _files(out: Path, centres: list[tuple[str, str]] | None = None,
-           config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None) -> dict[Path, str]:
+           config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None,
+           shard: Collection[str] = ()) -> dict[Path, str]:
     n = len(centres) if centres is not None else 3
-    return {out: render(centres=centres, config=config, nproc=nproc),
+    return {out: render(centres=centres, config=config, nproc=nproc, shard=shard),
             **{out.parent / rel: text for rel, text in config_files(n, centres).items()}}
 
 
 def main(args: argparse.Namespace, centres: list[tuple[str, str]] | None = None,
-         config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None) -> int:
+         config: dict[str, Any] | None = None, nproc: Mapping[str, int] | None = None,
+         shard: Collection[str] = ()) -> int:
     """Writes (or checks) the compose file at args.out and its configuration files beside it."""
     out = Path(args.out)
-    files = _files(out, centres, config, nproc)
+    files = _files(out, centres, config, nproc, shard)
     if args.check:
         stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
         for p in stale:

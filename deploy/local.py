@@ -55,6 +55,7 @@ class Centre:
     device: str = ""  # this centre's worker: auto | cpu | cuda; "" = the run config's device
     threads: int = 0  # this centre's worker's torch threads; 0 = the federation's default
     nproc: int = 1  # the worker's data-parallel ranks (clients/ranks.py)
+    shard: bool = False  # the model split over those ranks (FSDP, clients/shard.py)
     speed: float = 1.0  # < 1: an emulated slower centre (clients/training.py)
 
     @property
@@ -70,9 +71,9 @@ class Centre:
 
 
 def centre_dirs(run_dir: Path, name: str, device: str = "", threads: int = 0, nproc: int = 1,
-                speed: float = 1.0) -> Centre:
+                speed: float = 1.0, shard: bool = False) -> Centre:
     root = run_dir / "centres" / name
-    return Centre(name, root / "data", root / "state", device, threads, nproc=nproc, speed=speed)
+    return Centre(name, root / "data", root / "state", device, threads, nproc=nproc, shard=shard, speed=speed)
 
 
 class LocalFederation:
@@ -289,7 +290,8 @@ class LocalFederation:
 
     def _worker_argv(self, c: Centre) -> list[str]:
         return commands.worker(c.name, str(c.data_dir), str(c.state_dir), str(c.socket),
-                               threads=c.threads or self.threads, device=c.device, nproc=c.nproc, speed=c.speed,
+                               threads=c.threads or self.threads, device=c.device, nproc=c.nproc, shard=c.shard,
+                               speed=c.speed,
                                nice=5,  # all centres share this machine with the control plane
                                metrics_port=self.centre_metrics_ports().get(c.name, 0),
                                metrics_host=self.metrics_host,

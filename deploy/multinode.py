@@ -28,6 +28,8 @@ def add_deploy_parser(sub: Any) -> None:
     comp.add_argument("--spec", type=Path, help="a federation spec: its centres and their sources (examples/)")
     comp.add_argument("--nproc-per-centre", type=int, metavar="N",
                       help="data-parallel ranks in each centre's worker container (default: the spec's nproc, or 1)")
+    comp.add_argument("--shard", action="store_true",
+                      help="split each centre's model over its ranks (FSDP; needs --nproc-per-centre 2 or more)")
     comp.set_defaults(func=cmd_compose)
 
     up = dep.add_parser("up", help="docker-compose.yml: build, start, wait for the run, summary and verdict")
@@ -66,6 +68,8 @@ def add_deploy_parser(sub: Any) -> None:
     ns.add_argument("--nproc-per-centre", type=int, metavar="N",
                     help="data-parallel ranks in each centre (default: the spec's nproc, or 1)")
     ns.add_argument("--app-user", default="auto", metavar="auto|none|USER", help=appuser.HELP)
+    ns.add_argument("--shard", action="store_true",
+                    help="split each centre's model over its ranks (FSDP; needs --nproc-per-centre 2 or more)")
     ns.set_defaults(func=cmd_netns)
 
 
@@ -74,13 +78,16 @@ def cmd_compose(args: argparse.Namespace) -> int:
     from deploy.spec import BUILTIN_DEMO, load_spec
 
     args.out = args.out or compose.COMPOSE_FILE
-    if args.spec is None and args.nproc_per_centre is None:
+    if args.spec is None and args.nproc_per_centre is None and not args.shard:
         return compose.main(args)
     spec = load_spec(args.spec) if args.spec is not None else load_spec(BUILTIN_DEMO).with_centres(3)
     if args.nproc_per_centre is not None:
         spec = spec.with_nproc(args.nproc_per_centre)
+    if args.shard:
+        spec = spec.with_shard()
     if args.check:
-        return compose.main(args, centres=spec.sources(), config=spec.config, nproc=spec.nprocs())
+        return compose.main(args, centres=spec.sources(), config=spec.config, nproc=spec.nprocs(),
+                            shard=spec.shards())
     return write_compose(spec, args.out)
 
 
@@ -88,7 +95,7 @@ def write_compose(spec: Any, out: Path) -> int:
     """docker-compose.yml for the spec's centres and sources (`deploy compose --spec`, `run` of a compose spec)."""
     from deploy import compose
 
-    path = compose.write(out, spec.sources(), spec.config, spec.nprocs())
+    path = compose.write(out, spec.sources(), spec.config, spec.nprocs(), spec.shards())
     print(f"wrote {path} for {len(spec.centres)} centres of {spec.path}; start it with "
           f"`docker compose -f {path} up --build`")
     return 0
@@ -132,6 +139,8 @@ def cmd_netns(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec, coordinator=dataclasses.replace(spec.coordinator, base_port=args.base_port))
     if args.nproc_per_centre is not None:
         spec = spec.with_nproc(args.nproc_per_centre)
+    if args.shard:
+        spec = spec.with_shard()
     run_dir = (args.run_dir or Path("runs") / time.strftime(f"{spec.name}-netns-%Y%m%d-%H%M%S")).resolve()
     quick = {"rounds": 2, "inner-steps": 20, "model": "tiny", "device": "cpu"} if args.spec is None else {}
     flags = {"rounds": args.rounds, "inner-steps": args.inner_steps, "model": args.model}
@@ -159,7 +168,7 @@ def run_netns(spec: Any, run_dir: Path, cfg: Any, app_user: str = "auto") -> int
     check_devices(spec, cfg)
     console = Console()
     run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed, c.shard) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
     user, why = appuser.resolve(app_user, appuser.places([c.state_dir for c in centres], [c.socket for c in centres]))
     console.print(why)

@@ -89,7 +89,7 @@ def run_local(spec: FederationSpec, run_dir: Path, cfg: RunConfig, app_user: str
     check_devices(spec, cfg)
     check_prometheus(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
-    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed) for c in spec.centres]
+    centres = [centre_dirs(run_dir, c.name, c.device, c.threads, c.nproc, c.speed, c.shard) for c in spec.centres]
     prepare_centres(console, spec, run_dir)
     user, why = appuser.resolve(app_user, appuser.places([c.state_dir for c in centres], [c.socket for c in centres]))
     console.print(why)

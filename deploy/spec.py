@@ -25,6 +25,7 @@ The same file drives every deployment: `bridgepool run` (the deployment it names
     device = "auto"           # auto | cpu | cuda for this centre's worker (default: [config] device)
     threads = 0               # torch threads of this centre's worker (0 = [config] threads)
     nproc = 1                 # data-parallel ranks of this centre (torchrun; its threads are shared among them)
+    shard = false             # split the model over those ranks (FSDP) instead of a whole copy each (nproc >= 2)
     speed = 1.0               # < 1 emulates a slower centre on this machine: 0.333 = each step takes 3x as long
                               # (study unequal centres, e.g. with [config] round-seconds; 1 = full speed)
     undecodable = "stop"      # a .txt/.md that is not UTF-8: stop with its name, or skip it (counted)
@@ -69,6 +70,7 @@ class CentreSpec:
     speed: float = 1.0  # < 1: an emulated slower centre (clients/training.py)
     undecodable: str = "stop"
     nproc: int = 1  # data-parallel ranks of the centre's worker (clients/ranks.py)
+    shard: bool = False  # its model split over those ranks (FSDP, clients/shard.py); needs nproc >= 2
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,18 @@ class FederationSpec:
         if not 1 <= n <= MAX_NPROC:
             raise SpecError(f"--nproc-per-centre must be between 1 and {MAX_NPROC}, got {n}")
         return replace(self, centres=tuple(replace(c, nproc=n) for c in self.centres))
+
+    def with_shard(self) -> FederationSpec:
+        """Every centre's model split over its ranks (`--shard`, with `--nproc-per-centre` 2 or more)."""
+        single = [c.name for c in self.centres if c.nproc < 2]
+        if single:
+            raise SpecError(f"--shard splits each centre's model over its ranks, but {', '.join(single)} "
+                            "run(s) 1 rank; add --nproc-per-centre 2 (or more), or leave --shard out")
+        return replace(self, centres=tuple(replace(c, shard=True) for c in self.centres))
+
+    def shards(self) -> set[str]:
+        """The centres whose model is split over their ranks, as deploy/compose.py takes them."""
+        return {c.name for c in self.centres if c.shard}
 
     def nprocs(self) -> dict[str, int]:
         """Ranks per centre name, as deploy/compose.py takes them."""
@@ -178,7 +192,8 @@ def _coordinator(where: _Where, table: dict[str, Any]) -> CoordinatorSpec:
 
 def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreSpec:
     at = f"centre[{i}]"  # 0-based, in file order
-    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "speed", "undecodable", "nproc"})
+    where.keys(at, table, {"name", "source", "max-bytes", "device", "threads", "speed", "undecodable", "nproc",
+                            "shard"})
     for key in ("name", "source"):
         if key not in table:
             raise SpecError(f"{where.path}: {at} has no '{key}'; every centre needs a name and a source")
@@ -205,12 +220,17 @@ def _centre(where: _Where, i: int, table: dict[str, Any], root: Path) -> CentreS
                             "allowed: a path (txt, md, jsonl, json, parquet; relative to the spec), "
                             "hf:NAME[:CONFIG] or manpages:LANG")
         source = str(local)
+    nproc = where.integer(f"{at} nproc", table.get("nproc", 1), 1, MAX_NPROC)
+    shard = where.boolean(f"{at} shard", table.get("shard", False))
+    if shard and nproc < 2:
+        raise SpecError(f"{where.path}: {at} shard = true splits the model over the centre's ranks and needs "
+                        f"nproc >= 2 (it has {nproc}); set nproc = 2 or more, or shard = false")
     return CentreSpec(
         name=name, source=source,
         max_bytes=where.integer(f"{at} max-bytes", table.get("max-bytes", 0), 0, None),
         device=where.choice(f"{at} device", table["device"], DEVICES) if "device" in table else "",
         threads=where.integer(f"{at} threads", table.get("threads", 0), 0, 1024),
-        nproc=where.integer(f"{at} nproc", table.get("nproc", 1), 1, MAX_NPROC),
+        nproc=nproc, shard=shard,
         speed=where.speed(f"{at} speed", table.get("speed", 1.0)),
         undecodable=where.choice(f"{at} undecodable", table.get("undecodable", "stop"), UNDECODABLE))
 
