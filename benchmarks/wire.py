@@ -81,7 +81,8 @@ def wire_figures(run: dict[str, Any]) -> dict[str, Any]:
     last = run["rounds"][-1]
     before = next((e["rss-before-model-bytes"] for e in run.get("events", []) if e.get("event") == "memory"), None)
     peak = last.get("server-peak-rss-bytes")
-    model_bytes = rounds[0]["bytes"] / (2 * len(last["centres"])) if rounds else None  # to and from each centre
+    # The global model goes to each centre in fp32 (the update back may be bf16): its bytes / centres.
+    model_bytes = run["rounds"][1]["bytes-sent"] / len(last["centres"]) if rounds else None
     return {"rounds": rounds,
             "coordinator-model-multiple": (peak - before) / model_bytes if peak and before and model_bytes else None,
             "model-bytes": model_bytes, "centres": len(last["centres"]),
