@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,59 +97,65 @@ def centre_round(world: int, cores: int, data: Path, work: Path, config: dict[st
     return json.loads(out.read_text())
 
 
-def run(models: tuple[str, ...], run: dict[str, Any], cores: int) -> dict[str, Any]:
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as tmp:
+def _interleaved(models: tuple[str, ...], run: dict[str, Any], cores: int, name: str,
+                 setups: tuple[Any, Any], measure: Callable[[Any, Path, dict[str, Any]], dict[str, Any]],
+                 ) -> Iterator[tuple[str, dict[Any, list[dict[str, Any]]], dict[str, Any], dict[str, Any]]]:
+    """For each model: (model, every try, the faster try of each set-up). Each set-up is tried twice,
+    interleaved (a, b, b, a), so both see the same load on a shared machine; the faster try is what
+    the set-up can do when the machine lets it. `measure(setup, work, config)`: one try's metrics."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         work = Path(tmp)
         prepare_centre(SOURCE, work / "data", max_bytes=300_000)
         for model in models:
             config = {**load_defaults(), **run, "model": model, "threads": cores, "run-dir": str(work),
-                      "run-name": f"ranks-{model}"}
-            tries: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
-            for world in (1, 2, 2, 1):  # interleaved, so both see the same load on a shared machine
-                tries[world].append(centre_round(world, cores, work / "data", work, config)[-1])
-            # The faster try of each: what the set-up can do when the machine lets it.
-            one, two = (max(tries[w], key=lambda m: m["tokens-per-second"]) for w in (1, 2))
-            rows.append({"model": model, "tokens-per-round": one["tokens"],
-                         "tokens-per-second-1-rank": one["tokens-per-second"],
-                         "tokens-per-second-2-ranks": two["tokens-per-second"],
-                         "tries-tokens-per-second": {w: [m["tokens-per-second"] for m in t] for w, t in tries.items()},
-                         "ratio-2-over-1": two["tokens-per-second"] / one["tokens-per-second"],
-                         "train-loss-1-rank": one["train-loss"], "train-loss-2-ranks": two["train-loss"],
-                         "step-seconds-mean-per-rank-2-ranks": [r["step-seconds-mean"] for r in two["ranks"]],
-                         "peak-rss-bytes-per-rank-2-ranks": [r["peak-memory-bytes"] for r in two["ranks"]]})
+                      "run-name": f"{name}-{model}"}
+            a, b = setups
+            tries: dict[Any, list[dict[str, Any]]] = {a: [], b: []}
+            for setup in (a, b, b, a):
+                tries[setup].append(measure(setup, work, config))
+            first, second = (max(tries[x], key=lambda m: m["tokens-per-second"]) for x in setups)
+            yield model, tries, first, second
+
+
+def _result(run: dict[str, Any], cores: int, rows: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     from benchmarks.federation import _environment, _hardware
 
     return {"date": time.strftime("%Y-%m-%d"), "hardware": _hardware(), "environment": _environment(),
-            "cores": cores, "backend": "gloo", "run": run, "rows": rows}
+            "cores": cores, "backend": "gloo", "run": run, "rows": rows, **extra}
+
+
+def run(models: tuple[str, ...], run: dict[str, Any], cores: int) -> dict[str, Any]:
+    rows = []
+    for model, tries, one, two in _interleaved(
+            models, run, cores, "ranks", (1, 2),
+            lambda world, work, config: centre_round(world, cores, work / "data", work, config)[-1]):
+        rows.append({"model": model, "tokens-per-round": one["tokens"],
+                     "tokens-per-second-1-rank": one["tokens-per-second"],
+                     "tokens-per-second-2-ranks": two["tokens-per-second"],
+                     "tries-tokens-per-second": {w: [m["tokens-per-second"] for m in t] for w, t in tries.items()},
+                     "ratio-2-over-1": two["tokens-per-second"] / one["tokens-per-second"],
+                     "train-loss-1-rank": one["train-loss"], "train-loss-2-ranks": two["train-loss"],
+                     "step-seconds-mean-per-rank-2-ranks": [r["step-seconds-mean"] for r in two["ranks"]],
+                     "peak-rss-bytes-per-rank-2-ranks": [r["peak-memory-bytes"] for r in two["ranks"]]})
+    return _result(run, cores, rows)
 
 
 def run_shard(models: tuple[str, ...], run: dict[str, Any], cores: int) -> dict[str, Any]:
     """2 ranks under DDP against 2 ranks under FSDP (--shard), interleaved, the faster try of each."""
     rows = []
-    with tempfile.TemporaryDirectory(prefix="bench-shard-") as tmp:
-        work = Path(tmp)
-        prepare_centre(SOURCE, work / "data", max_bytes=300_000)
-        for model in models:
-            config = {**load_defaults(), **run, "model": model, "threads": cores, "run-dir": str(work),
-                      "run-name": f"shard-{model}"}
-            tries: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-            for shard in (False, True, True, False):
-                tries[shard].append(centre_round(2, cores, work / "data", work, config, shard)[-1])
-            ddp, fsdp = (max(tries[s], key=lambda m: m["tokens-per-second"]) for s in (False, True))
-            rows.append({"model": model, "tokens-per-round": ddp["tokens"],
-                         "tokens-per-second-ddp": ddp["tokens-per-second"],
-                         "tokens-per-second-fsdp": fsdp["tokens-per-second"],
-                         "tries-tokens-per-second": {("fsdp" if s else "ddp"): [m["tokens-per-second"] for m in t]
-                                                     for s, t in tries.items()},
-                         "ratio-fsdp-over-ddp": fsdp["tokens-per-second"] / ddp["tokens-per-second"],
-                         "held-bytes-rank-0-ddp": ddp["held-bytes-rank-0"],
-                         "held-bytes-rank-0-fsdp": fsdp["held-bytes-rank-0"],
-                         "train-loss-ddp": ddp["train-loss"], "train-loss-fsdp": fsdp["train-loss"]})
-    from benchmarks.federation import _environment, _hardware
-
-    return {"date": time.strftime("%Y-%m-%d"), "hardware": _hardware(), "environment": _environment(),
-            "cores": cores, "backend": "gloo", "run": run, "rows": rows, "shard": True}
+    for model, tries, ddp, fsdp in _interleaved(
+            models, run, cores, "shard", (False, True),
+            lambda shard, work, config: centre_round(2, cores, work / "data", work, config, shard)[-1]):
+        rows.append({"model": model, "tokens-per-round": ddp["tokens"],
+                     "tokens-per-second-ddp": ddp["tokens-per-second"],
+                     "tokens-per-second-fsdp": fsdp["tokens-per-second"],
+                     "tries-tokens-per-second": {("fsdp" if s else "ddp"): [m["tokens-per-second"] for m in t]
+                                                 for s, t in tries.items()},
+                     "ratio-fsdp-over-ddp": fsdp["tokens-per-second"] / ddp["tokens-per-second"],
+                     "held-bytes-rank-0-ddp": ddp["held-bytes-rank-0"],
+                     "held-bytes-rank-0-fsdp": fsdp["held-bytes-rank-0"],
+                     "train-loss-ddp": ddp["train-loss"], "train-loss-fsdp": fsdp["train-loss"]})
+    return _result(run, cores, rows, shard=True)
 
 
 def markdown_shard(result: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ class BackgroundWrite:
         self.what = what  # named in the error: "the checkpoint of round 3"
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.seconds = 0.0  # how long the last write took, start to end
 
     def start(self, write: Callable[[], None], what: str | None = None) -> None:
         """Run `write` in a thread, after the previous one has finished (and raised, if it failed)."""
@@ -30,12 +29,10 @@ class BackgroundWrite:
         self.what = what or self.what
 
         def run() -> None:
-            t0 = time.perf_counter()
             try:
                 write()
             except BaseException as err:  # noqa: BLE001 (re-raised by wait, in the owner's thread)
                 self._error = err
-            self.seconds = time.perf_counter() - t0
 
         self._thread = threading.Thread(target=run, name=f"write {self.what}", daemon=True)
         self._thread.start()
