@@ -22,7 +22,9 @@ system-packages:
 demo: system-packages $(BIN)/bridgepool
 	$(BIN)/bridgepool demo $(ARGS)
 
-test: system-packages $(BIN)/bridgepool
+# The suite includes the real compose bring-up (tests/test_compose_up.py): the engine comes with it.
+test: $(BIN)/bridgepool
+	sh deploy/install-system-packages.sh docker
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=40 $(PYTEST_ARGS)
 
