@@ -74,15 +74,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.Shapes) -> dict[str, np.ndarray]:
+def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.Shapes,
+          into: blob.Pieces | None = None) -> dict[str, np.ndarray]:
     """The blob announced by `manifest` (JSON, from the Flower message), checked against `allowed`
-    before allocation, hashed on arrival. Returns views into one buffer."""
+    before allocation, hashed on arrival. Returns views into one new buffer; or, `into` (the
+    model's own tensors, for a blob of one array of their size), lands in them and returns {}:
+    no buffer, and no copy into the model after. If it fails, `into` holds part of the blob."""
     try:
         entries = blob.from_json(manifest)
         blob.check_against(entries, allowed)
     except blob.BlobError as err:
         raise DataPlaneError(f"the round's model manifest is not this model's: {err}") from err
     size = blob.total_bytes(entries)
+    if into is not None and (len(entries) != 1 or entries[0].nbytes != into.nbytes):
+        raise DataPlaneError(f"the round's model ({size} bytes) is not one array of this model's {into.nbytes}")
+    buffer = np.empty(size if into is None else 0, np.uint8)
     conn = dest.connect(url)
     try:
         conn.request("GET", "/v1/global", headers={"Authorization": f"Bearer {token}"})
@@ -91,14 +97,15 @@ def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.
             raise DataPlaneError(f"data plane refused the model download: {_reason(resp)}", resp.status)
         if blob.from_json(resp.getheader(MANIFEST_HEADER) or "") != entries:
             raise DataPlaneError("the data plane serves another model than the round's message announces")
-        buffer = np.empty(size, np.uint8)
-        view, hasher, pos = memoryview(buffer), blob.RegionHasher(entries), 0
-        while pos < size:
-            n = resp.readinto(view[pos:min(size, pos + CHUNK)])
-            if not n:
-                raise DataPlaneError(f"model download truncated at {pos} of {size} bytes")
-            hasher.update(view[pos:pos + n])
-            pos += n
+        hasher, pos = blob.RegionHasher(entries), 0
+        for target in (into.views() if into is not None else [memoryview(buffer)]):
+            done = 0
+            while done < len(target):
+                n = resp.readinto(target[done:done + CHUNK])
+                if not n:
+                    raise DataPlaneError(f"model download truncated at {pos} of {size} bytes")
+                hasher.update(target[done:done + n])
+                done, pos = done + n, pos + n
         hasher.verify()
     except DataPlaneError:
         raise
@@ -108,10 +115,10 @@ def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.
         raise DataPlaneError(f"model download from {url} failed: {err}") from err
     finally:
         conn.close()
-    return blob.split(buffer, entries)
+    return blob.split(buffer, entries) if into is None else {}
 
 
-def upload(dest: Destination, url: str, token: str, arrays: Mapping[str, np.ndarray],
+def upload(dest: Destination, url: str, token: str, arrays: Mapping[str, blob.Array],
            entries: list[blob.Entry]) -> int:
     """Stream `arrays` (laid out as `entries`, already hashed: models/blob.py `layout`) to the
     coordinator's slot for `token`; returns the bytes sent once the server has verified them."""
@@ -126,7 +133,8 @@ def upload(dest: Destination, url: str, token: str, arrays: Mapping[str, np.ndar
         conn.endheaders()
         try:
             for e in entries:
-                conn.send(memoryview(np.ascontiguousarray(arrays[e.name])).cast("B"))
+                for view in blob.views(arrays[e.name]):
+                    conn.send(view)
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             pass  # refused early: the server's answer says why
         resp = conn.getresponse()

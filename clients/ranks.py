@@ -204,6 +204,10 @@ class RankTrainer(CentreTrainer):
         self._inside = False  # within a mirrored call: inner calls (train_ahead's load) stay local
         self._follower_ahead: Ahead | None = None
 
+    def wire_tensors(self) -> None:
+        """None: the other ranks must get the global model too, which `load_global` tells them."""
+        return None
+
     # ------------------------------------------------------- rank 0's calls, mirrored
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
         if self.ranks.shard:  # rank 0's full model, scattered into every rank's shards

@@ -30,6 +30,7 @@ from multiprocessing.connection import Listener
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from clients import dataplane, wire
@@ -55,12 +56,15 @@ from models.gpt import build_model, parameter_manifest
 from models.memory import release_freed_memory
 from models.packing import (
     BF16_KEY,
+    FORM_KEY,
+    FULL,
     INT8_BLOCK,
     INT8_KEY,
     PARAMS_KEY,
     SCALE_KEY,
     STALE_BASE_METRIC,
     pack,
+    pack_bf16_bits,
     quantize_int8,
     to_bf16_bits,
     unpack,
@@ -69,6 +73,23 @@ from models.packing import (
 log = logging.getLogger("bridgepool.centre")
 VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
 TrainerFactory = Callable[..., CentreTrainer]  # (centre, data dir, state dir, config, speed=) -> trainer
+
+
+class Phases:
+    """Seconds per phase of one request, for the worker's log line: where a round's time goes."""
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """The time since the last mark was spent on `phase`."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
 
 
 class CentreWorker:
@@ -87,6 +108,7 @@ class CentreWorker:
         # (op "vouch"); each is good once, and only the newest VOUCHED are kept.
         self._vouched: dict[str, None] = {}
         self._vouched_errors: dict[str, None] = {}
+        self.phases = Phases()  # the last request's
         self.plane_bytes = [0, 0]  # this request's bytes on the data plane: received, sent (for the metrics)
         self.threads = threads
         self.device = device  # this centre's device over the run config's ("" = the run config's)
@@ -106,6 +128,7 @@ class CentreWorker:
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
         self.held = HeldBase()  # the broadcast model the server last delivered (clients/broadcast.py)
+        self._bf16: np.ndarray | None = None  # the run's buffer for an update rounded to bf16 (_lay_out)
         # The next round's first steps, trained while the server aggregates, and the trainer (run) they belong to.
         self._ahead: tuple[CentreTrainer, Ahead | None] | None = None
         self._ahead_thread: threading.Thread | None = None
@@ -116,6 +139,7 @@ class CentreWorker:
 
     def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
         op = header.get("op")
+        self.phases = Phases()
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
         if op == "vouch":  # the runtime, before it sends a Flower reply: not a request of the run's
@@ -132,24 +156,32 @@ class CentreWorker:
         trainer = self._trainer_for(header["run-config"])
         ahead = ahead_of[1] if ahead_of is not None and ahead_of[0] is trainer else None
         plane = header.get("data-plane") or {}
+        in_place = self._in_place(trainer, header, plane)
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
             arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
-                                     str(plane["manifest"]), broadcast_manifest(self._manifest))
-            self.plane_bytes[0] += sum(a.nbytes for a in arrays.values())
-        try:
-            sent = self.held.receive(header.get("broadcast", {}), arrays,
-                                     lambda: pack(build_model(trainer.cfg.model, seed=trainer.cfg.seed).state_dict()))
-            arrays = {}  # `sent` (and the held copy, for int8) keep what is needed of them
-        except StaleBase as err:  # the server sends the full weights in reply
-            log.warning("[%s] %s round %s: %s; asking the server for the full weights", self.centre, op,
-                        header["round"], err)
-            self._ahead = ahead_of  # still good for the same round, once the full weights come
-            return self._reply(trainer, header, {STALE_BASE_METRIC: 1.0}, {})
-        # Views of `sent`, copied once, into the model (not a second full copy on the way).
-        trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
+                                     str(plane["manifest"]), broadcast_manifest(self._manifest), into=in_place)
+            self.plane_bytes[0] += sum(a.nbytes for a in arrays.values()) or (in_place.nbytes if in_place else 0)
+        sent: np.ndarray | None = None
+        if in_place is not None and plane.get("manifest"):
+            trainer.loaded_in_place()  # the global model landed in the model's own tensors
+        else:
+            try:
+                cfg = trainer.cfg
+                sent = self.held.receive(header.get("broadcast", {}), arrays,
+                                         lambda: pack(build_model(cfg.model, seed=cfg.seed).state_dict()))
+                arrays = {}  # `sent` (and the held copy, for int8) keep what is needed of them
+            except StaleBase as err:  # the server sends the full weights in reply
+                log.warning("[%s] %s round %s: %s; asking the server for the full weights", self.centre, op,
+                            header["round"], err)
+                self._ahead = ahead_of  # still good for the same round, once the full weights come
+                return self._reply(trainer, header, {STALE_BASE_METRIC: 1.0}, {})
+            # Views of `sent`, copied once, into the model (not a second full copy on the way).
+            trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
+        self.phases.mark("fetch")
         if trainer.cfg.compression != "int8":  # only int8 deltas apply to the held copy: 4 bytes/param freed
             self.held.vector = None
         metrics = trainer.evaluate()  # the model it was sent, on its own held-out split
+        self.phases.mark("eval")
         self.metrics.record_eval(trainer.cfg.run_name, metrics)
         out: wire.Arrays = {}
         if op == "train":
@@ -161,19 +193,47 @@ class CentreWorker:
             if trainer.cfg.compression != "int8" and self.policy.update_clip <= 0:
                 sent = None  # not needed past here (int8 and the policy's clip take the update against it)
             result = trainer.train_round(rnd, ahead)
+            self.phases.mark("train")
             self._next_round = rnd + 1 if trainer.cfg.overlap_steps and rnd < trainer.cfg.rounds else 0
             self.metrics.record_train(trainer.cfg.run_name, result.metrics, result.step_seconds, self._peak,
                                       result.ranks)
             metrics.update(result.metrics)
-            new = self.policy.privatise(sent, pack(result.state))  # the policy's clip + noise, if set
-            if trainer.cfg.compression == "int8":
-                # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
-                out = quantize_int8(sent - new)
-            elif trainer.cfg.wire_dtype == "bf16":  # the new weights rounded to bf16: half the bytes
-                out = {BF16_KEY: to_bf16_bits(new)}
+            if in_place is not None:  # sent from the model's own tensors
+                out = self._lay_out(trainer, in_place)
             else:
-                out = {PARAMS_KEY: new}
+                new = self.policy.privatise(sent, pack(result.state))  # the policy's clip + noise, if set
+                if trainer.cfg.compression == "int8":
+                    # Send the pseudo-gradient (old - new, old = the model it was sent), quantised: ~0.25 x the bytes.
+                    out = quantize_int8(sent - new)
+                elif trainer.cfg.wire_dtype == "bf16":  # the new weights rounded to bf16: half the bytes
+                    out = {BF16_KEY: to_bf16_bits(new)}
+                else:
+                    out = {PARAMS_KEY: new}
+            self.phases.mark("pack")
         return self._reply(trainer, header, metrics, out)
+
+    def _in_place(self, trainer: CentreTrainer, header: dict[str, Any], plane: dict[str, Any]) -> blob.Pieces | None:
+        """The model's own tensors, for the data plane to land the round's model in and send the update
+        from, where nothing else needs the model it was sent: a 0.5 GB model is then neither buffered
+        (4 bytes per parameter, and ~0.5 s of page faults per fresh buffer on a 2-core machine) nor
+        copied in and packed out. Not with int8 (the update is taken against the model sent), the
+        policy's clip, overlap-steps (steps trained ahead are added to the model sent), a broadcast
+        other than the full weights, or a trainer whose tensors are not one whole CPU fp32 model."""
+        cfg = trainer.cfg
+        if (not plane.get("token") or cfg.compression == "int8" or self.policy.update_clip > 0 or cfg.overlap_steps
+                or (header.get("broadcast") or {}).get(FORM_KEY, FULL) != FULL):
+            return None
+        tensors = trainer.wire_tensors()
+        return blob.Pieces(tuple(t.numpy() for t in tensors)) if tensors else None
+
+    def _lay_out(self, trainer: CentreTrainer, model: blob.Pieces) -> wire.Arrays:
+        """The round's update: the model's own tensors (fp32), or their bf16 rounding in a buffer
+        kept for the run (2 bytes per parameter, mapped once)."""
+        if trainer.cfg.wire_dtype != "bf16":
+            return {PARAMS_KEY: model}
+        if self._bf16 is None or self._bf16.size != model.shape[0]:
+            self._bf16 = np.empty(model.shape[0], np.uint16)
+        return {BF16_KEY: pack_bf16_bits(trainer.model.state_dict(), self._bf16)}
 
     def after_reply(self) -> None:
         """Once a train reply has left: train the next round's first steps in the background
@@ -207,7 +267,9 @@ class CentreWorker:
         plane = header.get("data-plane") or {}
         if out and plane.get("token"):
             reply = self._upload(reply, out, plane, run, rnd, op)
-            trainer.flush()  # the round's optimiser state, written while the update travelled
+            self.phases.mark("upload")
+            trainer.flush()
+            self.phases.mark("state-write")  # the part of the optimiser state's write the update did not hide
             self.vouch(content_digest(reply_records(reply, {})))
             return reply, {}
         trainer.flush()
@@ -294,6 +356,7 @@ class CentreWorker:
             self._trainer.background_save = True  # flushed before every reply (`_reply`)
             self._config = dict(run_config)
             self.held = HeldBase()  # a new run (or a resumed one): the server sends what it needs
+            self._bf16 = None
             self._manifest = wire_manifest(parameter_manifest(self._trainer.model))
             device = self._trainer.device
             self._peak = device_peak(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "",
@@ -374,7 +437,7 @@ def serve(worker: CentreWorker, socket_path: Path, group: str | None = None) -> 
                         worker.metrics.record_exchange(run, t0, time.perf_counter(), received + plane_in,
                                                        sent + plane_out)
                     worker.plane_bytes = [0, 0]
-                    log.info("[%s] %s round %s in %.2fs", worker.centre, header.get("op"),
-                             header.get("round"), time.perf_counter() - t0)
+                    log.info("[%s] %s round %s in %.2fs (%s)", worker.centre, header.get("op"),
+                             header.get("round"), time.perf_counter() - t0, worker.phases)
         except KeyboardInterrupt:
             log.info("[%s] worker stopping", worker.centre)

@@ -50,16 +50,54 @@ def _dtype(name: str) -> np.dtype:
     return np.dtype(np.uint16) if name == BF16 else np.dtype(name)
 
 
-def layout(arrays: Mapping[str, np.ndarray], dtypes: Mapping[str, str] | None = None,
+@dataclass(frozen=True)
+class Pieces:
+    """One flat array of a blob held as several arrays of one dtype laid end to end (a model's tensors
+    in the wire's order), so that it is hashed, sent and received in place, never copied into one."""
+
+    parts: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(p.dtype != self.parts[0].dtype or not p.flags.c_contiguous for p in self.parts):
+            raise BlobError("pieces must be contiguous arrays of one dtype")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(p.size for p in self.parts),)
+
+    def views(self) -> list[memoryview]:
+        return [memoryview(p.reshape(-1)).cast("B") for p in self.parts]
+
+
+Array = np.ndarray | Pieces
+
+
+def views(a: Array) -> list[memoryview]:
+    """The bytes of `a`, in order, without a copy."""
+    return a.views() if isinstance(a, Pieces) else [memoryview(np.ascontiguousarray(a)).cast("B")]
+
+
+def layout(arrays: Mapping[str, Array], dtypes: Mapping[str, str] | None = None,
            hash_name: str = HASH) -> list[Entry]:
     """The manifest of `arrays` laid out in sorted-name order, hashing each once (one read, no copy).
     `dtypes` renames a dtype on the wire (a uint16 array that holds bf16 values: BF16)."""
     entries, offset = [], 0
     for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        digest = HASHES[hash_name](memoryview(a).cast("B")).hexdigest()
+        a = arrays[name]
+        h = HASHES[hash_name]()
+        for v in views(a):
+            h.update(v)
         dtype = (dtypes or {}).get(name, a.dtype.name)
-        entries.append(Entry(name, dtype, tuple(int(d) for d in a.shape), offset, a.nbytes, digest, hash_name))
+        entries.append(Entry(name, dtype, tuple(int(d) for d in a.shape), offset, a.nbytes, h.hexdigest(),
+                             hash_name))
         offset += a.nbytes
     return entries
 

@@ -62,6 +62,17 @@ def to_bf16_bits(vector: np.ndarray) -> np.ndarray:
         .view(np.uint16)
 
 
+def pack_bf16_bits(state: Mapping[str, torch.Tensor], out: np.ndarray) -> np.ndarray:
+    """`to_bf16_bits(pack(state))` without the fp32 vector: each tensor rounded to bf16 (the same
+    round to nearest even, value by value, so the same bits) into `out` (uint16, reused)."""
+    parts = [state[k].detach().reshape(-1).cpu().to(torch.bfloat16) for k in sorted(state)]
+    size = sum(p.numel() for p in parts)
+    if out.dtype != np.uint16 or out.shape != (size,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise PackingError(f"bf16 output is {out.dtype} {out.shape}, expected a writable uint16 ({size},)")
+    torch.cat(parts, out=torch.from_numpy(out.view(np.int16)).view(torch.bfloat16))
+    return out
+
+
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     """uint16 bf16 bit patterns -> fp32 (exact: every bf16 value is an fp32 value)."""
     if bits.dtype != np.uint16 or bits.ndim != 1:

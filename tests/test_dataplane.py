@@ -439,3 +439,52 @@ def test_a_truncated_or_late_spooled_upload_leaves_no_file(tmp_path):
         assert not list((tmp_path / "spool").iterdir())
     finally:
         plane.server.stop()
+
+
+def _update_from(worker, p, initial: np.ndarray, header: dict, rnd: int) -> np.ndarray:
+    """The update `worker` uploads for round `rnd`, pulling `initial` on the data plane."""
+    shapes = upload_shapes(initial.size, "none", header["run-config"]["wire-dtype"])
+    manifest = blob.to_json(p.server.publish(f"train/{rnd}/full", {PARAMS_KEY: initial}))
+    token = p.server.grant(rnd, rnd, f"train/{rnd}/full", shapes, ttl=60)
+    reply, _ = worker.handle({**header, "round": rnd, "data-plane": {"url": p.url, "token": token,
+                                                                     "manifest": manifest}}, {})
+    entries = blob.from_json(reply["upload"])
+    return next(iter(p.server.take(token, {e.name: e.digest for e in entries}).values())).copy()
+
+
+@pytest.mark.parametrize("wire_dtype", ["fp32", "bf16"])
+def test_the_model_lands_in_place_and_leaves_as_it_would_through_a_buffer(worker, tmp_path, wire_dtype):
+    """The worker writes the global model straight into its model's tensors and sends the update from
+    them: the same bytes as through a buffer, and a download that fails half-way into them (a lying
+    hash) is an error whose partial model the next round's download overwrites whole."""
+    from clients.worker import CentreWorker
+    from models.gpt import build_model
+    from models.packing import pack
+
+    initial = pack(build_model("tiny", seed=0).state_dict())
+    buffered = CentreWorker("fr-genci", worker.data_dir, tmp_path / "buffered-state")
+    header = {"op": "train", "run-config": {**_run_config(tmp_path), "wire-dtype": wire_dtype},
+              "broadcast": {"form": "full"}}
+    p = open_plane("127.0.0.1", 0, "", "", "", upload_shapes(initial.size, "none", wire_dtype))
+    try:
+        in_place = _update_from(worker, p, initial, header, 2)
+        tensors = worker._trainer.wire_tensors()
+        assert tensors is not None and worker._in_place(worker._trainer, {**header, "broadcast": {"form": "full"}},
+                                                        {"token": "t"}) is not None
+        buffered._trainer_for(header["run-config"]).wire_tensors = lambda: None  # the copying path
+        assert np.array_equal(_update_from(buffered, p, initial, header, 2), in_place)
+
+        # Round 3: the coordinator's blob does not match its hash; the worker refuses it.
+        later = initial + np.float32(0.01)
+        manifest = blob.to_json(p.server.publish("train/3/full", {PARAMS_KEY: later}))
+        later[: later.size // 2] = 0.0  # the served bytes change after they were hashed
+        token = p.server.grant(3, 3, "train/3/full", upload_shapes(initial.size, "none", wire_dtype), ttl=60)
+        with pytest.raises(DataPlaneError, match="mismatch"):
+            worker.handle({**header, "round": 3, "data-plane": {"url": p.url, "token": token, "manifest": manifest}},
+                          {})
+        assert [t.data_ptr() for t in worker._trainer.wire_tensors()] == [t.data_ptr() for t in tensors]
+        # Round 3 again, served whole: both workers send the same update.
+        later = initial + np.float32(0.01)
+        assert np.array_equal(_update_from(worker, p, later, header, 3), _update_from(buffered, p, later, header, 3))
+    finally:
+        p.server.stop()

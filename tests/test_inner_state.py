@@ -44,3 +44,28 @@ def _check(tmp_path, corpora) -> None:
         assert torch.equal(first[k], again[k]), k
         assert torch.equal(first[k], cold[k]), k
     assert any(not torch.equal(first[k], g3[k]) for k in first)  # round 3 did train
+
+
+def test_each_rounds_state_is_written_over_the_oldest_file_and_reads_back_whole(tmp_path, corpora):
+    """The inner AdamW state is written every round over the file of the oldest round kept (in place:
+    its pages are still cached), renamed first, so a crash mid-write leaves the newer rounds' files;
+    what a restarted worker reads back is the live state, value for value."""
+    cfg, data = _cfg(tmp_path), corpora["fr-genci"]
+    warm = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
+    run_state = tmp_path / "state" / "inner"
+    g = {k: v.clone() for k, v in warm.model.state_dict().items()}
+    inodes = {}
+    for rnd in range(1, 6):
+        g = _train(warm, g, rnd)
+        inodes[rnd] = (run_state / f"inner-optim-round-{rnd:04d}.pt").stat().st_ino
+    assert sorted(p.name for p in run_state.glob("inner-optim-round-*")) == [
+        f"inner-optim-round-{r:04d}.pt" for r in (3, 4, 5)]
+    assert (inodes[4], inodes[5]) == (inodes[1], inodes[2])  # written over rounds 1 and 2's files
+    assert not list(run_state.glob("*.tmp"))
+    cold = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
+    cold._load_optim(5)
+    live, saved = warm.optim.state_dict()["state"], cold.optim.state_dict()["state"]
+    assert live.keys() == saved.keys() and live
+    for i in live:
+        for k in live[i]:
+            assert torch.equal(live[i][k], saved[i][k]), (i, k)

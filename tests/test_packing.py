@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models.gpt import build_model
-from models.packing import PackingError, pack, unpack
+from models.packing import PackingError, pack, pack_bf16_bits, to_bf16_bits, unpack
 from server.validation import UpdateRejected, decode_update
 
 
@@ -62,3 +62,14 @@ def test_packing_ignores_dict_order():
     assert np.array_equal(pack(state), pack(shuffled))
     back = unpack(pack(shuffled), state)
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_bf16_straight_from_the_tensors_has_the_bits_of_the_fp32_vectors_rounding():
+    state = build_model("tiny", seed=0).state_dict()
+    state["z.edges"] = torch.tensor([1.0000001, 1.00390625, 1.005859375, -0.0, float("inf"), float("nan"),
+                                     3.3895314e38, 1e-40])  # ties to even, overflow to inf, a subnormal
+    want = to_bf16_bits(pack(state))
+    out = np.full(want.size, 7, np.uint16)
+    assert pack_bf16_bits(state, out) is out and out.tobytes() == want.tobytes()
+    with pytest.raises(PackingError, match="expected a writable uint16"):
+        pack_bf16_bits(state, np.empty(want.size - 1, np.uint16))
