@@ -22,13 +22,22 @@ class PackingError(ValueError):
     """A flat vector does not match the model's layout."""
 
 
-def pack(state: Mapping[str, torch.Tensor]) -> np.ndarray:
-    """Concatenate every tensor, in sorted-name order, into one contiguous float32 vector.
+def pack(state: Mapping[str, torch.Tensor], out: np.ndarray | None = None) -> np.ndarray:
+    """Concatenate every tensor, in sorted-name order, into one contiguous float32 vector: a new
+    one, or `out` (a float32 vector of the state's size, overwritten and returned). Reusing a
+    vector matters at size: a fresh 0.5 GB one costs ~0.5 s of page faults on a 2-core machine.
 
     Sorted, not insertion order: a state dict read back from safetensors comes out
     alphabetical while model.state_dict() is in module order; both must pack alike.
     """
-    return torch.cat([state[k].detach().reshape(-1).float().cpu() for k in sorted(state)]).numpy()
+    parts = [state[k].detach().reshape(-1).float().cpu() for k in sorted(state)]
+    if out is None:
+        return torch.cat(parts).numpy()
+    size = sum(p.numel() for p in parts)
+    if out.dtype != np.float32 or out.shape != (size,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise PackingError(f"pack's output is {out.dtype} {out.shape}, expected a writable float32 ({size},)")
+    torch.cat(parts, out=torch.from_numpy(out))
+    return out
 
 
 def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:

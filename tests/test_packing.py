@@ -73,3 +73,13 @@ def test_bf16_straight_from_the_tensors_has_the_bits_of_the_fp32_vectors_roundin
     assert pack_bf16_bits(state, out) is out and out.tobytes() == want.tobytes()
     with pytest.raises(PackingError, match="expected a writable uint16"):
         pack_bf16_bits(state, np.empty(want.size - 1, np.uint16))
+
+
+def test_pack_over_a_vector_it_is_given():
+    state = build_model("tiny", seed=0).state_dict()
+    want = pack(state)
+    out = np.full(want.size, np.nan, np.float32)
+    assert pack(state, out=out) is out and out.tobytes() == want.tobytes()
+    for bad in (np.empty(want.size + 1, np.float32), np.empty(want.size, np.float64)):
+        with pytest.raises(PackingError, match="expected a writable float32"):
+            pack(state, out=bad)
