@@ -110,6 +110,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         log.warning("%s did not get ready before round 1 (%s); round 1 will tell", centre, why)
     clock = ReplyClock(cfg.inner_steps)
     saver = BackgroundWrite("a checkpoint")
+    sums: np.ndarray | None = None  # the vector a round's mean is summed in, kept for the next round
     try:
         for rnd in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -125,7 +126,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             if plane is None:
                 accepted = _accept(ex, reference, cfg.max_norm_factor, token_cap(cfg))
             else:
-                accepted, norms, folded = _accept_spooled(ex, broadcast.base, reference, cfg)
+                accepted, norms, folded = _accept_spooled(ex, broadcast.base, reference, cfg, into=sums)
             for centre, code in ex.codes.values():
                 metrics.reject(centre, code)
             if len(accepted) < cfg.quorum:
@@ -145,8 +146,9 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             else:
                 if folded is None or not _folds(cfg, len(accepted)):
                     folded = chunked.combined([r.arrays for r in accepted], tokens, norms, broadcast.base,
-                                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier)
+                                              cfg.aggregator, cfg.dp_clip, cfg.dp_noise_multiplier, into=sums)
                 update = unpack(folded, reference, copy=False)
+                sums = folded  # the next round sums in it again: its pages stay mapped (chunked.zeroed)
                 del folded
             for r in ex.replies:  # the centres' updates (buffers, spool files) go before the outer step allocates
                 if isinstance(r.arrays, SpooledUpdate):
@@ -302,14 +304,14 @@ def _folds(cfg: RunConfig, accepted: int) -> bool:
 
 
 def _accept_spooled(ex: Exchange, base: np.ndarray, reference: dict[str, torch.Tensor],
-                    cfg: RunConfig) -> tuple[list, list[float], np.ndarray | None]:
+                    cfg: RunConfig, into: np.ndarray | None = None) -> tuple[list, list[float], np.ndarray | None]:
     """`_accept` for updates that came on the data plane (spooled on disk): the accepted replies in
     centre-name order, their pseudo-gradient norms, and their mean when screening could fold it in
     the same read (server/chunked.py)."""
     replies = sorted(ex.replies, key=lambda r: (r.centre, r.node_id))
     kept, rejected, folded = chunked.screen_and_mean(
         [(r.arrays, r.metrics) for r in replies], base, chunked.Layout.of(reference), cfg.max_norm_factor,
-        token_cap(cfg), fold=_folds(cfg, len(replies)))
+        token_cap(cfg), fold=_folds(cfg, len(replies)), into=into)
     for i, err in rejected.items():
         centre = replies[i].centre
         ex.fail(centre, centre, err.reason, f"rejected ({err.reason}): {err}")

@@ -387,6 +387,13 @@ def test_three_concurrent_spooled_uploads_aggregate_bit_equal_to_in_memory(tmp_p
         in_memory = round_update(outer, [decode_update(f, reference) for f in forms], tokens, method,
                                  reference=reference)
         assert torch.equal(torch.from_numpy(streamed), torch.cat([t.reshape(-1) for t in in_memory.values()]))
+        # Summed again in the last round's vector (what the ServerApp does), whatever it holds: the same bits.
+        last = np.full(N, np.nan, np.float32)
+        again = screen_and_mean(list(zip(spooled, metrics, strict=True)), ref_vec, Layout.of(reference), 0.0, 1e9,
+                                fold=method == "mean", into=last)[2]
+        if method != "mean":
+            again = combined(spooled, tokens, list(kept.values()), ref_vec, method, 0.0, 0.0, into=last)
+        assert again is last and again.tobytes() == streamed.tobytes()
         for s in spooled:
             s.discard()
         assert not list((tmp_path / "spool").iterdir())
