@@ -246,6 +246,9 @@ def test_a_centre_reaches_only_the_fleet_api(stack):
         seen = json.loads(done.stdout)
         assert seen.pop("own-port") == "ConnectionRefusedError", (name, done.stdout)
         assert set(seen.values()) == {403}, (name, seen)
+    for name in CENTRES:  # the bundles ran as their own user (clients/apphost.py)
+        log = c("logs", "--no-color", f"supernode-{name}", timeout=120, check=False).stdout
+        assert f"as user {compose.APP_USER}" in log, (name, log[-1500:])
     refused = c("logs", "--no-color", "gate", timeout=120, check=False).stdout
     assert "refused POST /v1/control/list-runs" in refused, refused[-1500:]
     # The refusal is the binding's, not an empty port: in the SuperLink's own namespace the port is open.
