@@ -84,6 +84,9 @@ def main(argv: Sequence[str]) -> None:
     start_client_internal.pull_objects = fast_pull(start_client_internal.pull_objects)  # type: ignore[attr-defined]
     if ours.app_user and not ours.warm:
         raise SystemExit("--app-user needs the warm runtime (--warm): stock flwr-clientapp runs as this user")
+    if ours.app_network == "none" and not ours.warm:
+        raise SystemExit("--app-network none needs the warm runtime (--warm): stock flwr-clientapp shares this "
+                         "process's network")
     if ours.warm:
         _start_runtime(flower_args, ours.app_user, ours.app_network)
     sys.argv = ["flower-supernode", *flower_args]

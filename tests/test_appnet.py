@@ -54,3 +54,11 @@ def test_host_no_app_user_non_root_and_unknown_choices(monkeypatch):
     assert prefix == [] and "not root" in why
     with pytest.raises(ConfigError, match="not root"):
         appnet.resolve("none", "nobody")
+
+
+def test_the_supernode_refuses_none_without_its_runtime():
+    """Stock flwr-clientapp (--no-warm) runs bundles in the SuperNode's own network: `none` cannot hold there."""
+    from clients import supernode
+
+    with pytest.raises(SystemExit, match="--app-network none needs the warm runtime"):
+        supernode.main(["--no-warm", "--app-network", "none"])
