@@ -124,9 +124,12 @@ def stack(engine, tmp_path_factory):
         seen["run-s"] = time.monotonic() - t1
         seen["run"] = _run_json(c)
         seen["out"] = dockerup.collect(c, tmp_path_factory.mktemp("compose-run"))
+        # Every service's log, kept past `down -v` (a failed round is read from these)
+        logs = Path(seen["out"]) / "compose-logs.txt"
+        logs.write_text(c("logs", "--no-color", "--timestamps", timeout=300, check=False).stdout)
         print(f"\ncompose test: image built in {seen['build-s']:.0f}s, {seen['image-bytes'] / 1e6:.0f} MB; "
               f"up + run {seen['run-s']:.0f}s; killed {VICTIM} after round {seen.get('killed')}, restarted "
-              f"after round {seen.get('restarted-after')}")
+              f"after round {seen.get('restarted-after')}; logs: {logs}")
         yield c, seen
     finally:
         if "down" not in seen:  # a failed check: still leave nothing behind
@@ -281,7 +284,7 @@ def test_bundles_ran_as_nobody_and_the_network_is_as_logged(stack):
     c, _ = stack
     for name in CENTRES:
         done = c.docker_cmd("exec", c.container(f"supernode-{name}"), "python", "-c", APP_HOSTS, check=False)
-        assert done.returncode == 0, done.stderr[-1500:]
+        assert done.returncode == 0, (name, done.stderr[-1500:])
         seen = json.loads(done.stdout)
         assert seen["hosts"], (name, "no app host process: the bundle never ran here?")
         assert all(h["uids"] == [seen["nobody"]] * 2 for h in seen["hosts"]), (name, seen)
