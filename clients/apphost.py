@@ -12,7 +12,9 @@ from inside the bundle changes nothing: it runs in another process.
 With `--app-user`, this process starts as root (the interpreter may lie where only root reads,
 as a pyenv under /root does) and becomes that user before the bundle's code runs: the bundle
 can import what was loaded before (Flower's ClientApp machinery, numpy, safetensors and the
-installed shell `clients.app`) and its own files, and read nothing of the centre's.
+installed shell `clients.app`) and its own files, and read nothing of the centre's. As root with an
+app user, the runtime also starts it under `unshare --net` (clients/appnet.py): it has no network,
+only its pipes and the worker's socket file.
 
 A new bundle (another hash) gets a new process: one run's threads and patches die with
 its process instead of living on into the next run's tasks.

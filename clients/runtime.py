@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -72,12 +73,13 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from clients import wire
+from clients import appnet, wire
 from clients.egress import content_digest
 
 # The task is handed out before the SuperNode has stored the message's objects, so the first
 # object pull usually races it: the SuperNode's own short back-off (see fast_pull) applies here too.
 from clients.supernode import PULL_BACKOFF_CAP_SECONDS, PULL_BACKOFF_SECONDS
+from models.config import ConfigError
 
 log = logging.getLogger("bridgepool.runtime")
 POLL_SECONDS = 0.05  # one local HTTP request to the SuperNode per poll while idle
@@ -99,11 +101,13 @@ class AppHost:
     """One bundle's ClientApp in its own process (clients/apphost.py): tasks go in over a pipe,
     only each reply's content (or the exception raised) comes back."""
 
-    def __init__(self, fab_id: str, fab_version: str, fab_hash: str, user: str | None = None):
+    def __init__(self, fab_id: str, fab_version: str, fab_hash: str, user: str | None = None,
+                 network: Sequence[str] = ()):
+        """`network`: the argv prefix that gives it its network (clients/appnet.py; () for this process's)."""
         self.fab_hash = fab_hash
         task_r, task_w = os.pipe()
         reply_r, reply_w = os.pipe()
-        argv = [sys.executable, "-m", "clients.apphost", "--fab-id", fab_id, "--fab-version", fab_version,
+        argv = [*network, sys.executable, "-m", "clients.apphost", "--fab-id", fab_id, "--fab-version", fab_version,
                 "--fab-hash", fab_hash, "--in-fd", str(task_r), "--out-fd", str(reply_w)]
         if user is not None:  # the bundle's own user: its group is the worker socket's (--socket-group)
             argv += ["--user", user]
@@ -117,8 +121,9 @@ class AppHost:
         self._lock = threading.Lock()
         self._pending: dict[int, Future[tuple[dict[str, Any], wire.Arrays]]] = {}
         threading.Thread(target=self._read, daemon=True, name=f"apphost-{fab_hash[:8]}").start()
-        log.info("app host pid %d for bundle %s (%s %s)%s", self.proc.pid, fab_hash[:12], fab_id, fab_version,
-                 f" as user {user}" if user else "")
+        # `unshare` execs the interpreter in place: the pid is the app host's.
+        log.info("app host pid %d for bundle %s (%s %s)%s%s", self.proc.pid, fab_hash[:12], fab_id, fab_version,
+                 f" as user {user}" if user else "", ", no network" if network else "")
 
     def run(self, message: Message, context: Context) -> tuple[dict[str, Any], wire.Arrays]:
         """The bundle's answer to one task: ({"status": "ok"}, {"content": proto bytes}) or
@@ -169,9 +174,10 @@ class WarmRuntime:
     """Runs the tasks a SuperNode hands out, each in a thread of this process."""
 
     def __init__(self, runtime_api_address: str, root_certificates: bytes | None = None,
-                 app_user: str | None = None):
+                 app_user: str | None = None, app_network: Sequence[str] = ()):
         self.address, self.certificates = runtime_api_address, root_certificates
         self.app_user = app_user  # the user the bundle's code runs as (None: this process's)
+        self.app_network = list(app_network)  # argv prefix of each app host (clients/appnet.py)
         self._control = self._client("SuperExec")
         self._host: AppHost | None = None
         self._loading = threading.Lock()  # tasks run in threads; a bundle is installed and started once
@@ -283,7 +289,7 @@ class WarmRuntime:
             if self._host is not None:
                 self._host.close()
             install_from_fab(fab_content, skip_prompt=True)
-            self._host = AppHost(fab_id, fab_version, fab_hash, self.app_user)
+            self._host = AppHost(fab_id, fab_version, fab_hash, self.app_user, self.app_network)
             return self._host
 
     def close(self) -> None:
@@ -379,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--app-user", default=None,
                         help="run submitted bundles as this user (needs root): no access to the centre's "
                              "data, state, ledger or keys")
+    parser.add_argument("--app-network", default=appnet.DEFAULT, choices=appnet.CHOICES, help=appnet.HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
@@ -395,7 +402,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--app-user {args.app_user}: no such user on this machine") from None
         if os.geteuid() != 0:
             raise SystemExit("--app-user needs the runtime to start as root (it drops to that user per bundle)")
-    runtime = WarmRuntime(args.runtime_api_address, certificates, args.app_user)
+    try:
+        network, why = appnet.resolve(args.app_network, args.app_user)
+    except ConfigError as err:
+        raise SystemExit(str(err)) from None
+    log.info("%s", why)
+    runtime = WarmRuntime(args.runtime_api_address, certificates, args.app_user, network)
     try:
         runtime.serve_forever(args.poll)
     except KeyboardInterrupt:

@@ -34,6 +34,8 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from clients import appnet
+
 log = logging.getLogger("bridgepool.supernode")
 IDLE_POLL_SECONDS = 0.2  # stock: 3.0
 REPLY_POLL_SECONDS = 0.05  # stock: 0.5
@@ -63,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
                    help="run submitted bundles as this user (needs root; with --warm): it reads neither the "
                         "centre's data nor its state, ledger or keys; start the worker with --socket-group "
                         "set to this user's group")
+    p.add_argument("--app-network", default=appnet.DEFAULT, choices=appnet.CHOICES, help=appnet.HELP)
     return p
 
 
@@ -81,8 +84,11 @@ def main(argv: Sequence[str]) -> None:
     start_client_internal.pull_objects = fast_pull(start_client_internal.pull_objects)  # type: ignore[attr-defined]
     if ours.app_user and not ours.warm:
         raise SystemExit("--app-user needs the warm runtime (--warm): stock flwr-clientapp runs as this user")
+    if ours.app_network == "none" and not ours.warm:
+        raise SystemExit("--app-network none needs the warm runtime (--warm): stock flwr-clientapp shares this "
+                         "process's network")
     if ours.warm:
-        _start_runtime(flower_args, ours.app_user)
+        _start_runtime(flower_args, ours.app_user, ours.app_network)
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
@@ -150,7 +156,8 @@ def _flag(args: list[str], name: str, default: str | None) -> str | None:
     return default
 
 
-def _start_runtime(flower_args: list[str], app_user: str | None = None) -> subprocess.Popen:
+def _start_runtime(flower_args: list[str], app_user: str | None = None,
+                   app_network: str = appnet.DEFAULT) -> subprocess.Popen:
     """clients/runtime.py as this process's child, on the Runtime API the SuperNode is about to serve."""
     from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT, UVICORN_DEFAULT_HOST
 
@@ -165,6 +172,7 @@ def _start_runtime(flower_args: list[str], app_user: str | None = None) -> subpr
         argv += ["--root-certificates", ca]
     if app_user:
         argv += ["--app-user", app_user]
+    argv += ["--app-network", app_network]  # resolved by the runtime, which knows whether it can unshare
     proc = subprocess.Popen(argv)  # noqa: S603 - our own module, no shell
     threading.Thread(target=_supervise, args=(proc, argv), daemon=True, name="runtime-supervisor").start()
     return proc

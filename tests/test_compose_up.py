@@ -13,6 +13,7 @@ Build and run times are printed (-s), not asserted.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -123,9 +124,12 @@ def stack(engine, tmp_path_factory):
         seen["run-s"] = time.monotonic() - t1
         seen["run"] = _run_json(c)
         seen["out"] = dockerup.collect(c, tmp_path_factory.mktemp("compose-run"))
+        # Every service's log, kept past `down -v` (a failed round is read from these)
+        logs = Path(seen["out"]) / "compose-logs.txt"
+        logs.write_text(c("logs", "--no-color", "--timestamps", timeout=300, check=False).stdout)
         print(f"\ncompose test: image built in {seen['build-s']:.0f}s, {seen['image-bytes'] / 1e6:.0f} MB; "
               f"up + run {seen['run-s']:.0f}s; killed {VICTIM} after round {seen.get('killed')}, restarted "
-              f"after round {seen.get('restarted-after')}")
+              f"after round {seen.get('restarted-after')}; logs: {logs}")
         yield c, seen
     finally:
         if "down" not in seen:  # a failed check: still leave nothing behind
@@ -253,6 +257,41 @@ def test_a_centre_reaches_only_the_fleet_api(stack):
     code = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5); print('open')"
     own = c.docker_cmd("exec", c.container("superlink"), "python", "-c", code, check=False)
     assert own.stdout.strip() == "open", own.stderr[-800:]
+
+
+# Run inside a centre's SuperNode container: each app host process (clients/apphost.py) with its real and
+# effective uid (its /proc/PID/ns is closed to the container's root: it lacks CAP_SYS_PTRACE). Prints
+# {"nobody": uid, "hosts": [...]}.
+APP_HOSTS = """import json, os, pwd
+hosts = []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+        uids = next(line.split()[1:3] for line in open(f"/proc/{pid}/status") if line.startswith("Uid:"))
+    except OSError:  # exited meanwhile
+        continue
+    if b"clients.apphost" in argv:
+        hosts.append({"pid": int(pid), "uids": [int(u) for u in uids]})
+print(json.dumps({"nobody": pwd.getpwnam("nobody").pw_uid, "hosts": hosts}))
+"""
+
+
+def test_bundles_ran_as_nobody_and_the_network_is_as_logged(stack):
+    """Issue 19, threat 3 in compose: in every centre's SuperNode container the app hosts that ran the submitted
+    bundle run as nobody (real and effective uid, read from /proc), as the runtime logged. The containers get no
+    CAP_SYS_ADMIN (deploy/compose.py), so `--app-network auto` must fall back to the container's network and say
+    why, and no app host may claim a namespace of its own (README's row 3 says compose does not defend this)."""
+    c, _ = stack
+    for name in CENTRES:
+        done = c.docker_cmd("exec", c.container(f"supernode-{name}"), "python", "-c", APP_HOSTS, check=False)
+        assert done.returncode == 0, (name, done.stderr[-1500:])
+        seen = json.loads(done.stdout)
+        assert seen["hosts"], (name, "no app host process: the bundle never ran here?")
+        assert all(h["uids"] == [seen["nobody"]] * 2 for h in seen["hosts"]), (name, seen)
+        log = c("logs", "--no-color", f"supernode-{name}", timeout=120, check=False).stdout
+        started = re.findall(r"app host pid \d+ for bundle .*", log)
+        assert started and all(line.endswith(f"as user {compose.APP_USER}") for line in started), (name, started)
+        assert "submitted bundles share this centre's network" in log and "CAP_SYS_ADMIN" in log, (name, log[-1500:])
 
 
 def test_down_leaves_nothing(stack):

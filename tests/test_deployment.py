@@ -173,6 +173,14 @@ def test_centres_reach_only_the_fleet_gate_and_the_data_plane():
     assert "control" not in COMPOSE["networks"]  # no network carries the Control API
 
 
+def test_bundles_run_as_their_own_user_in_compose():
+    """Issue 19, threat 3: each SuperNode's app host drops to nobody; its worker's socket is 0660 for nogroup."""
+    for centre in CENTRES:
+        node, worker = SERVICES[f"supernode-{centre}"]["command"], SERVICES[f"worker-{centre}"]["command"]
+        assert node[node.index("--app-user") + 1] == compose.APP_USER
+        assert worker[worker.index("--socket-group") + 1] == compose.APP_GROUP
+
+
 def test_flags_are_accepted_by_flower_and_by_bridgepool(flower_help):
     checked = set()
     for name, svc in SERVICES.items():
@@ -239,7 +247,7 @@ def test_ports_agree_across_services():
 def test_launchers_and_compose_use_the_same_command_lines(tmp_path):
     """The netns launcher's SuperLink/SuperNode flags are compose's: both come from deploy/commands.py."""
     c = Centre(CENTRES[0], tmp_path / "data", tmp_path / "state")
-    fed = NetnsFederation(tmp_path / "run", [c], pki_dir=tmp_path / "pki")
+    fed = NetnsFederation(tmp_path / "run", [c], pki_dir=tmp_path / "pki", app_user=compose.APP_USER)
     node = fed.supernode_argv(c, 9094)
     assert flags(node) == flags(SERVICES[f"supernode-{c.name}"]["command"])
     assert node[node.index("--superlink") + 1].startswith("10.77.0.1:")

@@ -34,7 +34,7 @@ def test_every_example_is_a_valid_spec():
 
 
 def test_demo_example_runs(short_tmp, capsys):
-    """As root (CI), in a run directory other users may traverse: the bundles run as 'nobody' by default."""
+    """As root (CI), in a run directory others may traverse: bundles run as 'nobody' with no network by default."""
     base = free_base_port(8)
     run_dir = short_tmp / "demo"
     rc = main(["run", str(EXAMPLES / "demo.toml"), "--run-dir", str(run_dir), "--base-port", str(base),
@@ -47,7 +47,8 @@ def test_demo_example_runs(short_tmp, capsys):
     assert "residency verdict: pass" in out
     assert "submitted bundles run as nobody" in out  # deploy/appuser.py's default as root
     for name in ("fr-genci", "de-lrz", "es-bsc"):
-        assert "as user nobody" in (run_dir / "logs" / f"supernode-{name}.log").read_text(), name
+        # as nobody, with no network of its own (clients/appnet.py's default as root)
+        assert "as user nobody, no network" in (run_dir / "logs" / f"supernode-{name}.log").read_text(), name
 
 
 def _query(url: str, expr: str) -> list:

@@ -133,7 +133,8 @@ def test_netns_hosts_run_a_federation_and_stay_apart(short_tmp, corpora):
     assert run["status"] == "finished", run.get("message")
     assert run["rounds"][0]["replied"] == 2
     for c in (a, b):
-        assert "as user nobody" in (run_dir / "logs" / f"supernode-{c.name}.log").read_text(), c.name
+        # bundles as nobody, in an empty network namespace of their own (clients/appnet.py's default as root)
+        assert "as user nobody, no network" in (run_dir / "logs" / f"supernode-{c.name}.log").read_text(), c.name
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(ns in listed for ns in fed.namespaces.values()), listed
     for p in pids:
