@@ -204,7 +204,7 @@ class RankTrainer(CentreTrainer):
         self._inside = False  # within a mirrored call: inner calls (train_ahead's load) stay local
         self._follower_ahead: Ahead | None = None
 
-    def wire_tensors(self) -> None:
+    def wire_tensors(self, landing: bool = False) -> None:
         """None: the other ranks must get the global model too, which `load_global` tells them."""
         return None
 

@@ -182,15 +182,23 @@ class CentreTrainer:
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
         self._local_round = -1
 
-    def wire_tensors(self) -> list[torch.Tensor] | None:
+    def wire_tensors(self, landing: bool = False) -> list[torch.Tensor] | None:
         """The model's tensors in the wire's order (models/packing.py: sorted names, a tied weight
-        twice), for the data plane to write the round's model into and send the update from, in
-        place; None unless they are one whole model's, on the CPU, fp32 and contiguous."""
+        twice), for the data plane to send the update from and (`landing`) to write the round's model
+        into, in place; None unless they are one whole model's, on the CPU, fp32 and contiguous.
+
+        Landing, a tied weight's values are those of the name `load_state_dict` copies last (it copies
+        in the state dict's order): its other names get a scratch tensor each, so the model is what
+        `load_global` would make of the same vector even where the two copies differ (the coordinator
+        keeps them apart, and DP's noise is drawn for each)."""
         if self.device.type != "cpu":
             return None
         state = self.model.state_dict()
-        tensors = [state[k] for k in sorted(state)]
-        return tensors if all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors) else None
+        if not all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values()):
+            return None
+        last = {t.data_ptr(): k for k, t in state.items()}  # storage -> the name copied into it last
+        return [state[k] if not landing or last[state[k].data_ptr()] == k else torch.empty_like(state[k])
+                for k in sorted(state)]
 
     def loaded_in_place(self) -> None:
         """The round's global model was written into `wire_tensors` (what `load_global` does by copy)."""
@@ -386,12 +394,16 @@ class CentreTrainer:
         self._local_round = server_round
 
     def _keep(self, path: Path, write: Callable[[Path], None], recycle: bool = False) -> None:
-        """Write `path` whole or not at all (a crash leaves the previous rounds' files), then drop
+        """Write `path` whole or not at all (a crash leaves the newer rounds' files), then drop
         all but the newest KEEP_OPTIM_ROUNDS files of its kind (same name but the round number).
         `recycle`: the oldest of them, due to go, is first renamed to the temporary name, for `write`
-        to write over in place (`save_in_place`)."""
+        to write over in place (`save_in_place`). A crash's leftover temporary file of another round
+        goes."""
         tmp = inside(self.state_dir, path.with_suffix(".tmp"))
         kind = path.name.rsplit("-", 1)[0] + "-*" + path.suffix
+        for stale in self.state_dir.glob(kind[:-len(path.suffix)] + ".tmp"):
+            if stale != tmp:
+                inside(self.state_dir, stale).unlink()
         if recycle:
             olds = [p for p in sorted(self.state_dir.glob(kind)) if p != path]
             if len(olds) >= KEEP_OPTIM_ROUNDS:
@@ -463,7 +475,12 @@ def save_in_place(state: dict, path: Path) -> None:
     size). The inner AdamW state is 8 bytes per parameter, written every round: into a new file the
     kernel must find and zero fresh pages (~1-2 s per GB on a 2-core machine, taking the cores the
     round's upload needs), over a file still in the page cache it only copies (~0.5 s)."""
-    with open(path, "r+b" if path.exists() else "wb") as f:
+    try:
+        f = open(path, "r+b" if path.exists() else "wb")
+    except PermissionError:  # a file this user may not write (left by another): a new one, as torch.save makes
+        path.unlink()
+        f = open(path, "wb")
+    with f:
         torch.save(state, f)
         f.truncate()
 

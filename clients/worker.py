@@ -158,13 +158,14 @@ class CentreWorker:
         plane = header.get("data-plane") or {}
         in_place = self._in_place(trainer, header, plane)
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
+            landing = self._in_place(trainer, header, plane, landing=True)
+            if landing is not None:  # from here the model is the download's, whole or (failing) in part
+                trainer.loaded_in_place()
             arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
-                                     str(plane["manifest"]), broadcast_manifest(self._manifest), into=in_place)
+                                     str(plane["manifest"]), broadcast_manifest(self._manifest), into=landing)
             self.plane_bytes[0] += sum(a.nbytes for a in arrays.values()) or (in_place.nbytes if in_place else 0)
         sent: np.ndarray | None = None
-        if in_place is not None and plane.get("manifest"):
-            trainer.loaded_in_place()  # the global model landed in the model's own tensors
-        else:
+        if in_place is None or not plane.get("manifest"):  # else: the global model landed in the model's tensors
             try:
                 cfg = trainer.cfg
                 sent = self.held.receive(header.get("broadcast", {}), arrays,
@@ -212,7 +213,8 @@ class CentreWorker:
             self.phases.mark("pack")
         return self._reply(trainer, header, metrics, out)
 
-    def _in_place(self, trainer: CentreTrainer, header: dict[str, Any], plane: dict[str, Any]) -> blob.Pieces | None:
+    def _in_place(self, trainer: CentreTrainer, header: dict[str, Any], plane: dict[str, Any],
+                  landing: bool = False) -> blob.Pieces | None:
         """The model's own tensors, for the data plane to land the round's model in and send the update
         from, where nothing else needs the model it was sent: a 0.5 GB model is then neither buffered
         (4 bytes per parameter, and ~0.5 s of page faults per fresh buffer on a 2-core machine) nor
@@ -223,7 +225,7 @@ class CentreWorker:
         if (not plane.get("token") or cfg.compression == "int8" or self.policy.update_clip > 0 or cfg.overlap_steps
                 or (header.get("broadcast") or {}).get(FORM_KEY, FULL) != FULL):
             return None
-        tensors = trainer.wire_tensors()
+        tensors = trainer.wire_tensors(landing)  # landing: a tied weight's values land once (wire_tensors)
         return blob.Pieces(tuple(t.numpy() for t in tensors)) if tensors else None
 
     def _lay_out(self, trainer: CentreTrainer, model: blob.Pieces) -> wire.Arrays:

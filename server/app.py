@@ -115,7 +115,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         for rnd in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
             nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
-            reference = _sent(broadcast, outer)  # what the centres train from
+            reference = _sent(broadcast, outer, plane)  # what the centres train from
             ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
                           expected=clock.expected(), plane=plane)
             clock.observe(ex)
@@ -185,7 +185,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
         raise
     saver.wait()  # the last round's checkpoint is on disk before the run can finish
     # With int8 the centres score b_new, the master weights to within one int8 step (error feedback).
-    _sent(broadcast, outer)
+    _sent(broadcast, outer, plane)
     final_ex = exchange(grid, _listed(grid, registry, liveness, runlog), "evaluate", broadcast, cfg.rounds,
                         cfg.round_timeout, liveness, plane=plane)
     final_model = run_dir / "final_model.safetensors"
@@ -272,13 +272,18 @@ def _check_same_run(cfg: RunConfig, saved: dict, path: Path) -> None:
                           "with the checkpoint's settings, or start a new run in another --run-dir")
 
 
-def _sent(broadcast: Broadcast, outer: OuterOptimizer) -> dict[str, torch.Tensor]:
+def _sent(broadcast: Broadcast, outer: OuterOptimizer, plane: Plane | None = None) -> dict[str, torch.Tensor]:
     """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
     master = {k: p.detach() for k, p in outer.params.items()}  # pack copies: no clone needed first
-    # Without int8, the last round's b is needed by nothing once its step is taken (its blob is
-    # dropped with the exchange): b is packed over it, in pages already mapped (~0.5 s of page faults a
-    # round for base otherwise). With int8, b is b_new (a new vector) and the old one is the delta's base.
+    # Without int8 the last round's b is needed by nothing once its step is taken, except a download
+    # of it still under way (a late centre's): the exchange is ended first, so no new one starts, and
+    # b is packed over the old one, in pages already mapped (~0.5 s of page faults a round for base
+    # otherwise), unless one is. With int8, b is b_new (a new vector) and the old one is the delta's base.
     old = broadcast.base if broadcast.compression == "none" and broadcast.base.flags.writeable else None
+    if plane is not None:
+        plane.server.end_exchange()
+        if old is not None and plane.server.reading(old):
+            old = None
     # The reference is views of b; b is not changed until the next round's `_sent`.
     return unpack(broadcast.advance(pack(master, out=old), owned=True), master, copy=False)
 

@@ -77,6 +77,7 @@ class DataPlaneServer:
         self._seq = 0  # spool file names: unique within the run
         self._blobs: dict[str, tuple[list[blob.Entry], dict[str, np.ndarray]]] = {}
         self._grants: dict[str, Grant] = {}
+        self._readers: dict[int, int] = {}  # id of a published array -> downloads of it under way
         self._lock = threading.Lock()
         self.tls: ssl.SSLContext | None = None
         if certfile:
@@ -178,15 +179,33 @@ class DataPlaneServer:
         if stored is None:
             raise _Refused(404, f"no model to read with this token (round {g.round})")
         entries, arrays = stored
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(blob.total_bytes(entries)))
-        handler.send_header(MANIFEST_HEADER, blob.to_json(entries))
-        handler.end_headers()
-        for e in entries:
-            handler.wfile.write(memoryview(arrays[e.name]).cast("B"))
+        keys = [id(a) for a in arrays.values()]
+        with self._lock:  # the arrays are read until the last byte leaves: `reading` tells their owner
+            for k in keys:
+                self._readers[k] = self._readers.get(k, 0) + 1
+        try:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "application/octet-stream")
+            handler.send_header("Content-Length", str(blob.total_bytes(entries)))
+            handler.send_header(MANIFEST_HEADER, blob.to_json(entries))
+            handler.end_headers()
+            for e in entries:
+                handler.wfile.write(memoryview(arrays[e.name]).cast("B"))
+        finally:
+            with self._lock:
+                for k in keys:
+                    self._readers[k] -= 1
+                    if not self._readers[k]:
+                        del self._readers[k]
         with self._lock:
             self.bytes_served += blob.total_bytes(entries)
+
+    def reading(self, array: np.ndarray) -> bool:
+        """Whether a download of a blob that holds `array` (the object published) is still under way.
+        Once `end_exchange` has withdrawn the blob, no new one can start: False then means the array
+        is free to be written over."""
+        with self._lock:
+            return id(array) in self._readers
 
     def receive_update(self, handler: _Handler) -> dict[str, int]:
         token, g = self._grant_for(handler.headers.get("Authorization"))

@@ -460,26 +460,38 @@ def _update_from(worker, p, initial: np.ndarray, header: dict, rnd: int) -> np.n
 
 
 @pytest.mark.parametrize("wire_dtype", ["fp32", "bf16"])
-def test_the_model_lands_in_place_and_leaves_as_it_would_through_a_buffer(worker, tmp_path, wire_dtype):
+def test_the_model_lands_in_place_and_leaves_as_it_would_through_a_buffer(worker, tmp_path, wire_dtype, monkeypatch):
     """The worker writes the global model straight into its model's tensors and sends the update from
     them: the same bytes as through a buffer, and a download that fails half-way into them (a lying
     hash) is an error whose partial model the next round's download overwrites whole."""
+    from clients import dataplane
     from clients.worker import CentreWorker
     from models.gpt import build_model
     from models.packing import pack
 
-    initial = pack(build_model("tiny", seed=0).state_dict())
+    state = build_model("tiny", seed=0).state_dict()
+    initial = pack(state)
+    # The tied weight's two copies differ (as after DP noise at the coordinator): the model must take
+    # the values load_state_dict would, the last name's in the state dict.
+    start = sum(state[k].numel() for k in sorted(state)[:sorted(state).index("lm_head.weight")])
+    initial[start:start + state["lm_head.weight"].numel()] += np.float32(0.5)
     buffered = CentreWorker("fr-genci", worker.data_dir, tmp_path / "buffered-state")
     header = {"op": "train", "run-config": {**_run_config(tmp_path), "wire-dtype": wire_dtype},
               "broadcast": {"form": "full"}}
+    landed, real_fetch = [], dataplane.fetch
+
+    def fetch_spy(*args, **kw):  # which download path each round took
+        landed.append(kw.get("into") is not None)
+        return real_fetch(*args, **kw)
+
+    monkeypatch.setattr(dataplane, "fetch", fetch_spy)
     p = open_plane("127.0.0.1", 0, "", "", "", upload_shapes(initial.size, "none", wire_dtype))
     try:
         in_place = _update_from(worker, p, initial, header, 2)
         tensors = worker._trainer.wire_tensors()
-        assert tensors is not None and worker._in_place(worker._trainer, {**header, "broadcast": {"form": "full"}},
-                                                        {"token": "t"}) is not None
-        buffered._trainer_for(header["run-config"]).wire_tensors = lambda: None  # the copying path
+        buffered._trainer_for(header["run-config"]).wire_tensors = lambda landing=False: None  # the copying path
         assert np.array_equal(_update_from(buffered, p, initial, header, 2), in_place)
+        assert landed == [True, False]
 
         # Round 3: the coordinator's blob does not match its hash; the worker refuses it.
         later = initial + np.float32(0.01)
@@ -495,3 +507,73 @@ def test_the_model_lands_in_place_and_leaves_as_it_would_through_a_buffer(worker
         assert np.array_equal(_update_from(worker, p, later, header, 3), _update_from(buffered, p, later, header, 3))
     finally:
         p.server.stop()
+
+
+def test_the_next_rounds_model_is_not_packed_over_one_still_being_downloaded():
+    """The coordinator packs each round's b over the last round's (its pages are mapped already), but
+    not while a late centre is still downloading the old one: that download gets the bytes it was
+    promised, whole, and the new b goes to a new vector."""
+    from models.packing import pack
+    from server.aggregation import OuterOptimizer
+    from server.app import _sent
+    from server.broadcast import Broadcast
+
+    n = 16 << 20  # 64 MiB: more than the sockets' buffers hold, so the download is under way for a while
+    state = {"w": torch.randn(n)}
+    outer, broadcast = OuterOptimizer(state, "diloco", 0.7, 0.9), Broadcast(pack(state), "none")
+    p = open_plane("127.0.0.1", 0, "", "", "", upload_shapes(n, "none", "fp32"))
+    try:
+        _sent(broadcast, outer, p)
+        old = broadcast.base
+        want = old.tobytes()
+        p.server.publish("train/2/full", {PARAMS_KEY: old})
+        token = p.server.grant(1, 2, "train/2/full", None, ttl=60)
+        late = socket.socket()
+        late.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        late.connect(("127.0.0.1", p.server.port))
+        late.sendall(f"GET /v1/global HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+        got = late.recv(1 << 16)
+        _wait_for(lambda: p.server.reading(old), "the download to be under way")
+        with torch.no_grad():
+            outer.params["w"].add_(1.0)
+        _sent(broadcast, outer, p)  # the next round's b, while the late centre reads on
+        assert broadcast.base is not old
+        while chunk := late.recv(1 << 20):
+            got += chunk
+        late.close()
+        assert got.split(b"\r\n\r\n", 1)[1] == want
+        _wait_for(lambda: not p.server.reading(old), "the download to end")
+        # With no download under way, the next b is packed over the last one.
+        last = broadcast.base
+        with torch.no_grad():
+            outer.params["w"].add_(1.0)
+        _sent(broadcast, outer, p)
+        assert broadcast.base is last and np.array_equal(last, outer.params["w"].detach().numpy())
+    finally:
+        p.server.stop()
+
+
+@pytest.mark.parametrize("case", ["int8", "clip", "overlap", "delta", "gpu", "no-token"])
+def test_the_model_does_not_land_in_place_where_the_model_sent_is_still_needed(worker, tmp_path, case):
+    """In place only where nothing needs the model that was sent after training: the int8 update, the
+    policy's clip and overlap's steps are taken against it; a delta applies to a held copy; a GPU
+    model's tensors are not host memory. Each of these keeps the buffered path."""
+    import dataclasses
+
+    config, header, plane = _run_config(tmp_path), {"op": "train", "broadcast": {"form": "full"}}, {"token": "t"}
+    assert worker._in_place(worker._trainer_for(config), header, plane) is not None  # the plain case: in place
+    if case == "int8":
+        config["compression"] = "int8"
+    elif case == "overlap":
+        config["overlap-steps"] = 1
+    elif case == "clip":
+        worker.policy = dataclasses.replace(worker.policy, update_clip=1.0)
+    elif case == "delta":
+        header["broadcast"] = {"form": "delta"}
+    elif case == "no-token":
+        plane = {}
+    trainer = worker._trainer_for(config)
+    if case == "gpu":
+        trainer.device = torch.device("cuda")
+    assert worker._in_place(trainer, header, plane) is None
+    assert worker._in_place(trainer, header, plane, landing=True) is None

@@ -58,10 +58,17 @@ def test_each_rounds_state_is_written_over_the_oldest_file_and_reads_back_whole(
     for rnd in range(1, 6):
         g = _train(warm, g, rnd)
         inodes[rnd] = (run_state / f"inner-optim-round-{rnd:04d}.pt").stat().st_ino
+        if rnd == 2:  # round 5 writes over this file: longer than the state, its tail must go
+            with open(run_state / "inner-optim-round-0002.pt", "ab") as f:
+                f.write(b"\0" * (1 << 20))
+        if rnd == 3:  # a crash's leftover of another round: not kept past the next write
+            (run_state / "inner-optim-round-0009.tmp").write_bytes(b"partial")
     assert sorted(p.name for p in run_state.glob("inner-optim-round-*")) == [
         f"inner-optim-round-{r:04d}.pt" for r in (3, 4, 5)]
     assert (inodes[4], inodes[5]) == (inodes[1], inodes[2])  # written over rounds 1 and 2's files
     assert not list(run_state.glob("*.tmp"))
+    sizes = {(run_state / f"inner-optim-round-{r:04d}.pt").stat().st_size for r in (4, 5)}
+    assert len(sizes) == 1  # round 5's file was cut to its state's size
     cold = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
     cold._load_optim(5)
     live, saved = warm.optim.state_dict()["state"], cold.optim.state_dict()["state"]
