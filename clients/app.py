@@ -93,6 +93,8 @@ _RECORDS: dict[str, Any] = {
 
 def _ask(context: Context, header: dict, arrays: wire.Arrays) -> tuple[dict, wire.Arrays]:
     node = context.node_config
+    if "worker-ticket" in node:  # the centre's runtime admitted this task (clients/runs.py): name it
+        header = {**header, "ticket": str(node["worker-ticket"])}
     if "worker-socket" in node:
         return wire.call(str(node["worker-socket"]), header, arrays)
     return _in_process(str(node.get("centre", f"node-{context.node_id}")), node).handle(header, arrays)

@@ -246,14 +246,15 @@ class EgressGuard:
                                 + "; ".join(problems))
         return problems
 
-    def refused(self, *, run: str, round: int, op: str, reasons: list[str]) -> None:
-        """A request the centre's policy refused (clients/policy.py): recorded before the error
-        reply leaves, so the ledger names every refusal as well as every reply."""
+    def refused(self, *, run: str, round: int, op: str, reasons: list[str], stage: str = "policy") -> None:
+        """A request the centre's policy refused (clients/policy.py), or (stage `run-id`) a task or request
+        for a run the state does not belong to (clients/runs.py): recorded before the error reply leaves,
+        so the ledger names every refusal as well as every reply."""
         self.refused_total += 1
         self._append({"time": time.time(), "centre": self.centre, "run": run, "round": round, "op": op,
-                      "stage": "policy", "verdict": "refused", "violations": list(reasons),
+                      "stage": stage, "verdict": "refused", "violations": list(reasons),
                       "refused-total": self.refused_total, "records": [], "arrays": [], "metrics": [], "bytes": 0})
-        log.error("[%s] REQUEST REFUSED by policy (%s, run %s round %s): %s; recorded in %s", self.centre, op, run,
+        log.error("[%s] REQUEST REFUSED (%s; %s, run %s round %s): %s; recorded in %s", self.centre, stage, op, run,
                   round, "; ".join(reasons), self.ledger)
 
     def runtime(self, *, run: str, round: int, op: str, problem: str | None = None) -> None:

@@ -317,10 +317,10 @@ class RankZeroWorker(CentreWorker):
         self.ranks = ranks
         self._exiting = False
 
-    def handle(self, header: dict[str, Any], arrays: Any) -> tuple[dict[str, Any], Any]:
+    def handle(self, header: dict[str, Any], arrays: Any, peer: int | None = None) -> tuple[dict[str, Any], Any]:
         if self.ranks.failed and header.get("op") == "vouch":  # the runtime's check of the error reply
             self._exiting = True
-        return super().handle(header, arrays)
+        return super().handle(header, arrays, peer)
 
     def after_reply(self) -> None:
         if self.ranks.failed:

@@ -254,11 +254,16 @@ class WarmRuntime:
         status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
         t0 = time.perf_counter()
         t_pulled = t_ran = t0
+        ticket = ""
         try:
             message, context, run, fab = pull_task_input(client)
             t_pulled = time.perf_counter()
-            host = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
-            reply, details = checked_reply(message, context, *host.run(message, context))
+            ticket, refused = admit(message, context)
+            if refused is not None:  # not this run's state: the app never sees the task
+                reply, details = refused
+            else:
+                host = self._app(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+                reply, details = checked_reply(message, context, *host.run(message, context))
             t_ran = time.perf_counter()
             status = SubStatus.FAILED if reply.has_error() else SubStatus.COMPLETED
         except Exception as ex:  # the runtime's own failure (its words only), the runtime stays up
@@ -272,6 +277,8 @@ class WarmRuntime:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
             finally:
+                if ticket and context is not None:
+                    release(context, ticket)
                 push_task_output(client=client, context=context, sub_status=status, details=details)
                 heartbeat.stop()
                 client.close()
@@ -332,6 +339,35 @@ def pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context, Run, F
         return_type=Message, initial_backoff=PULL_BACKOFF_SECONDS, backoff_cap=PULL_BACKOFF_CAP_SECONDS)
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: the deflated message lacks it
     return message, context, run, fab
+
+
+def admit(message: Message, context: Context) -> tuple[str, tuple[Message, str] | None]:
+    """Before the app runs: the worker admits the task for the SuperLink's run id (clients/runs.py), which
+    this runtime read from the SuperNode with the task and the app cannot change. Returns the task's ticket
+    (also put in the node config the app gets, for its requests) and None, or "" and the error reply in
+    the worker's words when it refuses (a run-name whose state is another run's)."""
+    socket = context.node_config.get("worker-socket")
+    if socket is None:
+        return "", None
+    config = message.content["config"] if message.has_content() and "config" in message.content else {}
+    ask = {"op": "admit", "run-id": int(context.run_id), "run-config": dict(context.run_config),
+           "round": int(config.get("server-round", 0)), "reply-to": OPS.get(message.metadata.message_type, "unknown")}
+    try:
+        head, _ = wire.call(str(socket), ask, timeout=60)
+    except wire.WorkerError as err:
+        return "", _error(message, ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err))
+    ticket = str(head.get("ticket", ""))
+    if ticket:
+        context.node_config["worker-ticket"] = ticket
+    return ticket, None
+
+
+def release(context: Context, ticket: str) -> None:
+    """The task ended: its ticket opens nothing more (a thread the app left behind included)."""
+    try:
+        wire.call(str(context.node_config["worker-socket"]), {"op": "release", "ticket": ticket}, timeout=60)
+    except (wire.WorkerError, OSError) as err:  # the worker restarted: its tickets went with it
+        log.warning("could not release the task's ticket: %s", err)
 
 
 def checked_reply(message: Message, context: Context, head: dict[str, Any],

@@ -23,6 +23,8 @@ import hashlib
 import logging
 import os
 import signal
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from clients.egress import (
 )
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.policy import Gate, Policy
+from clients.runs import BOOK_NAME, RunBook, RunRefused
 from clients.training import Ahead, CentreTrainer, autocast_dtype
 from models import blob
 from models.config import RunConfig
@@ -73,6 +76,7 @@ from models.packing import (
 log = logging.getLogger("bridgepool.centre")
 VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
 TrainerFactory = Callable[..., CentreTrainer]  # (centre, data dir, state dir, config, speed=) -> trainer
+TICKETED = ("prepare", "train", "evaluate", "egress-check")  # a run's requests: each names its task's ticket
 
 
 class Phases:
@@ -98,8 +102,11 @@ class CentreWorker:
     def __init__(self, centre: str, data_dir: Path, state_dir: Path, threads: int = 0, nice: int = 0,
                  metrics: CentreMetrics | None = None, policy: Policy | None = None,
                  destination: dataplane.Destination | None = None, device: str = "",
-                 trainer_factory: TrainerFactory = CentreTrainer, speed: float = 1.0):
+                 trainer_factory: TrainerFactory = CentreTrainer, speed: float = 1.0, run_ids: bool = False):
         self.centre, self.data_dir, self.state_dir = centre, Path(data_dir), Path(state_dir)
+        # With run_ids (`centre serve --require-run-ids`, set by the launchers, whose runtime admits each
+        # task): a run-name's state belongs to the SuperLink run id it was first admitted for (clients/runs.py).
+        self.runs = RunBook(self.state_dir / BOOK_NAME) if run_ids else None
         # Where model bytes may go on the data plane: the operator's choice (`centre serve --coordinator`).
         self.destination = destination or dataplane.Destination()
         self._uploads: dict[tuple[str, int, str], str] = {}  # (run, round, op) -> SHA-256 of the sent manifest
@@ -137,13 +144,18 @@ class CentreWorker:
         for split in ("train", "validation"):
             load_split(self.data_dir, split, centre)
 
-    def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
+    def handle(self, header: dict[str, Any], arrays: wire.Arrays,
+               peer: int | None = None) -> tuple[dict[str, Any], wire.Arrays]:
+        """One request; `peer`: the uid at the socket's other end (None: a caller in this process)."""
         op = header.get("op")
         self.phases = Phases()
         if op == "ping":
             return {"status": "ok", "centre": self.centre}, {}
         if op == "vouch":  # the runtime, before it sends a Flower reply: not a request of the run's
             return self._answer_vouch(header), {}
+        if op in ("admit", "release"):  # the runtime, around a task: before and after the run's app
+            return self._runtime_op(str(op), header, peer), {}
+        self._check_ticket(header)
         self.gate.admit(header)  # the centre's policy: raises PolicyRefused (in the ledger) before any work
         if op == "egress-check":
             return self._egress_check(header), {}
@@ -281,6 +293,40 @@ class CentreWorker:
         self.vouch(content_digest(reply_records(reply, out)))
         return reply, out
 
+    def _runtime_op(self, op: str, header: dict[str, Any], peer: int | None) -> dict[str, Any]:
+        """`admit`: a ticket for the task of SuperLink run `run-id` (clients/runs.py), or RunRefused, named
+        in the ledger; `release`: the task ended. Only the runtime's user (or root) may ask: the run's app
+        runs as another (--app-user), so it cannot admit itself."""
+        if peer is not None and peer not in (0, os.getuid()):
+            raise RunRefused(f"op {op!r} is the centre runtime's, not uid {peer}'s")
+        ok = {"status": "ok", "centre": self.centre}
+        if self.runs is None:  # run ids not required (a worker without the launchers' runtime)
+            return ok
+        if op == "release":
+            self.runs.release(header.get("ticket"))
+            return ok
+        cfg = RunConfig.from_mapping(header["run-config"])
+        try:
+            return {**ok, "ticket": self.runs.admit(cfg.run_name, int(header["run-id"]), cfg.resume)}
+        except RunRefused as err:
+            self.egress.refused(run=cfg.run_name, round=int(header.get("round", 0)),
+                                op=str(header.get("reply-to"))[:16],
+                                reasons=[str(err)], stage="run-id")
+            raise
+
+    def _check_ticket(self, header: dict[str, Any]) -> None:
+        """A run's request must carry its task's ticket and name that task's run (RunRefused, in the ledger)."""
+        if self.runs is None or header.get("op") not in TICKETED:
+            return
+        run_config = header.get("run-config")
+        run = str(run_config.get("run-name", "?"))[:64] if isinstance(run_config, dict) else "?"
+        try:
+            self.runs.check(header.get("ticket"), run)
+        except RunRefused as err:
+            self.egress.refused(run=run, round=int(header.get("round", 0)), op=str(header.get("op"))[:16],
+                                reasons=[str(err)], stage="run-id")
+            raise
+
     def vouch(self, claim: str, error: bool = False) -> None:
         """Remember a reply (its content digest) or an error text this worker produced."""
         book = self._vouched_errors if error else self._vouched
@@ -383,6 +429,14 @@ def broadcast_manifest(wire: Manifest) -> Manifest:
     return {k: v for k, v in wire.items() if k in (PARAMS_KEY, INT8_KEY, SCALE_KEY)}
 
 
+def peer_uid(conn: Any) -> int:
+    """The uid of the process at the other end of a Unix socket connection (SO_PEERCRED: the kernel's word)."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              struct.calcsize("3i")))
+    return uid
+
+
 def serve(worker: CentreWorker, socket_path: Path, group: str | None = None) -> None:
     """Answer requests one at a time until SIGTERM/SIGINT. The socket is created 0600 (only the
     worker's user may relay), or 0660 for the members of `group` (the user the centre's runtime
@@ -422,7 +476,7 @@ def serve(worker: CentreWorker, socket_path: Path, group: str | None = None) -> 
                         log.warning("[%s] dropped a client of the worker socket: %s", worker.centre, err)
                         continue
                     try:
-                        reply, out = worker.handle(header, arrays)
+                        reply, out = worker.handle(header, arrays, peer_uid(conn))
                     except Exception as err:  # reported to the ClientApp, worker stays up
                         log.exception("[%s] request failed", worker.centre)
                         reply, out = {"status": "error", "error": f"[{worker.centre}] {err}"}, {}

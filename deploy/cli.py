@@ -113,6 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--socket-group", default=None,
                        help="group that may connect to the socket (created 0660; default 0600: this user only); "
                             "the centre's runtime runs submitted bundles as a member of it (--app-user)")
+    serve.add_argument("--require-run-ids", action="store_true",
+                       help="serve a run's requests only inside a task the centre's runtime admitted: a run-name's "
+                            "state belongs to the SuperLink run id first admitted for it, another run id is refused "
+                            "unless it resumes (clients/runs.py); the launchers set it")
     serve.add_argument("--threads", type=int, default=0)
     serve.add_argument("--device", default="", help="auto | cpu | cuda: this centre's, over the run config's")
     serve.add_argument("--speed", type=float, default=1.0,
@@ -315,7 +319,7 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
                                     node_rank=args.node_rank, endpoint=args.rdzv_endpoint, timeout=args.rdzv_timeout)
         return supervise(argv, args.centre, args.max_restarts, explain)
     kwargs: dict[str, Any] = dict(threads=args.threads, nice=args.nice, policy=policy, destination=destination,
-                                  device=args.device, speed=args.speed)
+                                  device=args.device, speed=args.speed, run_ids=args.require_run_ids)
     ranks = None
     if args.as_rank:
         from clients.ranks import Ranks, RankZeroWorker, follow, stop_followers

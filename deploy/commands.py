@@ -143,15 +143,19 @@ def supernode(centre: str, superlink: str, worker_socket: str, runtime_port: int
 def worker(centre: str, data_dir: str, state_dir: str, socket: str, *, threads: int = 0, nice: int = 0,
            metrics_port: int = 0, metrics_host: str = "127.0.0.1", coordinator: str = "", data_plane_ca: str = "",
            device: str = "", nproc: int = 1, shard: bool = False, speed: float = 1.0,
-           prog: Sequence[str] = ("bridgepool",), socket_group: str | None = None) -> list[str]:
+           prog: Sequence[str] = ("bridgepool",), socket_group: str | None = None,
+           run_ids: bool = True) -> list[str]:
     """The centre's long-lived training worker (`bridgepool centre serve`); `coordinator` and
     `data_plane_ca`: the only host it sends model bytes to, and the CA that host must show;
     `device`: the centre's own (a spec's centre device), over the run config's; `nproc`: its
     data-parallel ranks (torchrun, clients/ranks.py), `shard`: its model split over them (FSDP);
     `speed` < 1: an emulated slower centre
-    (a spec's centre speed)."""
+    (a spec's centre speed); `run_ids`: the centre's runtime admits each task by its SuperLink run id
+    (clients/runs.py; False only for stock flower-supernode, which runs no such runtime)."""
     argv = [*prog, "centre", "serve", "--centre", centre, "--data-dir", data_dir, "--state-dir", state_dir,
             "--socket", socket]
+    if run_ids:
+        argv += ["--require-run-ids"]
     if socket_group:  # the bundles' user's group may relay (socket 0660); else the worker's user only
         argv += ["--socket-group", socket_group]
     if nice:

@@ -300,7 +300,8 @@ class LocalFederation:
                                data_plane_ca=self.pki.centre_ca_cert(c.name) if self.pki is not None else "",
                                prog=(sys.executable, "-m", "deploy.cli"),
                                socket_group=grp.getgrgid(pwd.getpwnam(self.app_user).pw_gid).gr_name
-                               if self.app_user else None)
+                               if self.app_user else None,
+                               run_ids=self.warm)  # stock flower-supernode runs no runtime to admit tasks
 
     def data_plane_config(self) -> dict[str, Any]:
         """The run-config keys that put the ServerApp's data plane where this deployment's centres

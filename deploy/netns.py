@@ -11,7 +11,12 @@ Every process also runs in a mount namespace and a PID namespace of its own (`un
 --pid --fork --mount-proc`: its /proc shows only its own processes, /run/netns is hidden) in which the
 run's per-host private directories are hidden under a tmpfs, with only its own brought back:
 a centre sees its own data (read-only), state and SuperNode key, never another centre's; the
-server sees no centre directory at all. TLS and SuperNode authentication are on (deploy/pki.sh,
+server sees no centre directory at all. Each centre's worker runs as a system user of its own
+(`bp-CENTRE`, made once with useradd; `centre_user`), which owns that centre's data (0700) and
+state (0700; 0710 for the bundles' group, which reaches the worker socket inside it), so what
+keeps another centre's files away is also their owner and mode, not only the mount (issue 19,
+threat 8). The SuperNode stays root: its runtime starts each bundle as --app-user.
+TLS and SuperNode authentication are on (deploy/pki.sh,
 SuperLink certificate with SAN SUBNET.1); command lines come from deploy/commands.py, as for
 docker-compose.yml. Everything (processes, namespaces with their veths and bridge) is removed
 on exit, error or Ctrl-C. Needs root, `ip` (iproute2), `unshare` and `mount` (util-linux).
@@ -19,7 +24,9 @@ on exit, error or Ctrl-C. Needs root, `ip` (iproute2), `unshare` and `mount` (ut
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pwd
 import shlex
 import subprocess
 from pathlib import Path
@@ -28,6 +35,8 @@ from typing import Any
 from deploy import commands
 from deploy.local import Centre, LaunchError, LocalFederation
 
+USER_PREFIX = "bp-"  # a centre's system user: bp-CENTRE (useradd allows 32 characters)
+NOLOGIN = "/usr/sbin/nologin"
 SUBNET = "10.77.0"  # inside namespaces this project creates; never on the host's own network
 BRIDGE = "br0"
 
@@ -60,6 +69,7 @@ class NetnsFederation(LocalFederation):
     def __enter__(self) -> NetnsFederation:
         try:
             self.make_pki()
+            self.own_centre_dirs()
             self.create_network()
             super().__enter__()
         except BaseException:
@@ -78,6 +88,32 @@ class NetnsFederation(LocalFederation):
         sans = ["DNS:superlink", "DNS:localhost", "IP:127.0.0.1", f"IP:{self.addresses['server']}"]
         for argv, env in commands.pki_steps(str(Path(__file__).parent), self.pki, [c.name for c in self.centres], sans):
             _run(argv, env={**os.environ, **env})
+        # pki.sh makes OUT 0700; the centres' users (not root) read OUT/public (CA certificate, public keys,
+        # 0755/0644 by design) through it. Traverse only: ca/ and each centre's key directory stay 0700.
+        Path(self.pki.root).chmod(0o711)
+
+    def own_centre_dirs(self) -> None:
+        """Each centre's user (made if missing) owns its data (0700) and state (0700). With bundles run as
+        another user, that user's group may pass through the state directory to the worker socket (0660)
+        and read the SuperNode's FLWR_HOME, where the runtime installs the bundle: state 0710, FLWR_HOME
+        0750, both of that group. Another centre's user, and root's files, get permission denied even
+        where a mount does not hide them."""
+        bundles_gid = pwd.getpwnam(self.app_user).pw_gid if self.app_user else None
+        for c in self.centres:
+            user = ensure_user(centre_user(c.name))
+            home = c.state_dir / "flwr-home"  # made here, before the SuperNode (root) writes into it
+            home.mkdir(parents=True, exist_ok=True)
+            if c.data_dir.is_dir():  # a missing corpus: the worker fails at start naming it, as without users
+                _run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(c.data_dir)])
+                c.data_dir.chmod(0o700)
+            _run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(c.state_dir)])
+            if bundles_gid is None:
+                c.state_dir.chmod(0o700)
+                home.chmod(0o700)
+            else:
+                for d, mode in ((c.state_dir, 0o710), (home, 0o750)):
+                    os.chown(d, user.pw_uid, bundles_gid)
+                    d.chmod(mode)
 
     def create_network(self) -> None:
         server = self.namespaces["server"]
@@ -141,19 +177,51 @@ class NetnsFederation(LocalFederation):
             lines += [f"mount --bind {_q(data)} {_q(data)}", f"mount -o remount,bind,ro {_q(data)}"]
         return "; ".join(lines) + ";"
 
+    def _spawn(self, where: str, name: str, argv: list[str], log: Path, env: dict[str, str],
+               cwd: Path | None = None) -> Any:
+        """A centre's worker runs as the centre's user (its SuperNode stays root: its runtime starts each
+        bundle as --app-user, which needs root)."""
+        if where != "server" and name.startswith("worker "):
+            user = pwd.getpwnam(centre_user(where))
+            # The bundles' group as the worker's only supplementary one (its user is no member of it):
+            # the worker gives its socket that group (`centre serve --socket-group`).
+            groups = [f"--groups={pwd.getpwnam(self.app_user).pw_gid}"] if self.app_user else ["--clear-groups"]
+            argv = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", *groups,
+                    "--no-new-privs", "--", *argv]
+            env = {**env, "HOME": str(self._centre(where).state_dir), "USER": user.pw_name}
+        return super()._spawn(where, name, argv, log, env, cwd)
+
     def _superlink_up(self) -> bool:
         # The ports are in another namespace: read uvicorn's own word, the SuperLink's and the gate's.
         return all(log.exists() and "Uvicorn running on" in log.read_text(errors="replace")
                    for log in (self.logs / "superlink.log", self.logs / "fleetgate.log"))
 
 
+def centre_user(centre: str) -> str:
+    """The system user a centre's worker runs as: bp-CENTRE, or for a long name its first 20 characters
+    and a hash of the whole (two long names sharing a prefix stay two users)."""
+    name = USER_PREFIX + centre
+    if len(name) <= 32:
+        return name
+    return f"{USER_PREFIX}{centre[:20]}-{hashlib.sha256(centre.encode()).hexdigest()[:8]}"
+
+
+def ensure_user(name: str) -> pwd.struct_passwd:
+    """The system user `name` (no home, no login shell, a group of its own), made if missing. Idempotent."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        _run(["useradd", "--system", "--no-create-home", "--shell", NOLOGIN, "--user-group", name])
+        return pwd.getpwnam(name)
+
+
 def netns_available() -> str | None:
     """None if namespaces can be made here, else why not."""
     if os.geteuid() != 0:
         return "network namespaces need root (run with sudo)"
-    for tool in ("ip", "unshare", "mount"):
+    for tool in ("ip", "unshare", "mount", "setpriv", "useradd"):
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode:
-            return f"`{tool}` not found (Debian: iproute2, util-linux, mount)"
+            return f"`{tool}` not found (Debian: iproute2, util-linux, mount, passwd)"
     return None
 
 

@@ -12,6 +12,16 @@ A reverse proxy on uvicorn + starlette + httpx (all already installed with Flowe
 SuperNode authentication passes through untouched (its signature covers a timestamp
 in the headers, which are forwarded as they came).
 
+One check of content (issue 19, "can a node answer as another node?"): the SuperLink
+authenticates a PushMessages request by `request.node.node_id` (the signing key's node),
+but never compares that with the pushed message's own `metadata.src_node_id`, and it
+stores a message without `reply_to_message_id` as an *instruction* (src must then be the
+SuperLink). So node B, with its own valid key, could answer node A's instruction as A
+(and A's own reply is then refused as a duplicate), or send A an instruction as the
+SuperLink. The gate forwards a push only if every message in it is a reply whose
+`src_node_id` is the requesting node; otherwise 403, logged as a refusal. (Flower change
+that would remove it: the SuperLink's push-messages handler comparing the two ids.)
+
     python -m server.fleetgate --listen 0.0.0.0:9093 --upstream https://127.0.0.1:9100 \
         [--certfile C --keyfile K --ca-file CA]
 """
@@ -26,6 +36,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+from flwr.proto.fleet_pb2 import PushMessagesRequest  # pylint: disable=E0611
+from google.protobuf.message import DecodeError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +45,7 @@ from starlette.routing import Route
 
 log = logging.getLogger("bridgepool.fleetgate")
 FLEET_PREFIX = "/v1/fleet/"
+PUSH_MESSAGES = "/v1/fleet/push-messages"
 MAX_BODY_BYTES = 64 << 20  # Flower cuts messages into 5 MiB objects; anything far larger is not Fleet traffic
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the proxy sets itself.
 _DROP = {"host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
@@ -63,6 +76,9 @@ def gate_app(upstream: str, ca_file: str | None = None,
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return Response("request too large for the Fleet API\n", status_code=413)
+        if path == PUSH_MESSAGES and (why := forged_push(body)):
+            log.warning("refused %s from %s: %s", path, request.client.host if request.client else "?", why)
+            return Response(f"refused: {why}\n", status_code=403)
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP]
         try:
             answer = await client.request(request.method, path, params=request.url.query or None, content=body,
@@ -80,6 +96,24 @@ def gate_app(upstream: str, ca_file: str | None = None,
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=["GET", "POST", "PUT", "DELETE", "PATCH"])],
                      lifespan=lifespan)
+
+
+def forged_push(body: bytes) -> str:
+    """Why a Fleet PushMessages body must not reach the SuperLink, "" if it may. The SuperLink checks
+    that `node.node_id` is the signing key's node; this checks that each message is that node's reply."""
+    try:
+        request = PushMessagesRequest.FromString(body)
+    except DecodeError:
+        return "not a PushMessagesRequest"
+    sender = request.node.node_id
+    for m in request.messages_list:
+        if not m.metadata.reply_to_message_id:
+            return (f"node {sender} pushed an instruction (no reply_to_message_id, src_node_id "
+                    f"{m.metadata.src_node_id}): only the ServerApp sends instructions")
+        if m.metadata.src_node_id != sender:
+            return (f"node {sender} pushed a reply to message {m.metadata.reply_to_message_id[:80]} claiming "
+                    f"src_node_id {m.metadata.src_node_id}: a node answers only as itself")
+    return ""
 
 
 def parser() -> argparse.ArgumentParser:

@@ -45,9 +45,10 @@ def poison(kind: str, trained: np.ndarray, sent: np.ndarray) -> wire.Arrays:
 
 
 class HostileWorker(CentreWorker):
-    def handle(self, header: dict[str, Any], arrays: wire.Arrays) -> tuple[dict[str, Any], wire.Arrays]:
+    def handle(self, header: dict[str, Any], arrays: wire.Arrays,
+               peer: int | None = None) -> tuple[dict[str, Any], wire.Arrays]:
         sent = arrays.get(PARAMS_KEY)  # the model it was sent (the worker keeps no copy without int8)
-        reply, out = super().handle(header, arrays)
+        reply, out = super().handle(header, arrays, peer)
         if header.get("op") != "train" or PARAMS_KEY not in out:
             return reply, out
         kind = POISONS[(int(header["round"]) - 1) % len(POISONS)]
@@ -70,9 +71,11 @@ def main() -> None:
     p.add_argument("--nice", type=int, default=0)
     p.add_argument("--metrics-port", type=int, default=0)  # accepted like `centre serve`'s, not served
     p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--require-run-ids", action="store_true")  # as `centre serve`'s: tasks admitted by run id
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
-    worker = HostileWorker(args.centre, Path(args.data_dir), Path(args.state_dir), args.threads, args.nice)
+    worker = HostileWorker(args.centre, Path(args.data_dir), Path(args.state_dir), args.threads, args.nice,
+                           run_ids=args.require_run_ids)
     serve(worker, Path(args.socket))
 
 

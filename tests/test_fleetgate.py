@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from flwr.proto.fleet_pb2 import PushMessagesRequest
+from flwr.proto.message_pb2 import Message, Metadata
+from flwr.proto.node_pb2 import Node
 from starlette.testclient import TestClient
 
 from server.fleetgate import MAX_BODY_BYTES, gate_app
@@ -52,3 +55,23 @@ def test_oversized_requests_and_a_missing_superlink_are_answered_not_forwarded(s
     with TestClient(gate_app("http://127.0.0.1:1", transport=httpx.MockTransport(never))) as client:
         big = client.post("/v1/fleet/push-object", content=b"\0" * (MAX_BODY_BYTES + 1))
     assert big.status_code == 413 and seen == []
+
+
+def _push(node: int, src: int, reply_to: str) -> bytes:
+    message = Message(metadata=Metadata(src_node_id=src, dst_node_id=1, reply_to_message_id=reply_to))
+    return PushMessagesRequest(node=Node(node_id=node), messages_list=[message]).SerializeToString()
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (_push(5, 6, "abc"), "node 5 pushed a reply to message abc claiming src_node_id 6"),
+    (_push(5, 1, ""), "node 5 pushed an instruction"),
+    (b"\xff\xff\xff", "not a PushMessagesRequest"),
+])
+def test_a_push_not_from_the_pushing_node_is_refused(gate, seen, body, says):
+    answer = gate.post("/v1/fleet/push-messages", content=body, headers=SIGNED)
+    assert answer.status_code == 403 and says in answer.text and seen == []
+
+
+def test_a_nodes_own_reply_passes(gate, seen):
+    assert gate.post("/v1/fleet/push-messages", content=_push(5, 5, "abc"), headers=SIGNED).status_code == 200
+    assert len(seen) == 1

@@ -7,12 +7,13 @@ authentication against intruders: tests/test_intruders.py.)
 from __future__ import annotations
 
 import json
+import pwd
 import subprocess
 import sys
 from pathlib import Path
 
 from deploy.local import Centre, LaunchError
-from deploy.netns import NetnsFederation, netns_available
+from deploy.netns import NetnsFederation, centre_user, netns_available
 from models.config import RunConfig, load_defaults
 from tests.conftest import free_base_port, make_centres
 
@@ -120,6 +121,22 @@ def test_netns_hosts_run_a_federation_and_stay_apart(short_tmp, corpora):
             for path in (b.data_dir / "manifest.json", b.state_dir, Path(fed.pki.private_key(b.name))):
                 assert nsenter(pid[name], ["ls", str(path)]).returncode != 0, (name, path)
         assert nsenter(pid[f"worker {a.name}"], ["touch", str(a.data_dir / "x")]).returncode != 0
+
+        # Issue 19, threat 8: each centre's worker runs as a user of its own, who owns that centre's data and
+        # state. As centre a's user, where no mount hides them (the host's view), centre b's corpus and state
+        # are permission denied; root reads them there (so the check is not vacuous).
+        users = {c.name: pwd.getpwnam(centre_user(c.name)) for c in (a, b)}
+        uid = Path(f"/proc/{child(pid[f'worker {a.name}'])}/status").read_text().split("Uid:")[1].split()[:2]
+        assert uid == [str(users[a.name].pw_uid)] * 2, uid  # real and effective
+        as_a = ["setpriv", f"--reuid={users[a.name].pw_uid}", f"--regid={users[a.name].pw_gid}", "--clear-groups"]
+        for path in (b.data_dir / "manifest.json", b.state_dir, b.state_dir / "flwr-home"):
+            denied = subprocess.run([*as_a, "cat" if path.suffix else "ls", str(path)], capture_output=True, text=True)
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr, (path, denied)
+        assert subprocess.run(["cat", str(b.data_dir / "manifest.json")], capture_output=True).returncode == 0
+        assert subprocess.run([*as_a, "cat", str(a.data_dir / "manifest.json")], capture_output=True).returncode == 0
+        for c in (a, b):
+            mode = {d.name: (d.stat().st_uid, d.stat().st_mode & 0o777) for d in (c.data_dir, c.state_dir)}
+            assert mode == {"data": (users[c.name].pw_uid, 0o700), "state": (users[c.name].pw_uid, 0o710)}, mode
 
         # The server namespace holds no data files (the host does: the check is not vacuous).
         find = ["find", str(run_dir), "-name", "*.arrow"]

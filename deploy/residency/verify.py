@@ -202,6 +202,11 @@ def _run(method: str, spec: FederationSpec, run_dir: Path, cfg: RunConfig, captu
     saved = dict(os.environ)
     if method == "netns":
         env["keylog"] = capture_dir / "tls-keys.log"
+        # Each centre's worker runs as the centre's own user (deploy/netns.py) and must append its secrets
+        # too: writable by all, readable by root only (it decrypts the capture).
+        env["keylog"].parent.mkdir(parents=True, exist_ok=True)
+        env["keylog"].touch()
+        env["keylog"].chmod(0o622)
         os.environ.update(keylog_hook(capture_dir / "keylog-hook", env["keylog"]))  # inherited by every process
         fed: Any = CapturedNetns(run_dir, centres, base_port=base, capture_dir=capture_dir)
     else:
