@@ -175,7 +175,7 @@ class CentreWorker:
                 trainer.loaded_in_place()
             arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
                                      str(plane["manifest"]), broadcast_manifest(self._manifest), into=landing)
-            self.plane_bytes[0] += sum(a.nbytes for a in arrays.values()) or (in_place.nbytes if in_place else 0)
+            self.plane_bytes[0] += landing.nbytes if landing is not None else sum(a.nbytes for a in arrays.values())
         sent: np.ndarray | None = None
         if in_place is None or not plane.get("manifest"):  # else: the global model landed in the model's tensors
             try:

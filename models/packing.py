@@ -33,11 +33,16 @@ def pack(state: Mapping[str, torch.Tensor], out: np.ndarray | None = None) -> np
     parts = [state[k].detach().reshape(-1).float().cpu() for k in sorted(state)]
     if out is None:
         return torch.cat(parts).numpy()
-    size = sum(p.numel() for p in parts)
-    if out.dtype != np.float32 or out.shape != (size,) or not out.flags.c_contiguous or not out.flags.writeable:
-        raise PackingError(f"pack's output is {out.dtype} {out.shape}, expected a writable float32 ({size},)")
+    _check_out(out, np.float32, sum(p.numel() for p in parts))
     torch.cat(parts, out=torch.from_numpy(out))
     return out
+
+
+def _check_out(out: np.ndarray, dtype: type, size: int) -> None:
+    """PackingError unless `out` is a writable, contiguous vector of `size` values of `dtype`."""
+    if out.dtype != dtype or out.shape != (size,) or not out.flags.c_contiguous or not out.flags.writeable:
+        raise PackingError(f"output vector is {out.dtype} {out.shape}, expected a writable "
+                           f"{np.dtype(dtype).name} ({size},)")
 
 
 def unpack(vector: np.ndarray, like: Mapping[str, torch.Tensor], copy: bool = True) -> dict[str, torch.Tensor]:
@@ -75,9 +80,7 @@ def pack_bf16_bits(state: Mapping[str, torch.Tensor], out: np.ndarray) -> np.nda
     """`to_bf16_bits(pack(state))` without the fp32 vector: each tensor rounded to bf16 (the same
     round to nearest even, value by value, so the same bits) into `out` (uint16, reused)."""
     parts = [state[k].detach().reshape(-1).cpu().to(torch.bfloat16) for k in sorted(state)]
-    size = sum(p.numel() for p in parts)
-    if out.dtype != np.uint16 or out.shape != (size,) or not out.flags.c_contiguous or not out.flags.writeable:
-        raise PackingError(f"bf16 output is {out.dtype} {out.shape}, expected a writable uint16 ({size},)")
+    _check_out(out, np.uint16, sum(p.numel() for p in parts))
     torch.cat(parts, out=torch.from_numpy(out.view(np.int16)).view(torch.bfloat16))
     return out
 
