@@ -53,7 +53,7 @@ from models.config import RunConfig, check_run_name
 from models.gpt import GPT, build_model
 
 log = logging.getLogger("bridgepool.centre")
-KEEP_OPTIM_ROUNDS = 3  # inner-optimiser states kept on disk (resume needs the last one or two)
+KEEP_OPTIM_ROUNDS = 3  # files of one kind kept on disk (the inner state's: checkpoint-keep)
 STEPS_FILE = "steps.json"  # time budget: round -> [first step, steps taken], every round of the run
 
 
@@ -393,9 +393,10 @@ class CentreTrainer:
         self._keep(self._local_path(server_round), lambda tmp: save_file(state, tmp))
         self._local_round = server_round
 
-    def _keep(self, path: Path, write: Callable[[Path], None], recycle: bool = False) -> None:
+    def _keep(self, path: Path, write: Callable[[Path], None], recycle: bool = False,
+              keep: int = KEEP_OPTIM_ROUNDS) -> None:
         """Write `path` whole or not at all (a crash leaves the newer rounds' files), then drop
-        all but the newest KEEP_OPTIM_ROUNDS files of its kind (same name but the round number).
+        all but the newest `keep` files of its kind (same name but the round number; 0: none go).
         `recycle`: the oldest of them, due to go, is first renamed to the temporary name, for `write`
         to write over in place (`save_in_place`). A crash's leftover temporary file of another round
         goes."""
@@ -406,11 +407,11 @@ class CentreTrainer:
                 inside(self.state_dir, stale).unlink()
         if recycle:
             olds = [p for p in sorted(self.state_dir.glob(kind)) if p != path]
-            if len(olds) >= KEEP_OPTIM_ROUNDS:
+            if keep and len(olds) >= keep:
                 inside(self.state_dir, olds[0]).replace(tmp)
         write(tmp)
         tmp.replace(path)
-        for old in sorted(self.state_dir.glob(kind))[:-KEEP_OPTIM_ROUNDS]:
+        for old in sorted(self.state_dir.glob(kind))[:-keep] if keep else []:
             inside(self.state_dir, old).unlink()
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -453,6 +454,12 @@ class CentreTrainer:
 
     def _save_optim(self, server_round: int) -> None:
         self.flush()
+        if not self.cfg.checkpointed(server_round):
+            # Resume starts from a coordinator checkpoint, and those are the only rounds it has (checkpoint-every):
+            # 1 GB of AdamW moments for `base`, written each round, is disk traffic that every transfer and
+            # the ledger's fsync wait behind. The moments stay in memory for the next round as they are.
+            self._optim_round = server_round
+            return
         # Taken now: its tensors are the live moments (each rank's shard with --shard), which only the
         # next steps change, and those flush first (`_load_optim`, `_steps`).
         state, path = self._optim_to_disk(), self._optim_path(server_round)
@@ -461,7 +468,7 @@ class CentreTrainer:
         self._optim_round = server_round
 
         def write() -> None:
-            self._keep(path, lambda tmp: save_in_place(state, tmp), recycle=True)
+            self._keep(path, lambda tmp: save_in_place(state, tmp), recycle=True, keep=self.cfg.checkpoint_keep)
             if position is not None:
                 inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(position))
 

@@ -157,8 +157,11 @@ class CentreWorker:
             return self._runtime_op(str(op), header, peer), {}
         self._check_ticket(header)
         self.gate.admit(header)  # the centre's policy: raises PolicyRefused (in the ledger) before any work
+        self.phases.mark("admit")
         if op == "egress-check":
-            return self._egress_check(header), {}
+            reply = self._egress_check(header)
+            self.phases.mark("guard")
+            return reply, {}
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
             return self._reply(trainer, header, {}, {})
@@ -281,7 +284,7 @@ class CentreWorker:
         plane = header.get("data-plane") or {}
         if out and plane.get("token"):
             reply = self._upload(reply, out, plane, run, rnd, op)
-            self.phases.mark("upload")
+            self.phases.mark("send")
             trainer.flush()
             self.phases.mark("state-write")  # the part of the optimiser state's write the update did not hide
             self.vouch(content_digest(reply_records(reply, {})))
@@ -360,6 +363,7 @@ class CentreWorker:
         checks it against the model's manifest and the ledger holds each array's size and SHA-256 before a
         byte leaves. The reply the ClientApp relays carries only the manifest (`upload`)."""
         entries = blob.layout(out, {BF16_KEY: blob.BF16})  # hashed once, here; the server checks them on arrival
+        self.phases.mark("hash")
         manifest = blob.to_json(entries)
         reply["upload"] = manifest
         message = {**describe_worker_reply(reply, {}), "arrays": describe_blob(entries)}
@@ -367,6 +371,7 @@ class CentreWorker:
         url = str(plane["url"])
         self.egress.check(message, self._manifest, run=run, round=rnd, op=op, stage="data-plane", upload=sha,
                           destination=url)
+        self.phases.mark("guard")  # the ledger's line is on disk (fsync) before a byte leaves
         try:
             self.plane_bytes[1] += dataplane.upload(self.destination, url, str(plane["token"]), out, entries)
         except dataplane.DataPlaneError as err:

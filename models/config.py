@@ -69,6 +69,8 @@ class RunConfig:
     run_dir: str
     run_name: str
     resume: bool
+    checkpoint_every: int  # rounds between checkpoints; the last round is always one
+    checkpoint_keep: int  # newest checkpoints kept (coordinator's and centres' inner state); 0 = all
     metrics_port: int  # the ServerApp's Prometheus endpoint; 0 = off
     max_norm_factor: float  # reject pseudo-gradients above this x the round's median norm; 0 = off
     aggregator: str  # how accepted pseudo-gradients are combined (AGGREGATORS)
@@ -92,10 +94,10 @@ class RunConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("aggregator", self.aggregator, AGGREGATORS)
         check_run_name(self.run_name)
-        for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres"):
+        for key in ("rounds", "inner-steps", "batch-size", "eval-batches", "expected-centres", "checkpoint-every"):
             _at_least(key, getattr(self, _snake(key)), 1)
         for key in ("seq-len", "inner-warmup-steps", "threads", "min-centres", "seed", "metrics-port",
-                    "overlap-steps"):
+                    "overlap-steps", "checkpoint-keep"):
             _at_least(key, getattr(self, _snake(key)), 0)
         self._check_budget()
         for key in ("inner-lr", "outer-lr", "connect-timeout", "round-timeout"):
@@ -149,6 +151,11 @@ class RunConfig:
             # the count would depend on how long the server took to aggregate, and resume would not replay it.
             raise ConfigError("config keys 'round-seconds' and 'overlap-steps' cannot both be set: a time budget "
                               "already keeps every centre busy; set overlap-steps = 0 or round-seconds = 0")
+
+    def checkpointed(self, rnd: int) -> bool:
+        """Whether round `rnd` ends with a checkpoint: every `checkpoint-every` rounds, and the last. The
+        centres keep their inner-optimiser state for these rounds only: resume starts from one of them."""
+        return rnd % self.checkpoint_every == 0 or rnd == self.rounds
 
     @property
     def budgeted(self) -> bool:

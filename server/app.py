@@ -111,6 +111,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
     clock = ReplyClock(cfg.inner_steps)
     saver = BackgroundWrite("a checkpoint")
     sums: np.ndarray | None = None  # the vector a round's mean is summed in, kept for the next round
+    saved = start - 1  # the newest round with a checkpoint (a resumed run starts after one; 0: none)
     try:
         for rnd in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -130,14 +131,14 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             for centre, code in ex.codes.values():
                 metrics.reject(centre, code)
             if len(accepted) < cfg.quorum:
-                last = checkpoint_dir(run_dir) / f"round-{rnd - 1:04d}"
+                last = checkpoint_dir(run_dir) / f"round-{saved:04d}"
                 raise QuorumLost(
                     f"round {rnd}: {len(accepted)} of {len(nodes)} centres replied with a valid "
                     f"update, below the quorum of {cfg.quorum} "
                     f"({'; '.join(f'{k}: {v}' for k, v in ex.failures.items())}); "
                     f"stopped after round {rnd - 1}"
                     + (f" (checkpoint {last}); restart the missing centres and resume with --resume"
-                       if rnd > 1 else "; restart the missing centres and start again")
+                       if saved else "; restart the missing centres and start again")
                 )
             tokens = [r.metrics["tokens"] for r in accepted]
             if plane is None:
@@ -158,12 +159,15 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             del update
             agg_seconds = time.perf_counter() - t_agg
             t_ckpt = time.perf_counter()
-            # Zero-copy (safetensors reads the live tensors), in the background: the next round waits for it
-            # before its own step. A coordinator killed meanwhile resumes from the round before.
-            saver.start(functools.partial(save_checkpoint, run_dir, rnd, outer.weights(), outer.optimizer_state(),
-                                          cfg.to_mapping(),
-                                          broadcast=broadcast.base if cfg.compression == "int8" else None),
-                        f"the checkpoint of round {rnd}")
+            if cfg.checkpointed(rnd):  # every checkpoint-every rounds and the last: the centres keep their state then
+                # Zero-copy (safetensors reads the live tensors), in the background: the next round waits for it
+                # before its own step. A coordinator killed meanwhile resumes from the checkpoint before.
+                saver.start(functools.partial(save_checkpoint, run_dir, rnd, outer.weights(), outer.optimizer_state(),
+                                              cfg.to_mapping(),
+                                              broadcast=broadcast.base if cfg.compression == "int8" else None,
+                                              keep=cfg.checkpoint_keep),
+                            f"the checkpoint of round {rnd}")
+                saved = rnd
             reference = None  # the old b goes as soon as the next round's replaces it
             record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
             # What the round waited for checkpoints: the last round's write, if it had not ended, and this start.

@@ -72,7 +72,10 @@ def save_checkpoint(
     config: dict[str, Any],
     extra: dict[str, Any] | None = None,
     broadcast: np.ndarray | None = None,
+    keep: int = 0,
 ) -> Path:
+    """Write round `round_`'s checkpoint whole or not at all; then drop all but the newest `keep`
+    (0: keep every one). A base-size run writes 1 GB a round: kept forever, a long run fills the disk."""
     root = checkpoint_dir(run_dir)
     final = root / f"round-{round_:04d}"
     tmp = root / f".round-{round_:04d}.tmp"
@@ -96,6 +99,9 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    if keep:
+        for old in sorted(root.glob("round-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -27,6 +27,8 @@ def test_defaults_parse():
     ("outer-momentum", float("nan"), "'outer-momentum' must be in"),
     ("dp-clip", float("inf"), "'dp-clip' must be a finite number"),
     ("metrics-port", 70000, "'metrics-port' must be a TCP port"),
+    ("checkpoint-every", 0, "'checkpoint-every' must be >= 1"),
+    ("checkpoint-keep", -1, "'checkpoint-keep' must be >= 0"),
 ])
 def test_invalid_values_name_the_key(key, value, needle):
     values = {**load_defaults(), key: value}

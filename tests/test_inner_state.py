@@ -76,3 +76,24 @@ def test_each_rounds_state_is_written_over_the_oldest_file_and_reads_back_whole(
     for i in live:
         for k in live[i]:
             assert torch.equal(live[i][k], saved[i][k]), (i, k)
+
+
+def test_the_state_is_kept_for_checkpointed_rounds_only_and_a_restart_resumes_from_one(tmp_path, corpora):
+    """checkpoint-every = 2: the centre writes its AdamW state after rounds 2, 4 and the last (5) only,
+    keeps checkpoint-keep of them, and holds the other rounds' in memory; a worker restarted when the
+    coordinator resumes from round 4's checkpoint trains round 5 bit-equal to the warm one."""
+    cfg = RunConfig.from_mapping({**_cfg(tmp_path).to_mapping(), "rounds": 5, "checkpoint-every": 2,
+                                  "checkpoint-keep": 2})
+    data, run_state = corpora["fr-genci"], tmp_path / "state" / "inner"
+    warm = CentreTrainer("fr-genci", data, tmp_path / "state", cfg)
+    g = {k: v.clone() for k, v in warm.model.state_dict().items()}
+    for rnd in range(1, 5):
+        g = _train(warm, g, rnd)
+        saved = sorted(p.name for p in run_state.glob("inner-optim-round-*"))
+        assert saved == [f"inner-optim-round-{r:04d}.pt" for r in (2, 4) if r <= rnd], (rnd, saved)
+    first = _train(warm, g, 5)
+    cold = _train(CentreTrainer("fr-genci", data, tmp_path / "state", cfg), g, 5)
+    for k in first:
+        assert torch.equal(first[k], cold[k]), k
+    assert sorted(p.name for p in run_state.glob("inner-optim-round-*")) == [
+        "inner-optim-round-0004.pt", "inner-optim-round-0005.pt"]

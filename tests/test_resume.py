@@ -128,3 +128,29 @@ def test_a_run_killed_after_round_k_resumes_at_k_plus_1_bit_identical(tmp_path):
         _same(_ckpt(run_dir, rnd).outer, _ckpt(ref_dir, rnd).outer, f"round {rnd} momentum")
     _same(load_file(run_dir / "final_model.safetensors"), load_file(ref_dir / "final_model.safetensors"),
           "final model")
+
+
+def test_checkpoints_every_k_rounds_keep_the_newest_and_resume_from_one(tmp_path):
+    """checkpoint-every = 2, checkpoint-keep = 1: rounds 2, 4 and the last (5) are checkpointed, only the
+    newest stays on disk; a coordinator killed before round 4 resumes from round 2 (the newest it has),
+    trains 3 again, and ends bit-equal to the unbroken run with the same cadence."""
+    cadence = {"rounds": 5, "outer-lr": 0.7, "outer-momentum": 0.9, "checkpoint-every": 2, "checkpoint-keep": 1}
+    tokens = token_cap(_config(tmp_path / "cap"))
+
+    def run(grid: Centres, run_dir: Path, resume: bool = False) -> None:
+        cfg = _config(run_dir, **{**cadence, "resume": resume})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        federate(grid, cfg, run_dir, RunLog(run_dir, cfg.to_mapping(), resume=resume))
+
+    ref_dir, run_dir = tmp_path / "unbroken", tmp_path / "killed"
+    run(Centres(tokens), ref_dir)
+    assert sorted(p.name for p in (ref_dir / "checkpoints").glob("round-*")) == ["round-0005"]
+    with pytest.raises(Killed):
+        run(Centres(tokens, kill_at=4), run_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*")) == ["round-0002"]
+    resumed = Centres(tokens)
+    run(resumed, run_dir, resume=True)
+    assert resumed.rounds == [3, 4, 5]  # round 3 ran before the kill, but had no checkpoint
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*")) == ["round-0005"]
+    _same(_ckpt(run_dir, 5).model, _ckpt(ref_dir, 5).model, "round 5 model")
+    _same(_ckpt(run_dir, 5).outer, _ckpt(ref_dir, 5).outer, "round 5 momentum")
