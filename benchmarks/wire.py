@@ -124,8 +124,10 @@ def run_all(quick: bool, ratio: bool, centres: int = 2) -> dict[str, Any]:
         if not quick:  # the tiny model writes no disk traffic worth showing
             scenarios.append(("stream fp32, checkpoint each round", {"data-plane": "stream", "checkpoint-every": 1}))
         for label, over in scenarios:
-            run = federate(corpora, work, label.replace(" ", "-").replace(",", ""), **{**plan, **over})
+            name = label.replace(" ", "-").replace(",", "")
+            run = federate(corpora, work, name, **{**plan, **over})
             out["scenarios"][label] = wire_figures(run)
+            shutil.rmtree(work / name, ignore_errors=True)  # base: ~10 GB of checkpoints and state a scenario
             print(f"{label}: {json.dumps(out['scenarios'][label]['bytes-per-second'])} B/s", flush=True)
         if ratio:
             cfg = _config(work / "bare", len(corpora), **RATIO)

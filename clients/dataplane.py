@@ -85,8 +85,24 @@ def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.
         blob.check_against(entries, allowed)
     except blob.BlobError as err:
         raise DataPlaneError(f"the round's model manifest is not this model's: {err}") from err
-    size = blob.total_bytes(entries)
-    if into is not None and (len(entries) != 1 or entries[0].nbytes != into.nbytes):
+    _, buffer = _get(dest, url, token, allowed, into, entries)
+    return blob.split(buffer, entries) if into is None else {}
+
+
+def fetch_ahead(dest: Destination, url: str, token: str, allowed: blob.Shapes, into: blob.Pieces) -> list[blob.Entry]:
+    """The next round's model, read with a token granted ahead (server/dataplane.py `grant_ahead`) before
+    its message has come: the server holds the request until the model is published. It lands in
+    `into`, checked against `allowed` and hashed against the manifest the server sends with it; that
+    manifest is returned, for the worker to compare with the one the round's Flower message announces
+    (only then is the model the round's)."""
+    return _get(dest, url, token, allowed, into, None)[0]
+
+
+def _get(dest: Destination, url: str, token: str, allowed: blob.Shapes, into: blob.Pieces | None,
+         announced: list[blob.Entry] | None) -> tuple[list[blob.Entry], np.ndarray]:
+    """GET the blob; `announced`: the manifest it must be (None: the server's, checked against `allowed`)."""
+    size = blob.total_bytes(announced) if announced is not None else 0
+    if into is not None and announced is not None and (len(announced) != 1 or announced[0].nbytes != into.nbytes):
         raise DataPlaneError(f"the round's model ({size} bytes) is not one array of this model's {into.nbytes}")
     buffer = np.empty(size if into is None else 0, np.uint8)
     conn = dest.connect(url)
@@ -95,9 +111,15 @@ def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.
         resp = conn.getresponse()
         if resp.status != 200:
             raise DataPlaneError(f"data plane refused the model download: {_reason(resp)}", resp.status)
-        if blob.from_json(resp.getheader(MANIFEST_HEADER) or "") != entries:
+        served = blob.from_json(resp.getheader(MANIFEST_HEADER) or "")
+        if announced is None:
+            blob.check_against(served, allowed)
+            if into is None or len(served) != 1 or served[0].nbytes != into.nbytes:
+                raise DataPlaneError("the data plane serves another model than this centre's")
+            size = blob.total_bytes(served)
+        elif served != announced:
             raise DataPlaneError("the data plane serves another model than the round's message announces")
-        hasher, pos = blob.RegionHasher(entries), 0
+        hasher, pos = blob.RegionHasher(served), 0
         for target in (into.views() if into is not None else [memoryview(buffer)]):
             done = 0
             while done < len(target):
@@ -115,7 +137,7 @@ def fetch(dest: Destination, url: str, token: str, manifest: str, allowed: blob.
         raise DataPlaneError(f"model download from {url} failed: {err}") from err
     finally:
         conn.close()
-    return blob.split(buffer, entries) if into is None else {}
+    return served, buffer
 
 
 def upload(dest: Destination, url: str, token: str, arrays: Mapping[str, blob.Array],

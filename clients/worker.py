@@ -139,6 +139,12 @@ class CentreWorker:
         # The next round's first steps, trained while the server aggregates, and the trainer (run) they belong to.
         self._ahead: tuple[CentreTrainer, Ahead | None] | None = None
         self._ahead_thread: threading.Thread | None = None
+        # The next round's model, pulled into the model's tensors once a train reply has left, with a read
+        # the server granted ahead (`dp-next`): (trainer, landing tensors, url, token) until it starts, then
+        # (trainer, the manifest it was served with, its seconds) once it landed whole.
+        self._prefetch_plan: tuple[CentreTrainer, blob.Pieces, str, str] | None = None
+        self._prefetch_thread: threading.Thread | None = None
+        self._prefetched: tuple[CentreTrainer, list[blob.Entry], float] | None = None
         self._next_round = 0  # after a train reply: the round to train ahead for (0 = none)
         # Fail at start-up, naming the centre, rather than in round 1.
         for split in ("train", "validation"):
@@ -162,6 +168,8 @@ class CentreWorker:
             reply = self._egress_check(header)
             self.phases.mark("guard")
             return reply, {}
+        prefetched = self._join_prefetch()  # nothing else may touch the model while the next one lands in it
+        self.phases.mark("ahead-wait")
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
             return self._reply(trainer, header, {}, {})
@@ -174,10 +182,14 @@ class CentreWorker:
         in_place = self._in_place(trainer, header, plane)
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
             landing = self._in_place(trainer, header, plane, landing=True)
-            if landing is not None:  # from here the model is the download's, whole or (failing) in part
-                trainer.loaded_in_place()
-            arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
-                                     str(plane["manifest"]), broadcast_manifest(self._manifest), into=landing)
+            if landing is not None and _landed(prefetched, trainer, str(plane["manifest"])):
+                arrays = {}  # pulled ahead, and it is the model this message announces, digest for digest
+                self.phases.seconds["pulled-ahead"] = prefetched[2]  # the download's time, before the message
+            else:
+                if landing is not None:  # from here the model is the download's, whole or (failing) in part
+                    trainer.loaded_in_place()
+                arrays = dataplane.fetch(self.destination, str(plane["url"]), str(plane["token"]),
+                                         str(plane["manifest"]), broadcast_manifest(self._manifest), into=landing)
             self.plane_bytes[0] += landing.nbytes if landing is not None else sum(a.nbytes for a in arrays.values())
         sent: np.ndarray | None = None
         if in_place is None or not plane.get("manifest"):  # else: the global model landed in the model's tensors
@@ -226,7 +238,14 @@ class CentreWorker:
                 else:
                     out = {PARAMS_KEY: new}
             self.phases.mark("pack")
-        return self._reply(trainer, header, metrics, out)
+        reply, out = self._reply(trainer, header, metrics, out)
+        if op == "train" and in_place is not None and plane.get("next") and "upload" in reply:
+            # The update has left and the state is written: nothing needs this model any more, so the next
+            # round's can land in it while the server aggregates and Flower brings the round's message.
+            landing = self._in_place(trainer, header, plane, landing=True)
+            if landing is not None:
+                self._prefetch_plan = (trainer, landing, str(plane["url"]), str(plane["next"]))
+        return reply, out
 
     def _in_place(self, trainer: CentreTrainer, header: dict[str, Any], plane: dict[str, Any],
                   landing: bool = False) -> blob.Pieces | None:
@@ -256,12 +275,33 @@ class CentreWorker:
         """Once a train reply has left: train the next round's first steps in the background
         (overlap-steps), so the centre computes while the server aggregates. The next train
         or evaluate request waits for them; pings and egress checks do not."""
+        plan, self._prefetch_plan = self._prefetch_plan, None
+        if plan is not None:
+            self._prefetch_thread = threading.Thread(target=self._prefetch, args=plan, name="prefetch", daemon=True)
+            self._prefetch_thread.start()
         rnd, self._next_round = self._next_round, 0
         if rnd and self._trainer is not None:
             trainer = self._trainer
             self._ahead_thread = threading.Thread(target=self._train_ahead, args=(trainer, rnd),
                                                   name=f"ahead-{rnd}", daemon=True)
             self._ahead_thread.start()
+
+    def _prefetch(self, trainer: CentreTrainer, landing: blob.Pieces, url: str, token: str) -> None:
+        try:
+            trainer.loaded_in_place()  # from here the model is the download's, whole or in part
+            t0 = time.perf_counter()
+            entries = dataplane.fetch_ahead(self.destination, url, token, broadcast_manifest(self._manifest), landing)
+            self._prefetched = (trainer, entries, time.perf_counter() - t0)
+        except Exception as err:  # the round's message then fetches it with its own token
+            log.info("[%s] the next round's model was not pulled ahead: %s", self.centre, err)
+            self._prefetched = None
+
+    def _join_prefetch(self) -> tuple[CentreTrainer, list[blob.Entry], float] | None:
+        if self._prefetch_thread is not None:
+            self._prefetch_thread.join()
+            self._prefetch_thread = None
+        prefetched, self._prefetched = self._prefetched, None
+        return prefetched
 
     def _train_ahead(self, trainer: CentreTrainer, rnd: int) -> None:
         try:
@@ -418,6 +458,19 @@ class CentreWorker:
             log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
                      self._trainer.model.num_params(), cfg.run_name)
         return self._trainer
+
+
+def _landed(prefetched: tuple[CentreTrainer, list[blob.Entry], float] | None, trainer: CentreTrainer,
+            manifest: str) -> bool:
+    """Whether the model pulled ahead into `trainer`'s tensors is the one `manifest` (the round's Flower
+    message, authenticated) announces: the same arrays and digests as the data plane served and the
+    download verified."""
+    if prefetched is None or prefetched[0] is not trainer:
+        return False
+    try:
+        return blob.from_json(manifest) == prefetched[1]
+    except blob.BlobError:
+        return False
 
 
 def wire_manifest(params: Manifest) -> Manifest:

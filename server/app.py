@@ -118,7 +118,8 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             nodes = _listed(grid, registry, liveness, runlog)  # centres that (re)joined take part from now on
             reference = _sent(broadcast, outer, plane)  # what the centres train from
             ex = exchange(grid, nodes, "train", broadcast, rnd, cfg.round_timeout, liveness, cfg.quorum,
-                          expected=clock.expected(), plane=plane)
+                          expected=clock.expected(), plane=plane,
+                          ahead=rnd < cfg.rounds and cfg.compression == "none")  # int8 rounds send deltas
             clock.observe(ex)
             # The previous round's checkpoint was written while this round's bytes travelled; it is on disk
             # before a quorum error names it, and before the step changes the tensors it reads.

@@ -48,6 +48,9 @@ from server.spool import SpooledUpdate, clear_spool, open_spool
 log = logging.getLogger("bridgepool.server")
 CHUNK = 4 << 20  # bytes read and hashed at a time: large enough that the per-call cost vanishes
 IDLE_SECONDS = 60.0  # a connection that sends nothing for this long is dropped (a stalled or hostile peer)
+# A read granted ahead waits this long at most for its model to be published (below the centres' 120 s
+# socket timeout); then 404, and the centre fetches with the next round's own token instead.
+AHEAD_WAIT_SECONDS = 100.0
 MANIFEST_HEADER = "X-Bridgepool-Manifest"
 
 
@@ -63,6 +66,8 @@ class Grant:
     received: tuple[list[blob.Entry], np.ndarray] | SpooledUpdate | None = None  # a whole, verified update
     busy: bool = False  # an upload is streaming in
     ended: bool = False  # its exchange is over: a late upload is answered 410 and not kept
+    # Granted a round ahead (`grant_ahead`): the next round's model, read once, as soon as it is published.
+    ahead: bool = False
     log: list[str] = field(default_factory=list)  # refusals, for the ServerApp's log
 
 
@@ -79,6 +84,9 @@ class DataPlaneServer:
         self._grants: dict[str, Grant] = {}
         self._readers: dict[int, int] = {}  # id of a published array -> downloads of it under way
         self._lock = threading.Lock()
+        self._published = threading.Condition(self._lock)  # wakes reads granted ahead (`grant_ahead`)
+        self._closing = False
+        self.ahead_wait = AHEAD_WAIT_SECONDS
         self.tls: ssl.SSLContext | None = None
         if certfile:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -103,6 +111,9 @@ class DataPlaneServer:
         return self
 
     def stop(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._published.notify_all()
         self._httpd.shutdown()
         self._httpd.server_close()
         with self._lock:
@@ -123,12 +134,23 @@ class DataPlaneServer:
         entries = blob.layout(arrays)
         with self._lock:
             self._blobs[blob_id] = (entries, {k: np.ascontiguousarray(v) for k, v in arrays.items()})
+            self._published.notify_all()
         return entries
 
     def grant(self, node: int, rnd: int, blob_id: str | None, upload: blob.Shapes | None, ttl: float) -> str:
         token = secrets.token_urlsafe(32)
         with self._lock:
             self._grants[token] = Grant(node, rnd, blob_id, upload, time.monotonic() + ttl)
+        return token
+
+    def grant_ahead(self, node: int, rnd: int, blob_id: str, ttl: float) -> str:
+        """A token to read `blob_id`, round `rnd`'s model, once, before it exists: given with the round
+        before's message, so the centre pulls the next model as soon as it is published, while Flower
+        still carries the round's message (~1 s here). Its exchange does not end it: it is used up by
+        one whole read, or expires."""
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._grants[token] = Grant(node, rnd, blob_id, None, time.monotonic() + ttl, ahead=True)
         return token
 
     def take(self, token: str, digests: Mapping[str, str]) -> dict[str, np.ndarray] | SpooledUpdate:
@@ -159,7 +181,8 @@ class DataPlaneServer:
                 del self._grants[token]
             for g in self._grants.values():
                 _discard(g.received)
-                g.ended, g.received = True, None
+                g.received = None
+                g.ended = g.ended or not g.ahead  # a read granted ahead is for the exchange that follows
 
     # ------------------------------------------------------------ the handler's side
     def _grant_for(self, header: str | None) -> tuple[str, Grant]:
@@ -175,6 +198,12 @@ class DataPlaneServer:
     def serve_blob(self, handler: _Handler) -> None:
         _, g = self._grant_for(handler.headers.get("Authorization"))
         with self._lock:
+            if g.ahead:  # wait for the model to be published: the round before is still aggregating
+                if g.ended:
+                    raise _Refused(410, f"the read granted ahead for round {g.round} was used")
+                self._published.wait_for(lambda: (g.blob_id or "") in self._blobs or self._closing,
+                                         timeout=max(0.0, min(self.ahead_wait, g.expires - time.monotonic())))
+                g.ended = (g.blob_id or "") in self._blobs  # one read: the centre's own copy from here
             stored = self._blobs.get(g.blob_id or "")
         if stored is None:
             raise _Refused(404, f"no model to read with this token (round {g.round})")

@@ -167,6 +167,7 @@ def exchange(
     quorum: int = 0,
     expected: float = 0.0,
     plane: Plane | None = None,
+    ahead: bool = False,
 ) -> Exchange:
     """Send the current broadcast model (`broadcast.advance` was called) to every node and
     gather replies until all answer or the deadline.
@@ -176,6 +177,8 @@ def exchange(
     With `liveness`, suspects (nodes that missed a round) are not waited for once
     `quorum` replies are in, and late replies to earlier rounds clear suspicion. `expected`
     (ReplyClock): seconds after which replies are due, to pull sparsely before then.
+    `ahead` (data plane, train): each centre is also granted a read of the next round's full
+    model (`DataPlaneServer.grant_ahead`), to pull it the moment it is published.
     """
     live = liveness or Liveness()
     live.listed(node_ids)
@@ -196,6 +199,9 @@ def exchange(
             if plane is not None:
                 config.update(_on_plane(plane, p.form, p.arrays, published, nid, message_type, server_round,
                                         timeout, tokens))
+                if ahead and message_type == "train":  # the blob id the next round publishes its full model as
+                    config["dp-next"] = plane.server.grant_ahead(nid, server_round + 1,
+                                                                 f"train/{server_round + 1}/{FULL}", 2 * timeout + 60.0)
                 content["config"] = ConfigRecord(config)
                 result.bytes_sent += published[p.form][1] if p.form in published else 0
             else:

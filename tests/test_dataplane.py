@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from clients.dataplane import DataPlaneError, Destination, fetch, upload
+from clients.dataplane import DataPlaneError, Destination, fetch, fetch_ahead, upload
 from models import blob
 from models.packing import BF16_KEY, INT8_KEY, PARAMS_KEY, SCALE_KEY, from_bf16_bits, to_bf16_bits
 from server.aggregation import weighted_average
@@ -320,3 +320,31 @@ def test_the_next_rounds_model_is_not_packed_over_one_still_being_downloaded():
         assert broadcast.base is last and np.array_equal(last, outer.params["w"].detach().numpy())
     finally:
         p.server.stop()
+
+
+def test_a_read_granted_ahead_waits_for_its_model_and_is_used_once(plane):
+    """The token a centre gets a round ahead reads the next round's model as soon as it is published,
+    however long the round before takes to aggregate; the exchange that publishes it does not end it;
+    it reads once; and where nothing comes it is answered 404 after a bounded wait."""
+    token = plane.server.grant_ahead(7, 2, "train/2/full", ttl=60)
+    into = blob.Pieces((np.zeros(N // 2, np.float32), np.zeros(N - N // 2, np.float32)))
+    got: list = []
+    pulling = threading.Thread(target=lambda: got.append(fetch_ahead(LOCAL, plane.url, token, SHAPES, into)))
+    pulling.start()
+    time.sleep(0.3)
+    assert not got  # held: round 2's model is not published yet
+    plane.server.end_exchange()  # round 2's exchange begins: ends round 1's grants, not this one
+    model = _vector(2)
+    entries = plane.server.publish("train/2/full", {PARAMS_KEY: model})
+    pulling.join(timeout=10)
+    assert got == [entries] and np.array_equal(np.concatenate(into.parts), model)
+    with pytest.raises(DataPlaneError, match="410"):  # one read
+        fetch_ahead(LOCAL, plane.url, token, SHAPES, into)
+    with pytest.raises(DataPlaneError, match="the model allows"):  # checked before it lands
+        fetch_ahead(LOCAL, plane.url, plane.server.grant_ahead(7, 2, "train/2/full", ttl=60),
+                    upload_shapes(N + 1, "none", "fp32"), into)
+    plane.server.ahead_wait = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(DataPlaneError, match="404"):  # never published
+        fetch_ahead(LOCAL, plane.url, plane.server.grant_ahead(7, 3, "train/3/full", ttl=60), SHAPES, into)
+    assert time.monotonic() - t0 < 5

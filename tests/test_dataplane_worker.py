@@ -145,3 +145,59 @@ def test_the_model_does_not_land_in_place_where_the_model_sent_is_still_needed(w
         trainer.device = torch.device("cuda")
     assert worker._in_place(trainer, header, plane) is None
     assert worker._in_place(trainer, header, plane, landing=True) is None
+
+
+def test_the_next_rounds_model_is_pulled_ahead_and_used_only_if_the_message_announces_it(worker, tmp_path,
+                                                                                           monkeypatch):
+    """After a train reply with a read granted ahead (`next`), the worker pulls the next round's model
+    into its tensors while the server aggregates; when the round's message announces that model, digest
+    for digest, it trains on it with no second download, and uploads what a worker that fetched it with
+    the round's message uploads. A message that announces another model is fetched as before."""
+    from clients import dataplane
+    from clients.worker import CentreWorker
+    from models.gpt import build_model
+    from models.packing import pack
+
+    initial = pack(build_model("tiny", seed=0).state_dict())
+    shapes = upload_shapes(initial.size, "none", "fp32")
+    other = CentreWorker("fr-genci", worker.data_dir, tmp_path / "other-state")
+    header = {"op": "train", "run-config": _run_config(tmp_path), "broadcast": {"form": "full"}}
+    fetches, real_fetch = [], dataplane.fetch
+
+    def fetch_spy(*args, **kw):
+        fetches.append(args[2])  # the token: whose round it is
+        return real_fetch(*args, **kw)
+
+    def train(rnd: int, model: np.ndarray, ahead: bool) -> None:
+        """Round `rnd` for both workers; `worker` also gets a read of round rnd + 1 granted ahead."""
+        manifest = blob.to_json(p.server.publish(f"train/{rnd}/full", {PARAMS_KEY: model}))
+        for w in (worker, other):
+            plane = {"url": p.url, "token": p.server.grant(1, rnd, f"train/{rnd}/full", shapes, ttl=60),
+                     "manifest": manifest}
+            if ahead and w is worker:
+                plane["next"] = p.server.grant_ahead(1, rnd + 1, f"train/{rnd + 1}/full", ttl=60)
+            w.handle({**header, "round": rnd, "data-plane": plane}, {})
+            w.after_reply()  # the serve loop's call once the reply has left: the pull starts, and waits
+
+    monkeypatch.setattr(dataplane, "fetch", fetch_spy)
+    p = open_plane("127.0.0.1", 0, "", "", "", shapes)
+    try:
+        train(2, initial, ahead=True)
+        assert worker._prefetch_thread is not None and worker._prefetch_thread.is_alive()  # held until published
+        fetches.clear()
+        served = p.server.bytes_served
+        later = initial + np.float32(0.01)
+        assert np.array_equal(_update_from(worker, p, later, header, 3), _update_from(other, p, later, header, 3))
+        assert len(fetches) == 1  # only `other` downloaded round 3 with its message
+        assert p.server.bytes_served == served + 2 * initial.nbytes  # once per worker: ahead, or with the message
+
+        # Pulled ahead, but the message announces another model (a coordinator that restarted): fetched again.
+        train(4, later, ahead=True)
+        p.server.publish("train/5/full", {PARAMS_KEY: initial})
+        worker._prefetch_thread.join(timeout=30)
+        fetches.clear()
+        last = later + np.float32(0.02)
+        assert np.array_equal(_update_from(worker, p, last, header, 5), _update_from(other, p, last, header, 5))
+        assert len(fetches) == 2
+    finally:
+        p.server.stop()
