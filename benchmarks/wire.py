@@ -5,10 +5,11 @@
     bridgepool bench --wire --ratio         # also the real-size ratio: base at H=20 against its bare loop
 
 Wire scenario: the same federation (2 centres, H=1, batch 1 x 64 tokens, 1 eval batch: minimal
-compute, one checkpoint at the end, so rounds 2-4 are the steady rounds measured) once with `data-plane = "stream"` and once with `"flower"`, one
-after the other in the same run; then the stream once more with a checkpoint each round (the default
-cadence), to show what that disk traffic costs the wire. Per steady round (round 1 carries no weights: the centres build the seed's model), the time the
-weights took is what is left of the round's wall time after the slowest centre's compute and
+compute, one checkpoint at the end, so rounds 2-4 are the steady rounds measured) once with
+`data-plane = "stream"` and once with `"flower"`, one after the other in the same run; then the
+stream once more with a checkpoint each round (the default cadence), to show what that disk traffic
+costs the wire. Per steady round (round 1 carries no weights: the centres build the seed's model),
+the time the weights took is what is left of the round's wall time after the slowest centre's compute and
 evaluation, the aggregation (with the screening of the updates, on the data plane the same read of
 each update as the sum) and the checkpoint; the effective throughput is the model bytes the round
 moved (the global model to each centre, each centre's update back) over that time. Peak resident
@@ -150,8 +151,9 @@ def report(res: dict[str, Any]) -> str:
     s = res["scenarios"]
     lines = ["# Model updates on the wire: data plane vs Flower messages", "",
              f"Plan: {json.dumps(res['plan'])}; 2 centres on one machine, loopback. "
-             "Steady rounds (2..N, those without a checkpoint where there are such); 'moving' = round wall - slowest centre's compute+eval - aggregation - "
-             "checkpoint; throughput = model bytes moved (global to each centre + each update) / moving.", "",
+             "Steady rounds (2..N, those without a checkpoint where there are such); "
+             "'moving' = round wall - slowest centre's compute+eval - aggregation - checkpoint; "
+             "throughput = model bytes moved (global to each centre + each update) / moving.", "",
              "| scenario | round s | moving s/round | bytes/round | effective throughput | worker peak RSS | "
              "coordinator peak RSS | coordinator / model bytes |", "|---|---|---|---|---|---|---|---|"]
     for name, f in s.items():
