@@ -285,7 +285,8 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
 
     from clients.dataplane import LOOPBACK_HOSTS, Destination
     from clients.policy import Policy
-    from clients.worker import CentreWorker, serve
+    from clients.socketserve import serve
+    from clients.worker import CentreWorker
 
     if args.shard and args.nproc * args.nnodes < 2 and not args.as_rank:
         raise ValueError(f"--shard splits the model over the centre's ranks, but --nproc {args.nproc} x --nnodes "
