@@ -102,7 +102,7 @@ def _get(dest: Destination, url: str, token: str, allowed: blob.Shapes, into: bl
          announced: list[blob.Entry] | None) -> tuple[list[blob.Entry], np.ndarray]:
     """GET the blob; `announced`: the manifest it must be (None: the server's, checked against `allowed`)."""
     size = blob.total_bytes(announced) if announced is not None else 0
-    if into is not None and announced is not None and (len(announced) != 1 or announced[0].nbytes != into.nbytes):
+    if into is not None and announced is not None and not _lands_in(announced, into):
         raise DataPlaneError(f"the round's model ({size} bytes) is not one array of this model's {into.nbytes}")
     buffer = np.empty(size if into is None else 0, np.uint8)
     conn = dest.connect(url)
@@ -114,7 +114,7 @@ def _get(dest: Destination, url: str, token: str, allowed: blob.Shapes, into: bl
         served = blob.from_json(resp.getheader(MANIFEST_HEADER) or "")
         if announced is None:
             blob.check_against(served, allowed)
-            if into is None or len(served) != 1 or served[0].nbytes != into.nbytes:
+            if into is None or not _lands_in(served, into):
                 raise DataPlaneError("the data plane serves another model than this centre's")
             size = blob.total_bytes(served)
         elif served != announced:
@@ -138,6 +138,11 @@ def _get(dest: Destination, url: str, token: str, allowed: blob.Shapes, into: bl
     finally:
         conn.close()
     return served, buffer
+
+
+def _lands_in(entries: list[blob.Entry], into: blob.Pieces) -> bool:
+    """Whether a blob of `entries` is one array of exactly the bytes of `into` (the model's tensors)."""
+    return len(entries) == 1 and entries[0].nbytes == into.nbytes
 
 
 def upload(dest: Destination, url: str, token: str, arrays: Mapping[str, blob.Array],

@@ -173,7 +173,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
             record = _round_record(rnd, ex, accepted, agg_seconds, time.perf_counter() - t0)
             # What the round waited for checkpoints: the last round's write, if it had not ended, and this start.
             record["checkpoint-seconds"] = ckpt_wait + time.perf_counter() - t_ckpt
-            record["checkpointed"] = cfg.checkpointed(rnd)  # the centres wrote their inner state in this round too
+            record["checkpointed"] = saved == rnd  # the centres wrote their inner state in this round too
             # This process's peak resident memory so far (Linux reports KiB): the coordinator's memory cost.
             record["server-peak-rss-bytes"] = _peak_rss()
             if plane is not None:  # what actually crossed the data plane's sockets, run total so far
