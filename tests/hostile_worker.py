@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from clients import wire
-from clients.worker import CentreWorker, serve
+from clients.socketserve import serve
+from clients.worker import CentreWorker
 from models.packing import PARAMS_KEY
 
 # Each is caught by a different check of server/validation.py (the comment names the reason code).
