@@ -85,11 +85,16 @@ def pack_bf16_bits(state: Mapping[str, torch.Tensor], out: np.ndarray) -> np.nda
     return out
 
 
-def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    """uint16 bf16 bit patterns -> fp32 (exact: every bf16 value is an fp32 value)."""
+def from_bf16_bits(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint16 bf16 bit patterns -> fp32 (exact: every bf16 value is an fp32 value), into `out`
+    (fp32, as many values) when given."""
     if bits.dtype != np.uint16 or bits.ndim != 1:
         raise PackingError(f"{BF16_KEY} must be a flat vector of bf16 bit patterns, got {bits.dtype} {bits.shape}")
-    return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16).float().numpy()
+    wide = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
+    if out is None:
+        return wide.float().numpy()
+    torch.from_numpy(out).copy_(wide)
+    return out
 
 
 def num_values(like: Mapping[str, torch.Tensor]) -> int:

@@ -113,6 +113,7 @@ def screen_and_mean(
     out = zeroed(into, reference.size) if fold and live else None
     sq = dict.fromkeys(live, 0.0)
     diff = torch.empty(CHUNK_VALUES)  # one pseudo-gradient chunk at a time
+    raw = np.empty(CHUNK_VALUES, np.float32)  # and one update's chunk, read into the same pages each time
     with _one_thread():
         for s in _chunks(reference.size):
             e = min(reference.size, s + CHUNK_VALUES)
@@ -123,7 +124,7 @@ def screen_and_mean(
                     continue
                 update, metrics = updates[i]
                 try:
-                    x = torch.from_numpy(update.weights(reference, s, e))  # type: ignore[union-attr]
+                    x = torch.from_numpy(update.weights(reference, s, e, raw))  # type: ignore[union-attr]
                     _check_values(x, s, layout)
                 except UpdateRejected as err:
                     rejected[i] = err
@@ -160,12 +161,14 @@ def weighted_mean(updates: Sequence[SpooledUpdate], weights: Sequence[float], re
     """server/aggregation.py's mean_pseudo_gradient over spooled updates (bit for bit)."""
     total = float(sum(weights))
     out = zeroed(into, reference.size)
+    raw, diff = np.empty(CHUNK_VALUES, np.float32), torch.empty(CHUNK_VALUES)  # reused: see screen_and_mean
     with _one_thread():
         for s in _chunks(reference.size):
             e = min(reference.size, s + CHUNK_VALUES)
-            ref, acc = torch.from_numpy(reference[s:e]), torch.from_numpy(out[s:e])
+            ref, acc, d = torch.from_numpy(reference[s:e]), torch.from_numpy(out[s:e]), diff[:e - s]
             for u, w in zip(updates, weights, strict=True):
-                acc.add_(ref - torch.from_numpy(u.weights(reference, s, e)), alpha=float(w) / total)
+                torch.sub(ref, torch.from_numpy(u.weights(reference, s, e, raw)), out=d)
+                acc.add_(d, alpha=float(w) / total)
     return out
 
 
@@ -189,11 +192,12 @@ def combined(updates: Sequence[SpooledUpdate], tokens: Sequence[float], norms: S
     else:
         raise ValueError(f"unknown aggregator {method!r}; choose mean, trimmed-mean or median")
     out = zeroed(into, reference.size)
+    raw = np.empty(CHUNK_VALUES, np.float32)  # each update's chunk is read here, then copied out by `ref -`
     with _one_thread():
         for s in _chunks(reference.size):
             e = min(reference.size, s + CHUNK_VALUES)
             ref, acc = torch.from_numpy(reference[s:e]), torch.from_numpy(out[s:e])
-            grads = [ref - torch.from_numpy(u.weights(reference, s, e)) for u in updates]
+            grads = [ref - torch.from_numpy(u.weights(reference, s, e, raw)) for u in updates]
             if dp_clip > 0:
                 for g, scale in zip(grads, scales, strict=True):
                     acc.add_(g * scale, alpha=1.0 / n)

@@ -53,11 +53,12 @@ class SpooledUpdate:
     def nbytes(self) -> int:
         return blob.total_bytes(self.entries)
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Values [start, stop) of the array `name`, read from the file into a fresh buffer."""
+    def _read(self, name: str, start: int, stop: int, into: np.ndarray | None = None) -> np.ndarray:
+        """Values [start, stop) of the array `name`, read from the file into `into` (a buffer of
+        that many values of the array's dtype) or a fresh buffer."""
         e = next(x for x in self.entries if x.name == name)
         dtype = np.dtype(np.uint16) if e.dtype == blob.BF16 else np.dtype(e.dtype)
-        out = np.empty(stop - start, dtype)
+        out = np.empty(stop - start, dtype) if into is None else into
         view, offset = memoryview(out).cast("B"), e.offset + start * dtype.itemsize
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
@@ -68,16 +69,20 @@ class SpooledUpdate:
             view, offset = view[n:], offset + n
         return out
 
-    def weights(self, reference: np.ndarray, start: int, stop: int) -> np.ndarray:
+    def weights(self, reference: np.ndarray, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """The centre's new weights for values [start, stop), fp32, decoded as server/validation.py's
         `decode_update` decodes the whole update (element-wise, so bit for bit the same): fp32 as
         sent, bf16 widened, an int8 pseudo-gradient subtracted from `reference` (b, what was sent).
-        `start` is a multiple of INT8_BLOCK for int8 (chunks are)."""
+        `start` is a multiple of INT8_BLOCK for int8 (chunks are). `out`: an fp32 buffer of at least
+        stop - start values that fp32 and bf16 are decoded into (then the result is a view of it):
+        the coordinator's processes map each fresh chunk-sized buffer anew (models/memory.py), and
+        reading a round's updates into fresh ones took twice as long."""
         names = self.names
+        into = None if out is None else out[:stop - start]
         if names == {PARAMS_KEY}:
-            return self._read(PARAMS_KEY, start, stop)
+            return self._read(PARAMS_KEY, start, stop, into)
         if names == {BF16_KEY}:
-            return from_bf16_bits(self._read(BF16_KEY, start, stop))
+            return from_bf16_bits(self._read(BF16_KEY, start, stop), out=into)
         if names == {INT8_KEY, SCALE_KEY}:
             if start % INT8_BLOCK:
                 raise ValueError(f"int8 chunks start on a block boundary ({INT8_BLOCK}), not {start}")
