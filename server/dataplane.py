@@ -35,7 +35,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +80,11 @@ class DataPlaneServer:
         not grow with the number of centres; None keeps them in memory."""
         self.spool = open_spool(spool) if spool is not None else None
         self._seq = 0  # spool file names: unique within the run
+        self._spares: list[Path] = []  # spool files of discarded updates, their pages cached: written over
         self._blobs: dict[str, tuple[list[blob.Entry], dict[str, np.ndarray]]] = {}
         self._grants: dict[str, Grant] = {}
         self._readers: dict[int, int] = {}  # id of a published array -> downloads of it under way
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # discarding an update under it recycles its file (`_recycle`)
         self._published = threading.Condition(self._lock)  # wakes reads granted ahead (`grant_ahead`)
         self._closing = False
         self.ahead_wait = AHEAD_WAIT_SECONDS
@@ -229,6 +230,18 @@ class DataPlaneServer:
         with self._lock:
             self.bytes_served += blob.total_bytes(entries)
 
+    def _recycle(self, path: Path) -> None:
+        """A discarded update's file joins the spares (renamed: its name no longer says whose it was),
+        unless the plane has stopped."""
+        with self._lock:
+            if self._closing or self.spool is None:
+                path.unlink(missing_ok=True)
+                return
+            self._seq += 1
+            spare = self.spool / f"spare-{self._seq}"
+            os.rename(path, spare)
+            self._spares.append(spare)
+
     def reading(self, array: np.ndarray) -> bool:
         """Whether a download of a blob that holds `array` (the object published) is still under way.
         Once `end_exchange` has withdrawn the blob, no new one can start: False then means the array
@@ -255,12 +268,16 @@ class DataPlaneServer:
                 g.busy = True
                 self._seq += 1
                 seq = self._seq
+                spare = self._spares.pop() if self._spares else None
         except blob.BlobError as err:
             raise _Refused(400, str(err)) from err
         try:
             if self.spool is not None:
+                path = self.spool / f"round{g.round}-node{g.node}-{seq}.update"
+                if spare is not None:
+                    os.rename(spare, path)
                 received: tuple[list[blob.Entry], np.ndarray] | SpooledUpdate = _read_to_file(
-                    handler, entries, size, self.spool / f"round{g.round}-node{g.node}-{seq}.update")
+                    handler, entries, size, path, reuse=spare is not None, recycle=self._recycle)
             else:
                 received = (entries, _read_into(handler, entries, size))
         except (blob.BlobError, OSError) as err:
@@ -293,13 +310,15 @@ def _read_into(handler: _Handler, entries: list[blob.Entry], size: int) -> np.nd
     return buffer
 
 
-def _read_to_file(handler: _Handler, entries: list[blob.Entry], size: int, path: Path) -> SpooledUpdate:
-    """The body, hashed once on the way into a new owner-only file of the spool; no file is left
-    unless the whole blob arrived and every region matched its hash."""
+def _read_to_file(handler: _Handler, entries: list[blob.Entry], size: int, path: Path,
+                  reuse: bool = False, recycle: Callable[[Path], None] | None = None) -> SpooledUpdate:
+    """The body, hashed once on the way into an owner-only file of the spool: a new one, or (`reuse`)
+    a spare written over from its start and cut to size. No file is left unless the whole blob
+    arrived and every region matched its hash."""
     chunk = np.empty(min(size, CHUNK), np.uint8)  # the one chunk of this upload in memory
     view = memoryview(chunk)
     hasher = blob.RegionHasher(entries)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | (0 if reuse else os.O_CREAT | os.O_EXCL), 0o600)
     try:
         pos = 0
         while pos < size:
@@ -312,12 +331,14 @@ def _read_to_file(handler: _Handler, entries: list[blob.Entry], size: int, path:
                 written += os.write(fd, view[written:n])
             pos += n
         hasher.verify()
+        if reuse:
+            os.ftruncate(fd, size)  # a spare of a larger form (fp32 before bf16) keeps no tail
     except BaseException:
         os.close(fd)
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return SpooledUpdate(entries, path)
+    return SpooledUpdate(entries, path, recycle)
 
 
 def _discard(received: object) -> None:

@@ -116,6 +116,8 @@ def test_server_pulls_sparsely_until_the_replies_are_due():
     assert wait(9.3, {}, 10.0) == pytest.approx(0.2)  # lands on the fast phase's start, 9.5 s
     assert wait(9.5, {}, 10.0) == wait(10.9, {"fr": 10.5}, 10.0) == messaging.FAST_POLL_SECONDS
     assert wait(2.0, {}, 2.0) == messaging.FAST_POLL_SECONDS  # short rounds: 0.3 s margin
+    assert wait(3.4, {"fr": 3.3}, 10.0) == messaging.POLL_SECONDS  # early: the rest follow soon, not 1 s later
+    assert wait(8.0, {"fr": 3.0}, 10.0) == pytest.approx(0.25)  # ...backing off from that reply
     assert wait(60.0, {}, 10.0) == wait(11.1, {}, 10.0) == messaging.SLOW_POLL_SECONDS  # late: the back-off
 
 

@@ -21,6 +21,11 @@ def _spooled_plane(tmp_path: Path, shapes=SHAPES):
     return open_plane("127.0.0.1", 0, "", "", "", shapes, spool=tmp_path / "spool")
 
 
+def _updates(tmp_path: Path) -> list[Path]:
+    """The spool's update files (spares, discarded updates' files waiting to be written over, aside)."""
+    return [p for p in (tmp_path / "spool").iterdir() if not p.name.startswith("spare-")]
+
+
 def _concurrently(plane, forms: list[dict[str, np.ndarray]]) -> list:
     """Upload each form at once from its own thread; the spooled updates, taken as the replies name them."""
     tokens = [plane.server.grant(i, 1, None, plane.upload, ttl=60) for i in range(len(forms))]
@@ -89,7 +94,18 @@ def test_three_concurrent_spooled_uploads_aggregate_bit_equal_to_in_memory(tmp_p
         assert again is last and again.tobytes() == streamed.tobytes()
         for s in spooled:
             s.discard()
-        assert not list((tmp_path / "spool").iterdir())
+        assert not _updates(tmp_path) and len(list((tmp_path / "spool").iterdir())) == 3
+        # The next round's uploads are written over the three spares: no new file, the same sum.
+        spooled = _concurrently(plane, forms)
+        assert len(list((tmp_path / "spool").iterdir())) == 3 and len(_updates(tmp_path)) == 3
+        assert all(s.path.stat().st_size == s.nbytes for s in spooled)
+        kept, rejected, folded = screen_and_mean(list(zip(spooled, metrics, strict=True)), ref_vec,
+                                                 Layout.of(reference), 0.0, 1e9, fold=method == "mean")
+        if method != "mean":
+            folded = combined(spooled, tokens, list(kept.values()), ref_vec, method, 0.0, 0.0)
+        assert folded.tobytes() == streamed.tobytes()
+        for s in spooled:
+            s.discard()
     finally:
         plane.server.stop()
     assert not (tmp_path / "spool").exists()
@@ -136,6 +152,13 @@ def test_a_truncated_or_late_spooled_upload_leaves_no_file(tmp_path):
         late = plane.server.grant(2, 1, None, SHAPES, ttl=60)
         _upload(plane, late, arrays)
         plane.server.end_exchange()  # the round ended before its reply was taken: dropped with it
+        assert not _updates(tmp_path) and len(list((tmp_path / "spool").iterdir())) == 1  # a spare
+        # Truncated while written over the spare: neither an update nor the spare is left.
+        token = plane.server.grant(3, 2, None, SHAPES, ttl=60)
+        s = _raw_put(plane.server.port, token, blob.to_json(entries), len(raw), bytes(raw[:200_000]), close=False)
+        _wait_for(lambda: _updates(tmp_path), "the upload's spool file")
+        s.close()
+        _wait_for(lambda: not plane.server._grants[token].busy, "the upload to end")
         assert not list((tmp_path / "spool").iterdir())
     finally:
         plane.server.stop()
