@@ -15,7 +15,7 @@ The copy lives in the worker's memory as a CPU numpy vector, also on GPU centres
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,11 +46,12 @@ class HeldBase:
         self.sha: str | None = None
 
     def receive(self, config: Mapping[str, str], arrays: Mapping[str, np.ndarray],
-                initial: Callable[[], np.ndarray]) -> np.ndarray:
+                initial: Callable[[], np.ndarray] | Sequence[Callable[[], np.ndarray]]) -> np.ndarray:
         """The model to train from (now held), from a message's `config` and `arrays`.
 
-        `initial` builds the run's initial model (packed). Raises StaleBase when the
-        result cannot be rebuilt here, ValueError when the message is malformed.
+        `initial` builds the run's initial model (packed), or is a list of ways to, cheapest
+        first: the first whose result has the announced SHA-256 is taken. Raises StaleBase when
+        the result cannot be rebuilt here, ValueError when the message is malformed.
         """
         form, want = config.get(FORM_KEY, FULL), config.get(NEW_SHA_KEY)
         if form == FULL:
@@ -60,8 +61,11 @@ class HeldBase:
                 raise ValueError("the full weights do not match their announced SHA-256 (corrupted in transit?)")
         elif form == SEED:
             _expect(arrays, set(), form)
-            vector = initial()
-            if vector_sha256(vector) != want:
+            for build in [initial] if callable(initial) else initial:
+                vector = build()
+                if vector_sha256(vector) == want:
+                    break
+            else:
                 raise StaleBase("the model built from the run's seed differs from the server's "
                                 "(another torch version?)")
         elif form == DELTA:

@@ -35,6 +35,7 @@ from typing import Any
 from deploy import appuser
 from deploy.spec import BUILTIN_DEMO, FederationSpec, load_spec
 from models.config import ConfigError, parse_overrides
+from models.memory import prefer_huge_pages
 
 SLOW_DEMO_SPEED = 1 / 3  # `demo --round-seconds`: the last centre's emulated speed (clients/training.py)
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C (SIGINT) stops what a command started, also when it was started from a background job,
     # which inherits SIGINT ignored (Python then installs no handler and the command would not stop).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    prefer_huge_pages()  # before any tensor: every process bridgepool starts trains or sums faster (models/memory.py)
     if argv[:1] == ["bench"]:
         from benchmarks.federation import main as bench_main
 

@@ -46,7 +46,10 @@ BACKOFF_FRACTION = 0.05
 # until a margin before that time, then every FAST_POLL_SECONDS until two margins after it, then
 # the back-off above. The margin (5 % of the wait, at least 0.3 s) covers a round's usual spread
 # of compute time. Fewer pulls while centres train, and replies seen ~50 ms after they land.
-EXPECT_SLOW_POLL_SECONDS, FAST_POLL_SECONDS = 1.0, 0.05
+# Slow phase: 0.5 s, not 1 s: the expectation is the last round's, and round 1 (the model built, the
+# first steps' pages faulted in) runs seconds longer than round 2, whose replies then waited ~0.5 s on
+# average for a pull; two pulls a second cost ~2 % of a core.
+EXPECT_SLOW_POLL_SECONDS, FAST_POLL_SECONDS = 0.5, 0.05
 EXPECT_MARGIN_FRACTION, EXPECT_MARGIN_SECONDS = 0.05, 0.3
 PULL_BACKOFF_SECONDS, PULL_BACKOFF_CAP_SECONDS = 0.02, 1.0
 MIN_OBJECT_PULL_SECONDS = 5.0  # a reply announced at the deadline still gets this long to arrive

@@ -111,6 +111,18 @@ def test_centre_refuses_what_it_cannot_rebuild():
     bc.advance(initial)
     with pytest.raises(StaleBase, match="another torch version"):
         _receive(held, bc, 1, initial + 1e-7)  # a seed model that differs
+    # Ways to build the seed model, cheapest first (the worker's: its own model, then a new one): the first
+    # with the announced hash is taken, and none with it is refused.
+    built: list[str] = []
+    seed = bc.payload(1)
+
+    def way(name: str, vector: np.ndarray):
+        return lambda: built.append(name) or vector
+
+    got = HeldBase().receive(seed.config, seed.arrays, [way("own", initial + 1e-7), way("new", initial)])
+    assert built == ["own", "new"] and got.tobytes() == initial.tobytes()
+    with pytest.raises(StaleBase, match="another torch version"):
+        HeldBase().receive(seed.config, seed.arrays, [way("own", initial + 1e-7)])
     held.receive(bc.payload(1, full=True).config, bc.payload(1, full=True).arrays, lambda: initial)
     bc.delivered(1)
     bc.advance(initial - 0.01)

@@ -81,28 +81,3 @@ def test_warm_forces_process_isolation(given):
 def test_bad_poll_value_is_refused_with_its_flag():
     with pytest.raises(SystemExit, match="--idle-poll"):
         supernode.main(["--idle-poll", "0", "--insecure"])
-
-
-def test_reply_polls_stay_slow_until_the_previous_wait_is_nearly_over(monkeypatch):
-    """While a centre trains (the whole wait for its reply), polling every 50 ms would take CPU
-    from the training: it polls at Flower's 0.5 s until 80 % of the previous wait has passed."""
-    now = [0.0]
-    slept: list[float] = []
-    monkeypatch.setattr(supernode.time, "monotonic", lambda: now[0])
-
-    def fake_sleep(s: float) -> None:
-        slept.append(round(s, 3))
-        now[0] += s
-
-    monkeypatch.setattr(supernode.time, "sleep", fake_sleep)
-    clock = supernode._clock(idle=0.2, reply=0.05)
-    while now[0] < 10.0:  # first wait: no history, fast polls
-        clock.sleep(0.5)
-    clock.sleep(3)  # reply sent; idle pull
-    slept.clear()
-    start = now[0]
-    while now[0] - start < 10.0:  # second wait, as long as the first
-        clock.sleep(0.5)
-    # The first wait lasted 9.95 s (to its last poll): slow until 0.8 x 9.95 = 7.96 s, then fast.
-    assert slept[:15] == [0.5] * 15 and slept[15] == 0.46
-    assert slept[16:] and all(s == 0.05 for s in slept[16:])
