@@ -81,8 +81,10 @@ def federate(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog,
     """The run's rounds; with `data-plane = "stream"` the weights travel on a data plane this
     process serves for the run's lifetime (server/dataplane.py)."""
     metrics = metrics or ServerMetrics(cfg.run_name)  # recorded, not served
-    # The process before any model exists (interpreter, torch, Flower): what the rounds' peak adds to
-    # it is the coordinator's memory cost per model byte (benchmarks/wire.py).
+    # The process before any model exists (interpreter, torch, Flower, and the code of torch's optimisers:
+    # the first one built imports torch._dynamo and sympy, ~78 MiB whatever the model's size): what the
+    # rounds' peak adds to it is the coordinator's memory cost per model byte (benchmarks/wire.py).
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     runlog.event("memory", **{"rss-before-model-bytes": _peak_rss()})
     outer, start, broadcast = start_point(cfg, run_dir, runlog)
     if cfg.data_plane != "stream":
