@@ -46,11 +46,12 @@ class HeldBase:
         self.sha: str | None = None
 
     def receive(self, config: Mapping[str, str], arrays: Mapping[str, np.ndarray],
-                initial: Callable[[], np.ndarray] | Sequence[Callable[[], np.ndarray]]) -> np.ndarray:
+                initial: Callable[[], np.ndarray] | Sequence[Callable[[], np.ndarray | None]]) -> np.ndarray:
         """The model to train from (now held), from a message's `config` and `arrays`.
 
         `initial` builds the run's initial model (packed), or is a list of ways to, cheapest
-        first: the first whose result has the announced SHA-256 is taken. Raises StaleBase when
+        first: the first whose result has the announced SHA-256 is taken (a way that returns None
+        cannot build it here and is passed over). Raises StaleBase when
         the result cannot be rebuilt here, ValueError when the message is malformed.
         """
         form, want = config.get(FORM_KEY, FULL), config.get(NEW_SHA_KEY)
@@ -62,8 +63,9 @@ class HeldBase:
         elif form == SEED:
             _expect(arrays, set(), form)
             for build in [initial] if callable(initial) else initial:
-                vector = build()
-                if vector_sha256(vector) == want:
+                built = build()
+                if built is not None and vector_sha256(built) == want:
+                    vector = built
                     break
             else:
                 raise StaleBase("the model built from the run's seed differs from the server's "

@@ -192,7 +192,7 @@ class CentreWorker:
                 # Round 1's seed model: the trainer's own, built from the seed by `prepare` and not changed since
                 # (its hash says so), saves building another (1.75 s for base on one core); else a new one.
                 sent = self.held.receive(header.get("broadcast", {}), arrays,
-                                         [lambda: pack(trainer.model.state_dict()),
+                                         [lambda: _own_weights(trainer),
                                           lambda: pack(build_model(cfg.model, seed=cfg.seed).state_dict())])
                 arrays = {}  # `sent` (and the held copy, for int8) keep what is needed of them
             except StaleBase as err:  # the server sends the full weights in reply
@@ -455,6 +455,15 @@ class CentreWorker:
             log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
                      self._trainer.model.num_params(), cfg.run_name)
         return self._trainer
+
+
+def _own_weights(trainer: CentreTrainer) -> np.ndarray | None:
+    """The trainer's model, packed; None when its ranks shard it (DTensors: packing them takes
+    collectives that the other ranks are not in, here)."""
+    state = trainer.model.state_dict()
+    if any(type(v) is not torch.Tensor for v in state.values()):
+        return None
+    return pack(state)
 
 
 def _landed(prefetched: tuple[CentreTrainer, list[blob.Entry], float] | None, trainer: CentreTrainer,

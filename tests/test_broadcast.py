@@ -121,6 +121,8 @@ def test_centre_refuses_what_it_cannot_rebuild():
 
     got = HeldBase().receive(seed.config, seed.arrays, [way("own", initial + 1e-7), way("new", initial)])
     assert built == ["own", "new"] and got.tobytes() == initial.tobytes()
+    got = HeldBase().receive(seed.config, seed.arrays, [lambda: None, way("new", initial)])  # sharded: not here
+    assert got.tobytes() == initial.tobytes()
     with pytest.raises(StaleBase, match="another torch version"):
         HeldBase().receive(seed.config, seed.arrays, [way("own", initial + 1e-7)])
     held.receive(bc.payload(1, full=True).config, bc.payload(1, full=True).arrays, lambda: initial)
