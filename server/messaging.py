@@ -288,7 +288,8 @@ def _poll_wait(elapsed: float, replied_after: dict[str, float], expected: float 
             return FAST_POLL_SECONDS
         # Early replies: the expectation was the last round's, and this one runs faster (measured: one
         # centre seen 1 s before the other, which had replied 70 ms after it). The rest follow soon.
-        return min(EXPECT_SLOW_POLL_SECONDS, until_fast, backoff if replied_after else EXPECT_SLOW_POLL_SECONDS)
+        wait = min(EXPECT_SLOW_POLL_SECONDS, until_fast)
+        return min(wait, backoff) if replied_after else wait
     return backoff
 
 

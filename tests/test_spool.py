@@ -76,21 +76,24 @@ def test_three_concurrent_spooled_uploads_aggregate_bit_equal_to_in_memory(tmp_p
         assert sorted(p.stat().st_mode & 0o777 for p in (tmp_path / "spool").iterdir()) == [0o600] * 3
         tokens = [300.0, 100.0, 200.0]
         metrics = [{"tokens": t, "train-loss": 1.0, "eval-loss": 1.0} for t in tokens]
-        kept, rejected, folded = screen_and_mean(list(zip(spooled, metrics, strict=True)), ref_vec,
-                                                 Layout.of(reference), 0.0, 1e9, fold=method == "mean")
-        assert not rejected and list(kept) == [0, 1, 2]
-        streamed = folded if method == "mean" else combined(spooled, tokens, list(kept.values()), ref_vec,
-                                                            method, 0.0, 0.0)
+
+        def aggregate(updates: list, into: np.ndarray | None = None) -> np.ndarray:
+            """What the ServerApp does with a round's spooled updates: screen (and fold), or combine."""
+            kept, rejected, folded = screen_and_mean(list(zip(updates, metrics, strict=True)), ref_vec,
+                                                     Layout.of(reference), 0.0, 1e9, fold=method == "mean", into=into)
+            assert not rejected and list(kept) == [0, 1, 2]
+            if method == "mean":
+                return folded
+            return combined(updates, tokens, list(kept.values()), ref_vec, method, 0.0, 0.0, into=into)
+
+        streamed = aggregate(spooled)
         outer = OuterOptimizer(reference, "diloco", 0.7, 0.9)
         in_memory = round_update(outer, [decode_update(f, reference) for f in forms], tokens, method,
                                  reference=reference)
         assert torch.equal(torch.from_numpy(streamed), torch.cat([t.reshape(-1) for t in in_memory.values()]))
         # Summed again in the last round's vector (what the ServerApp does), whatever it holds: the same bits.
         last = np.full(N, np.nan, np.float32)
-        again = screen_and_mean(list(zip(spooled, metrics, strict=True)), ref_vec, Layout.of(reference), 0.0, 1e9,
-                                fold=method == "mean", into=last)[2]
-        if method != "mean":
-            again = combined(spooled, tokens, list(kept.values()), ref_vec, method, 0.0, 0.0, into=last)
+        again = aggregate(spooled, into=last)
         assert again is last and again.tobytes() == streamed.tobytes()
         for s in spooled:
             s.discard()
@@ -99,11 +102,7 @@ def test_three_concurrent_spooled_uploads_aggregate_bit_equal_to_in_memory(tmp_p
         spooled = _concurrently(plane, forms)
         assert len(list((tmp_path / "spool").iterdir())) == 3 and len(_updates(tmp_path)) == 3
         assert all(s.path.stat().st_size == s.nbytes for s in spooled)
-        kept, rejected, folded = screen_and_mean(list(zip(spooled, metrics, strict=True)), ref_vec,
-                                                 Layout.of(reference), 0.0, 1e9, fold=method == "mean")
-        if method != "mean":
-            folded = combined(spooled, tokens, list(kept.values()), ref_vec, method, 0.0, 0.0)
-        assert folded.tobytes() == streamed.tobytes()
+        assert aggregate(spooled).tobytes() == streamed.tobytes()
         for s in spooled:
             s.discard()
     finally:
