@@ -31,7 +31,10 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
+
+from models.packing import pack, unpack
 
 StateDict = dict[str, torch.Tensor]
 
@@ -86,13 +89,34 @@ class OuterOptimizer:
         if strategy not in ("diloco", "fedavg"):
             raise ValueError(f"unknown strategy {strategy!r}; choose diloco or fedavg")
         self.strategy = strategy
-        self.params = {k: torch.nn.Parameter(v.detach().float().cpu().clone()) for k, v in state.items()}
+        # One flat fp32 vector in the wire's layout (models/packing.py: sorted names), the parameters views
+        # of it: the vector is also the broadcast copy b the centres download (server/app.py `_sent`), so
+        # the coordinator holds the model once, not a master copy and a packed copy of it.
+        self.flat = torch.from_numpy(pack(state))
+        views = unpack(self.flat.numpy(), state, copy=False)
+        self.params = {k: torch.nn.Parameter(views[k]) for k in state}  # the state's order, as before
         if strategy == "diloco":
             # Nesterov needs momentum > 0 (torch refuses it otherwise); momentum 0 is plain outer SGD,
             # which with lr 1 is FedAvg.
             self.opt = torch.optim.SGD(self.params.values(), lr=lr, momentum=momentum, nesterov=momentum > 0)
         else:
             self.opt = torch.optim.SGD(self.params.values(), lr=1.0, momentum=0.0)
+
+    def _point_at(self, flat: torch.Tensor) -> None:
+        """Make the parameters views of `flat` (the optimiser's state stays keyed by the same objects)."""
+        views = unpack(flat.numpy(), self.params, copy=False)
+        for k, p in self.params.items():
+            p.data = views[k]
+        self.flat = flat
+
+    def vector(self) -> np.ndarray:
+        """The master weights as one flat fp32 vector (the parameters' storage, no copy)."""
+        return self.flat.numpy()
+
+    def relocate(self) -> None:
+        """Move the master weights to a new vector, leaving the old one as it is for whoever still
+        reads it (a late centre's download of the last round's model): the next step changes the copy."""
+        self._point_at(self.flat.clone())
 
     def state(self) -> StateDict:
         return {k: p.detach().clone() for k, p in self.params.items()}

@@ -158,6 +158,7 @@ def _rounds(grid: Grid, cfg: RunConfig, run_dir: Path, runlog: RunLog, metrics: 
                 if isinstance(r.arrays, SpooledUpdate):
                     r.arrays.discard()
                 r.arrays, r.state = {}, {}
+            _free_base(broadcast, outer, plane)
             outer.apply(update, consume=True)  # the round's own sum, not needed after the step
             del update
             agg_seconds = time.perf_counter() - t_agg
@@ -246,10 +247,9 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
     rather than silently restart from scratch.
     """
     state = {k: v.float() for k, v in build_model(cfg.model, seed=cfg.seed).state_dict().items()}
-    initial = pack(state)
     if not cfg.resume:
-        return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
-                Broadcast(initial, cfg.compression))
+        outer = OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
+        return outer, 1, Broadcast(outer.vector(), cfg.compression)
     ckpt = latest_checkpoint(run_dir, on_refused=lambda err: runlog.event("checkpoint-refused", error=str(err)))
     if ckpt is None:
         found = sorted(checkpoint_dir(run_dir).glob("round-*"))
@@ -257,14 +257,15 @@ def start_point(cfg: RunConfig, run_dir: Path, runlog: RunLog) -> tuple[OuterOpt
             raise CheckpointError(f"resume: none of the {len(found)} checkpoints in {checkpoint_dir(run_dir)} "
                                   "verifies (see the errors above); refusing to start again from round 1")
         log.info("resume: no checkpoint in %s yet; starting at round 1", run_dir)
-        return (OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum), 1,
-                Broadcast(initial, cfg.compression))
+        outer = OuterOptimizer(state, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
+        return outer, 1, Broadcast(outer.vector(), cfg.compression)
     _check_same_run(cfg, ckpt.config, ckpt.path)
+    initial = pack(state)  # for its hash: round 1's "build it from the seed" is known by it
     outer = OuterOptimizer(ckpt.model, cfg.strategy, cfg.outer_lr, cfg.outer_momentum)
     outer.load_optimizer_state(ckpt.outer)
     log.info("resuming after round %d from %s", ckpt.round, ckpt.path)
     runlog.event("resumed-from", round=ckpt.round, path=str(ckpt.path))
-    base = ckpt.broadcast if ckpt.broadcast is not None else pack(ckpt.model)  # older checkpoints: b = m
+    base = ckpt.broadcast if ckpt.broadcast is not None else outer.vector()  # without int8 (and older ones): b = m
     return outer, ckpt.round + 1, Broadcast(initial, cfg.compression, base=base)
 
 
@@ -281,19 +282,27 @@ def _check_same_run(cfg: RunConfig, saved: dict, path: Path) -> None:
 
 
 def _sent(broadcast: Broadcast, outer: OuterOptimizer, plane: Plane | None = None) -> dict[str, torch.Tensor]:
-    """Advance the broadcast to the master weights; the model the centres will hold, as a state dict."""
-    master = {k: p.detach() for k, p in outer.params.items()}  # pack copies: no clone needed first
-    # Without int8 the last round's b is needed by nothing once its step is taken, except a download
-    # of it still under way (a late centre's): the exchange is ended first, so no new one starts, and
-    # b is packed over the old one, in pages already mapped (~0.5 s of page faults a round for base
-    # otherwise), unless one is. With int8, b is b_new (a new vector) and the old one is the delta's base.
-    old = broadcast.base if broadcast.compression == "none" and broadcast.base.flags.writeable else None
+    """Advance the broadcast to the master weights; the model the centres will hold, as a state dict.
+    Without int8, b is the master weights' own vector (OuterOptimizer.flat): nothing is copied, and
+    the outer step changes b in place once the round's replies are summed (`_free_base` first). With
+    int8, b is b_new, a vector of its own, and the old one is the delta's base."""
     if plane is not None:
-        plane.server.end_exchange()
-        if old is not None and plane.server.reading(old):
-            old = None
-    # The reference is views of b; b is not changed until the next round's `_sent`.
-    return unpack(broadcast.advance(pack(master, out=old), owned=True), master, copy=False)
+        plane.server.end_exchange()  # the last round's blobs are withdrawn: no new download of them starts
+    # The reference is views of b, valid until the round's outer step.
+    return unpack(broadcast.advance(outer.vector(), owned=True), outer.weights(), copy=False)
+
+
+def _free_base(broadcast: Broadcast, outer: OuterOptimizer, plane: Plane | None) -> None:
+    """Before the outer step writes the master weights in place: where they are b and a late centre
+    is still downloading b (a centre whose reply the round did not wait for), they move to a new
+    vector, so that download gets the bytes its manifest promised, whole. Flower's messages copy b
+    when they are pushed: nothing reads it later."""
+    if plane is None or broadcast.base.__array_interface__["data"][0] != outer.flat.data_ptr():
+        return
+    plane.server.end_exchange()  # no new download of b starts
+    if plane.server.reading(broadcast.base):
+        log.info("a download of the round's model is still under way: the outer step writes a copy of it")
+        outer.relocate()
 
 
 def _accept(ex: Exchange, reference: dict[str, torch.Tensor], max_norm_factor: float, max_tokens: float) -> list:

@@ -278,22 +278,25 @@ def test_a_manifest_the_model_does_not_allow_is_refused_before_download(plane):
         fetch(LOCAL, plane.url, token, blob.to_json(entries), upload_shapes(N + 1, "none", "fp32"))
 
 
-def test_the_next_rounds_model_is_not_packed_over_one_still_being_downloaded():
-    """The coordinator packs each round's b over the last round's (its pages are mapped already), but
-    not while a late centre is still downloading the old one: that download gets the bytes it was
-    promised, whole, and the new b goes to a new vector."""
+def test_the_outer_step_does_not_write_over_a_model_still_being_downloaded():
+    """The coordinator's b is the master weights' own vector, which the outer step writes in place; but
+    not while a late centre is still downloading it: that download gets the bytes it was promised,
+    whole, and the master weights move to a new vector first. With no download under way, b and the
+    master weights stay one vector (no copy of the model, round after round)."""
     from models.packing import pack
     from server.aggregation import OuterOptimizer
-    from server.app import _sent
+    from server.app import _free_base, _sent
     from server.broadcast import Broadcast
 
     n = 16 << 20  # 64 MiB: more than the sockets' buffers hold, so the download is under way for a while
     state = {"w": torch.randn(n)}
     outer, broadcast = OuterOptimizer(state, "diloco", 0.7, 0.9), Broadcast(pack(state), "none")
     p = open_plane("127.0.0.1", 0, "", "", "", upload_shapes(n, "none", "fp32"))
+    step = {"w": torch.full((n,), -1.0)}
     try:
         _sent(broadcast, outer, p)
         old = broadcast.base
+        assert np.shares_memory(old, outer.vector())  # b is the master weights: no copy
         want = old.tobytes()
         p.server.publish("train/2/full", {PARAMS_KEY: old})
         token = p.server.grant(1, 2, "train/2/full", None, ttl=60)
@@ -303,21 +306,22 @@ def test_the_next_rounds_model_is_not_packed_over_one_still_being_downloaded():
         late.sendall(f"GET /v1/global HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
         got = late.recv(1 << 16)
         _wait_for(lambda: p.server.reading(old), "the download to be under way")
-        with torch.no_grad():
-            outer.params["w"].add_(1.0)
+        _free_base(broadcast, outer, p)  # what the round does before its outer step
+        outer.apply(dict(step))
+        assert not np.shares_memory(old, outer.vector())
         _sent(broadcast, outer, p)  # the next round's b, while the late centre reads on
-        assert broadcast.base is not old
+        assert broadcast.base is not old and np.shares_memory(broadcast.base, outer.vector())
         while chunk := late.recv(1 << 20):
             got += chunk
         late.close()
         assert got.split(b"\r\n\r\n", 1)[1] == want
         _wait_for(lambda: not p.server.reading(old), "the download to end")
-        # With no download under way, the next b is packed over the last one.
+        # With no download under way, the step writes b itself, and b stays the master weights.
         last = broadcast.base
-        with torch.no_grad():
-            outer.params["w"].add_(1.0)
+        _free_base(broadcast, outer, p)
+        outer.apply(dict(step))
         _sent(broadcast, outer, p)
-        assert broadcast.base is last and np.array_equal(last, outer.params["w"].detach().numpy())
+        assert np.shares_memory(broadcast.base, last) and np.array_equal(last, outer.params["w"].detach().numpy())
     finally:
         p.server.stop()
 
