@@ -134,7 +134,7 @@ class OuterOptimizer:
     def apply(self, avg_pseudo_grad: Mapping[str, torch.Tensor], consume: bool = False) -> None:
         """One outer step. `consume`: the pseudo-gradient's tensors are the caller's to overwrite, so
         Nesterov's look-ahead (g + m * buf) is formed in them, not in a new tensor per parameter
-        (the coordinator's peak stays at four model-sized vectors); the bits are torch's SGD's."""
+        (the coordinator's peak stays at three model-sized vectors); the bits are torch's SGD's."""
         group = self.opt.param_groups[0]
         if consume and group["nesterov"] and not group["weight_decay"] and not group["dampening"]:
             momentum, lr = group["momentum"], group["lr"]

@@ -1,10 +1,10 @@
 """Centres' updates on the coordinator's disk, not in its memory, until the round aggregates them.
 
 Holding every centre's update in memory makes the coordinator grow with the number of centres: n x
-the model's bytes on top of its master weights, outer momentum, the broadcast copy and the sum. So
+the model's bytes on top of its master weights (which are also the broadcast copy), outer momentum and the sum. So
 the data plane (server/dataplane.py) writes each upload, as it streams in and is hashed, to a file
 of the run's spool directory (owner-only), and the round reads the files back a chunk at a time
-(server/chunked.py): the coordinator then holds its four model-sized vectors plus one chunk per
+(server/chunked.py): the coordinator then holds its three model-sized vectors plus one chunk per
 centre. An update lives one round: once aggregated or refused its file goes back to the data
 plane's spares (`recycle`), to be written over by a later upload, and the whole spool is deleted
 when the data plane stops, so an update that did not arrive whole (a centre or the coordinator
