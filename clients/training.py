@@ -176,9 +176,13 @@ class CentreTrainer:
         self.background_save = False
         self._saving = BackgroundWrite(f"[{centre}] the inner-optimiser state")
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
+        # Bumped wherever the weights may change (loads, steps): a digest of them taken at one version
+        # still holds while it lasts (clients/worker.py: round 1's seed model, hashed at `prepare`).
+        self.weights_version = 0
 
     # ------------------------------------------------------------------ public
     def load_global(self, state: dict[str, torch.Tensor]) -> None:
+        self.weights_version += 1
         self.model.load_state_dict({k: v.to(self.device) for k, v in state.items()}, strict=True)
         self._local_round = -1
 
@@ -202,6 +206,7 @@ class CentreTrainer:
 
     def loaded_in_place(self) -> None:
         """The round's global model was written into `wire_tensors` (what `load_global` does by copy)."""
+        self.weights_version += 1
         self._local_round = -1
 
     @torch.no_grad()
@@ -336,6 +341,7 @@ class CentreTrainer:
         end more than half a step past `budget` seconds (by the mean step so far): the round's
         compute lands within half a step of the budget, not up to a whole (slow) step over it."""
         self.flush()  # the moments these steps change are on disk first
+        self.weights_version += 1
         self.model.train()
         losses, step_seconds = [], []
         t0 = time.perf_counter()
@@ -378,6 +384,7 @@ class CentreTrainer:
     @torch.no_grad()
     def _rebase(self, ahead: Ahead) -> None:
         """Add the steps trained ahead onto the global model just loaded: w = global + (end - start)."""
+        self.weights_version += 1
         seen: set[int] = set()
         for k, v in self.model.state_dict().items():
             if v.data_ptr() not in seen:  # tied weights (wte = lm_head) appear twice: add once

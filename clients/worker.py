@@ -57,8 +57,10 @@ from models.packing import (
     FULL,
     INT8_BLOCK,
     INT8_KEY,
+    NEW_SHA_KEY,
     PARAMS_KEY,
     SCALE_KEY,
+    SEED,
     STALE_BASE_METRIC,
     pack,
     pack_bf16_bits,
@@ -129,6 +131,9 @@ class CentreWorker:
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
         self.held = HeldBase()  # the broadcast model the server last delivered (clients/broadcast.py)
+        # (trainer, its weights_version, the SHA-256 of its weights as packed) when `prepare` built it:
+        # round 1's seed model is then known without packing or hashing it again (`_holds_seed`).
+        self._seed: tuple[CentreTrainer, int, str] | None = None
         self._bf16: np.ndarray | None = None  # the run's buffer for an update rounded to bf16 (_lay_out)
         # The next round's first steps, trained while the server aggregates, and the trainer (run) they belong to.
         self._ahead: tuple[CentreTrainer, Ahead | None] | None = None
@@ -166,6 +171,8 @@ class CentreWorker:
         self.phases.mark("ahead-wait")
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
+            digest = _weights_digest(trainer)  # ~0.4 s for base, before round 1 rather than in it
+            self._seed = (trainer, trainer.weights_version, digest) if digest else None
             return self._reply(trainer, header, {}, {})
         if op not in ("train", "evaluate"):
             raise ValueError(f"unknown op {op!r}")
@@ -173,7 +180,8 @@ class CentreWorker:
         trainer = self._trainer_for(header["run-config"])
         ahead = ahead_of[1] if ahead_of is not None and ahead_of[0] is trainer else None
         plane = header.get("data-plane") or {}
-        in_place = self._in_place(trainer, header, plane)
+        seeded = self._holds_seed(trainer, header)
+        in_place = self._in_place(trainer, header, plane, seeded=seeded)
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
             landing = self._in_place(trainer, header, plane, landing=True)
             if landing is not None and _landed(prefetched, trainer, str(plane["manifest"])):
@@ -186,7 +194,9 @@ class CentreWorker:
                                          str(plane["manifest"]), broadcast_manifest(self._manifest), into=landing)
             self.plane_bytes[0] += landing.nbytes if landing is not None else sum(a.nbytes for a in arrays.values())
         sent: np.ndarray | None = None
-        if in_place is None or not plane.get("manifest"):  # else: the global model landed in the model's tensors
+        if seeded and in_place is not None:  # round 1: the model is the seed's, as hashed at `prepare`
+            self.held.vector, self.held.sha = None, str(header["broadcast"][NEW_SHA_KEY])
+        elif in_place is None or not plane.get("manifest"):  # else: the global model landed in the model's tensors
             try:
                 cfg = trainer.cfg
                 # Round 1's seed model: the trainer's own, built from the seed by `prepare` and not changed since
@@ -244,17 +254,28 @@ class CentreWorker:
                 self._prefetch_plan = (trainer, landing, str(plane["url"]), str(plane["next"]))
         return reply, out
 
+    def _holds_seed(self, trainer: CentreTrainer, header: dict[str, Any]) -> bool:
+        """Whether the message announces the run's seed model (round 1) and `trainer`'s weights are
+        it: the digest `prepare` took of them, their version unchanged since."""
+        announced = header.get("broadcast") or {}
+        if announced.get(FORM_KEY) != SEED or self._seed is None:
+            return False
+        built, version, digest = self._seed
+        return built is trainer and version == trainer.weights_version and digest == announced.get(NEW_SHA_KEY)
+
     def _in_place(self, trainer: CentreTrainer, header: dict[str, Any], plane: dict[str, Any],
-                  landing: bool = False) -> blob.Pieces | None:
+                  landing: bool = False, seeded: bool = False) -> blob.Pieces | None:
         """The model's own tensors, for the data plane to land the round's model in and send the update
         from, where nothing else needs the model it was sent: a 0.5 GB model is then neither buffered
         (4 bytes per parameter, and ~0.5 s of page faults per fresh buffer on a 2-core machine) nor
         copied in and packed out. Not with int8 (the update is taken against the model sent), the
         policy's clip, overlap-steps (steps trained ahead are added to the model sent), a broadcast
-        other than the full weights, or a trainer whose tensors are not one whole CPU fp32 model."""
+        other than the full weights (or, `seeded`, the seed model the trainer holds), or a trainer
+        whose tensors are not one whole CPU fp32 model."""
         cfg = trainer.cfg
+        forms = (FULL, SEED) if seeded else (FULL,)
         if (not plane.get("token") or cfg.compression == "int8" or self.policy.update_clip > 0 or cfg.overlap_steps
-                or (header.get("broadcast") or {}).get(FORM_KEY, FULL) != FULL):
+                or (header.get("broadcast") or {}).get(FORM_KEY, FULL) not in forms):
             return None
         tensors = trainer.wire_tensors(landing)  # landing: a tied weight's values land once (wire_tensors)
         return blob.Pieces(tuple(t.numpy() for t in tensors)) if tensors else None
@@ -464,6 +485,18 @@ def _own_weights(trainer: CentreTrainer) -> np.ndarray | None:
     if any(type(v) is not torch.Tensor for v in state.values()):
         return None
     return pack(state)
+
+
+def _weights_digest(trainer: CentreTrainer) -> str | None:
+    """`vector_sha256(pack(state))` of the trainer's model, hashed from its own tensors in the wire's
+    order (no packed copy); None where they are not one whole CPU fp32 model (`wire_tensors`)."""
+    tensors = trainer.wire_tensors()
+    if tensors is None:
+        return None
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(memoryview(t.detach().numpy()).cast("B"))
+    return digest.hexdigest()
 
 
 def _landed(prefetched: tuple[CentreTrainer, list[blob.Entry], float] | None, trainer: CentreTrainer,

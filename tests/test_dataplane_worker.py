@@ -121,6 +121,60 @@ def test_the_model_lands_in_place_and_leaves_as_it_would_through_a_buffer(worker
         p.server.stop()
 
 
+def test_round_one_trains_the_seed_model_prepare_hashed_without_packing_it(worker, tmp_path, monkeypatch):
+    """Round 1 announces the run's seed model by its hash: a worker whose `prepare` built and hashed
+    that model trains it where it is and sends the update from its tensors (no packed copy, no hash
+    in the round), the same bytes as a worker that rebuilds and hashes the seed; and one whose model
+    changed since `prepare` (or that is announced another model) takes the rebuilding path."""
+    from clients import worker as worker_module
+    from clients.worker import CentreWorker
+    from models.gpt import build_model
+    from models.packing import FORM_KEY, NEW_SHA_KEY, SEED, pack, vector_sha256
+
+    initial = pack(build_model("tiny", seed=0).state_dict())
+    cfg = _run_config(tmp_path)
+    seed = {FORM_KEY: SEED, NEW_SHA_KEY: vector_sha256(initial)}
+    shapes = upload_shapes(initial.size, "none", "fp32")
+    packs = []
+    monkeypatch.setattr(worker_module, "pack", lambda *a, **kw: packs.append(1) or pack(*a, **kw))
+
+    def round_one(w: CentreWorker, broadcast: dict) -> np.ndarray:
+        token = p.server.grant(1, 1, None, shapes, ttl=60)
+        reply, _ = w.handle({"op": "train", "round": 1, "run-config": cfg, "broadcast": broadcast,
+                             "data-plane": {"url": p.url, "token": token}}, {})
+        entries = blob.from_json(reply["upload"])
+        return next(iter(p.server.take(token, {e.name: e.digest for e in entries}).values())).copy()
+
+    p = open_plane("127.0.0.1", 0, "", "", "", shapes)
+    try:
+        worker.handle({"op": "prepare", "round": 0, "run-config": cfg}, {})
+        tensors = [t.data_ptr() for t in worker._trainer.wire_tensors()]
+        seeded = round_one(worker, seed)
+        assert packs == [] and [t.data_ptr() for t in worker._trainer.wire_tensors()] == tensors
+
+        rebuilt = CentreWorker("fr-genci", worker.data_dir, tmp_path / "rebuilt-state")  # no prepare
+        assert np.array_equal(round_one(rebuilt, seed), seeded) and packs  # its own weights packed and hashed
+
+        # Prepared, then its weights changed: the digest no longer vouches for them.
+        changed = CentreWorker("fr-genci", worker.data_dir, tmp_path / "changed-state")
+        changed.handle({"op": "prepare", "round": 0, "run-config": cfg}, {})
+        with torch.no_grad():
+            changed._trainer.model.lm_head.weight.add_(1.0)
+        changed._trainer.loaded_in_place()  # what every write into the weights declares
+        before = len(packs)
+        assert np.array_equal(round_one(changed, seed), seeded) and len(packs) > before  # rebuilt from the seed
+        # Another model announced than the one prepared: refused as stale, not trained.
+        other = CentreWorker("fr-genci", worker.data_dir, tmp_path / "other-state")
+        other.handle({"op": "prepare", "round": 0, "run-config": cfg}, {})
+        token = p.server.grant(1, 1, None, shapes, ttl=60)
+        reply, _ = other.handle({"op": "train", "round": 1, "run-config": cfg,
+                                 "broadcast": {**seed, NEW_SHA_KEY: "0" * 64},
+                                 "data-plane": {"url": p.url, "token": token}}, {})
+        assert reply["metrics"] == {"stale-base": 1.0}
+    finally:
+        p.server.stop()
+
+
 @pytest.mark.parametrize("case", ["int8", "clip", "overlap", "delta", "gpu", "no-token"])
 def test_the_model_does_not_land_in_place_where_the_model_sent_is_still_needed(worker, tmp_path, case):
     """In place only where nothing needs the model that was sent after training: the int8 update, the
