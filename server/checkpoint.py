@@ -51,16 +51,21 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def _for_save(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What safetensors will write: each tensor as it is when it alone covers its memory, a copy
-    when it shares memory with another (tied embeddings, views of one flat vector), which
-    safetensors refuses. A model of separate tensors is written without a copy of it in memory."""
-    out, seen = {}, set()
+    """What safetensors will write: each tensor as it is, a copy only where its memory overlaps a
+    tensor's already taken (tied embeddings), which safetensors refuses. Views of one flat vector
+    (the coordinator's master weights, server/aggregation.py) do not overlap: safetensors writes
+    them in place too, so a checkpoint holds no copy of the model in memory."""
+    out: dict[str, torch.Tensor] = {}
+    taken: list[tuple[int, int]] = []  # [start, stop) byte ranges written as they are
     for k, v in tensors.items():
         v = v.detach().contiguous()
-        storage = v.untyped_storage()
-        whole = v.data_ptr() == storage.data_ptr() and v.numel() * v.element_size() == storage.nbytes()
-        out[k] = v if whole and storage.data_ptr() not in seen else v.clone()
-        seen.add(storage.data_ptr())
+        start = v.data_ptr()
+        stop = start + v.numel() * v.element_size()
+        if any(start < b and a < stop for a, b in taken):
+            out[k] = v.clone()
+        else:
+            out[k] = v
+            taken.append((start, stop))
     return out
 
 

@@ -50,6 +50,7 @@ class SpooledUpdate:
     path: Path
     recycle: Callable[[Path], None] | None = field(default=None, repr=False)  # takes the file back; None: unlink
     _fd: int | None = field(default=None, repr=False)
+    _bits: np.ndarray | None = field(default=None, repr=False)  # bf16: the chunk's bit patterns (`weights`)
 
     @property
     def names(self) -> set[str]:
@@ -88,7 +89,12 @@ class SpooledUpdate:
         if names == {PARAMS_KEY}:
             return self._read(PARAMS_KEY, start, stop, into)
         if names == {BF16_KEY}:
-            return from_bf16_bits(self._read(BF16_KEY, start, stop), out=into)
+            # The bit patterns land in a scratch of this update's, kept while it lives: a fresh one per
+            # chunk is mapped and faulted in anew each time, like a fresh fp32 buffer (see `out`).
+            if into is not None and (self._bits is None or self._bits.size < into.size):
+                self._bits = np.empty(into.size, np.uint16)
+            bits = None if into is None else self._bits[:into.size]  # type: ignore[index]
+            return from_bf16_bits(self._read(BF16_KEY, start, stop, bits), out=into)
         if names == {INT8_KEY, SCALE_KEY}:
             if start % INT8_BLOCK:
                 raise ValueError(f"int8 chunks start on a block boundary ({INT8_BLOCK}), not {start}")
@@ -107,6 +113,7 @@ class SpooledUpdate:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._bits = None
         recycle, self.recycle = self.recycle, None
         if recycle is not None:
             recycle(self.path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from server.checkpoint import CheckpointError, _for_save, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _state(v: float) -> dict[str, torch.Tensor]:
@@ -35,6 +35,19 @@ def test_tied_tensors_are_saved(tmp_path):
     shared = torch.ones(2, 2)
     ck = load_checkpoint(save_checkpoint(tmp_path, 1, {"x": shared, "y": shared}, {}, {}))
     assert torch.equal(ck.model["x"], ck.model["y"])
+
+
+def test_views_of_one_vector_are_written_in_place_and_only_overlaps_copied(tmp_path):
+    # The coordinator's master weights are views of one flat vector (server/aggregation.py): a copy of
+    # them would hold the model twice while a checkpoint is written.
+    flat = torch.arange(10, dtype=torch.float32)
+    views = {"a": flat[:6].view(2, 3), "b": flat[6:], "tied": flat[6:], "part": flat[8:]}
+    kept = _for_save(views)
+    assert kept["a"].data_ptr() == flat.data_ptr() and kept["b"].data_ptr() == flat[6:].data_ptr()
+    assert kept["tied"].data_ptr() not in (flat[6:].data_ptr(), flat[8:].data_ptr())  # overlaps b: a copy
+    assert kept["part"].data_ptr() != flat[8:].data_ptr()  # inside b: a copy
+    ck = load_checkpoint(save_checkpoint(tmp_path, 1, views, {}, {}))
+    assert all(torch.equal(ck.model[k], v) for k, v in views.items())
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
