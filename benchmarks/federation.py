@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return unequal_main([a for a in argv if a != "--unequal"])
     p = argparse.ArgumentParser(prog="bridgepool bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--wire", action="store_true", help="instead: the data-plane benchmark (benchmarks/wire.py)")
+    p.add_argument("--wire", action="store_true",
+                   help="instead: the data-plane benchmark (benchmarks/wire.py; with --ratio also base at H=20 "
+                        "against its bare loop)")
     p.add_argument("--pooling", action="store_true",
                    help="instead: each centre alone against the pooled model (benchmarks/pooling.py)")
     p.add_argument("--ranks", action="store_true",
