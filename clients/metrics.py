@@ -161,7 +161,7 @@ class CentreMetrics:
     def start_run(self, run: str) -> None:
         """Create the run's series at zero, so that rate() sees the first round's increase."""
         for metric in (self.tokens, self.eval_tokens, self.compute_seconds, self.wait_seconds,
-                       self.bytes_sent, self.bytes_received, self.rounds, self.egress_blocked):
+                       self.bytes_sent, self.bytes_received, self.rounds, self.egress_blocked, self.step_seconds):
             metric.labels(self.centre, run)
 
     def record_exchange(self, run: str, arrived: float, replied: float, received: int, sent: int) -> None:

@@ -41,13 +41,13 @@ from clients.egress import (
     content_digest,
     describe_blob,
     describe_worker_reply,
-    packed_manifest,
     reply_records,
 )
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.policy import Gate, Policy
 from clients.runs import BOOK_NAME, RunBook, RunRefused
 from clients.training import Ahead, CentreTrainer, autocast_dtype
+from clients.weights import Phases, broadcast_manifest, landed, own_weights, weights_digest, wire_manifest
 from models import blob
 from models.config import RunConfig
 from models.gpt import build_model, parameter_manifest
@@ -55,11 +55,8 @@ from models.packing import (
     BF16_KEY,
     FORM_KEY,
     FULL,
-    INT8_BLOCK,
-    INT8_KEY,
     NEW_SHA_KEY,
     PARAMS_KEY,
-    SCALE_KEY,
     SEED,
     STALE_BASE_METRIC,
     pack,
@@ -73,23 +70,6 @@ log = logging.getLogger("bridgepool.centre")
 VOUCHED = 64  # replies and error texts remembered for the runtime's check: a few rounds' worth
 TrainerFactory = Callable[..., CentreTrainer]  # (centre, data dir, state dir, config, speed=) -> trainer
 TICKETED = ("prepare", "train", "evaluate", "egress-check")  # a run's requests: each names its task's ticket
-
-
-class Phases:
-    """Seconds per phase of one request, for the worker's log line: where a round's time goes."""
-
-    def __init__(self) -> None:
-        self._t = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        """The time since the last mark was spent on `phase`."""
-        now = time.perf_counter()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._t
-        self._t = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items())
 
 
 class CentreWorker:
@@ -171,7 +151,7 @@ class CentreWorker:
         self.phases.mark("ahead-wait")
         if op == "prepare":  # before round 1: build the model, read the data, so round 1 starts warm
             trainer = self._trainer_for(header["run-config"])
-            digest = _weights_digest(trainer)  # ~0.4 s for base, before round 1 rather than in it
+            digest = weights_digest(trainer)  # ~0.4 s for base, before round 1 rather than in it
             self._seed = (trainer, trainer.weights_version, digest) if digest else None
             return self._reply(trainer, header, {}, {})
         if op not in ("train", "evaluate"):
@@ -184,7 +164,7 @@ class CentreWorker:
         in_place = self._in_place(trainer, header, plane, seeded=seeded)
         if plane.get("manifest"):  # the round's model is on the coordinator's data plane: pull it
             landing = self._in_place(trainer, header, plane, landing=True)
-            if landing is not None and _landed(prefetched, trainer, str(plane["manifest"])):
+            if landing is not None and landed(prefetched, trainer, str(plane["manifest"])):
                 arrays = {}  # pulled ahead, and it is the model this message announces, digest for digest
                 self.phases.seconds["pulled-ahead"] = prefetched[2]  # the download's time, before the message
             else:
@@ -202,7 +182,7 @@ class CentreWorker:
                 # Round 1's seed model: the trainer's own, built from the seed by `prepare` and not changed since
                 # (its hash says so), saves building another (1.75 s for base on one core); else a new one.
                 sent = self.held.receive(header.get("broadcast", {}), arrays,
-                                         [lambda: _own_weights(trainer),
+                                         [lambda: own_weights(trainer),
                                           lambda: pack(build_model(cfg.model, seed=cfg.seed).state_dict())])
                 arrays = {}  # `sent` (and the held copy, for int8) keep what is needed of them
             except StaleBase as err:  # the server sends the full weights in reply
@@ -476,51 +456,3 @@ class CentreWorker:
             log.info("[%s] built %s model (%d params) for run %s", self.centre, cfg.model,
                      self._trainer.model.num_params(), cfg.run_name)
         return self._trainer
-
-
-def _own_weights(trainer: CentreTrainer) -> np.ndarray | None:
-    """The trainer's model, packed; None when its ranks shard it (DTensors: packing them takes
-    collectives that the other ranks are not in, here)."""
-    state = trainer.model.state_dict()
-    if any(type(v) is not torch.Tensor for v in state.values()):
-        return None
-    return pack(state)
-
-
-def _weights_digest(trainer: CentreTrainer) -> str | None:
-    """`vector_sha256(pack(state))` of the trainer's model, hashed from its own tensors in the wire's
-    order (no packed copy); None where they are not one whole CPU fp32 model (`wire_tensors`)."""
-    tensors = trainer.wire_tensors()
-    if tensors is None:
-        return None
-    digest = hashlib.sha256()
-    for t in tensors:
-        digest.update(memoryview(t.detach().numpy()).cast("B"))
-    return digest.hexdigest()
-
-
-def _landed(prefetched: tuple[CentreTrainer, list[blob.Entry], float] | None, trainer: CentreTrainer,
-            manifest: str) -> bool:
-    """Whether the model pulled ahead into `trainer`'s tensors is the one `manifest` (the round's Flower
-    message, authenticated) announces: the same arrays and digests as the data plane served and the
-    download verified."""
-    if prefetched is None or prefetched[0] is not trainer:
-        return False
-    try:
-        return blob.from_json(manifest) == prefetched[1]
-    except blob.BlobError:
-        return False
-
-
-def wire_manifest(params: Manifest) -> Manifest:
-    """The arrays a reply may carry (models/packing.py): the weights as one flat fp32 vector,
-    or the pseudo-gradient as int8 values with one fp32 scale per block; nothing else."""
-    flat = packed_manifest(params, PARAMS_KEY)
-    n = flat[PARAMS_KEY][0][0]
-    return {**flat, INT8_KEY: ((n,), "int8"), SCALE_KEY: ((-(-n // INT8_BLOCK),), "float32"),
-            BF16_KEY: ((n,), blob.BF16)}  # wire-dtype bf16, data plane only
-
-
-def broadcast_manifest(wire: Manifest) -> Manifest:
-    """What a server message may carry: the full fp32 weights or an int8 delta (server/broadcast.py)."""
-    return {k: v for k, v in wire.items() if k in (PARAMS_KEY, INT8_KEY, SCALE_KEY)}

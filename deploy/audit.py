@@ -59,7 +59,7 @@ RELEASES = ("worker-reply", "data-plane")  # ledger stages at which the worker l
 # --------------------------------------------------------------------- parts
 def _allowed_arrays(model: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """What the centres' guards allow out for this run's model (the same function they use)."""
-    from clients.worker import wire_manifest
+    from clients.weights import wire_manifest
     from models.gpt import build_model, parameter_manifest
 
     try:

@@ -364,8 +364,6 @@ def _round_record(rnd: int, ex: Exchange, accepted: list, agg_seconds: float, wa
     }
 
 
-
-
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.egress import EgressBlocked, EgressGuard, describe
-from clients.worker import wire_manifest
+from clients.weights import wire_manifest
 from deploy.audit import audit, write_report
 from deploy.cli import main
 from models.gpt import build_model, parameter_manifest

@@ -28,8 +28,13 @@ from tests.docker_engine import EngineUnavailable, PrivateEngine
 PROJECT = "bptest"
 CENTRES = [name for name, _ in compose.centres_and_sources()]
 VICTIM = CENTRES[-1]
-ROUNDS = 16  # enough that the killed centre, refused until its old session lapses (~60 s), rejoins in time
-RUN_CONFIG = (f'model="tiny" rounds={ROUNDS} inner-steps=5 batch-size=8 inner-lr=1e-2 inner-warmup-steps=5 '
+# Rounds on a time budget (round-seconds), so that a run lasts as long on a fast host as on a slow one:
+# with a fixed inner-steps=5 a round took 0.6 s on a fast host, and the 8 rounds left after the killed
+# centre's ~50 s absence closed in 5 s, before its restarted SuperNode had registered. 20 rounds of
+# >= 2 s leave it ~25 s to rejoin.
+ROUNDS = 20
+RUN_CONFIG = (f'model="tiny" rounds={ROUNDS} round-seconds=2.0 min-inner-steps=2 max-inner-steps=400 '
+              'batch-size=8 inner-lr=1e-2 inner-warmup-steps=5 '
               'threads=1 eval-batches=2 min-centres=2 round-timeout=60.0 connect-timeout=300.0')
 SERVER_SIDE = ["superlink", "register", "submit", "prometheus"]
 
@@ -153,10 +158,21 @@ def test_compose_file_is_valid_for_this_compose(stack):
 def test_run_has_every_round_and_the_loss_falls(stack):
     _, seen = stack
     run = seen["run"]
-    assert seen["exit"] == 0 and run["status"] == "finished", (seen["exit"], run.get("message"))
+    # A string, not a tuple: pytest prints it whole (a tuple's repr is cut to ~240 characters, and
+    # with it the reasons the centres failed), followed by what the services logged as going wrong.
+    assert seen["exit"] == 0 and run["status"] == "finished", (
+        f"submit exited {seen['exit']}, run {run.get('status')}: {run.get('message')}\n{_trouble(seen)}")
     assert [r["round"] for r in run["rounds"]] == list(range(1, ROUNDS + 1))
     first, final = run["rounds"][0]["eval-loss-mean"], run["final"]["eval-loss-mean"]  # round 1: ~ln(256)
     assert final < first - 0.5, [r["eval-loss-mean"] for r in run["rounds"]] + [final]
+
+
+def _trouble(seen: dict, lines: int = 60) -> str:
+    """The last warnings, errors and tracebacks of every service's log (kept by the `stack` fixture)."""
+    logs = Path(seen["out"]) / "compose-logs.txt"
+    text = logs.read_text(errors="replace").splitlines() if logs.is_file() else []
+    bad = [line for line in text if re.search(r"WARNING|ERROR|Error|Traceback|refused|failed", line)]
+    return "\n".join(bad[-lines:])
 
 
 def test_prometheus_scraped_every_target_and_saw_tokens(stack):

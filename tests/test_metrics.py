@@ -75,6 +75,7 @@ def test_centre_counts_compute_waiting_and_bytes_per_run():
     m = CentreMetrics("fr-genci")
     m.start_run("r1")
     assert sample(m, "bridgepool_tokens_total") == 0.0  # exists before the first round ends
+    assert sample(m, "bridgepool_inner_step_seconds_count") == 0.0  # so does the step histogram (its p90 panel)
     m.record_exchange("r1", arrived=10.0, replied=14.0, received=100, sent=40)
     m.record_exchange("r1", arrived=20.0, replied=23.0, received=100, sent=40)
     assert sample(m, "bridgepool_compute_seconds_total") == 7.0
