@@ -30,6 +30,12 @@ added onto it and the other H - k steps follow (`train_round(..., ahead)`): the
 first k steps of every round see weights one outer step old. Those k steps are a
 fixed number, so runs stay deterministic, and a restarted worker re-trains them
 from the round's end saved on disk.
+
+Overlap memory: one kept copy of the model (4 bytes per parameter, the tied weight twice),
+reused every round. At the end of round r it holds where the round ended (the steps ahead
+start there, and it is written to disk for a restart while the update travels); once the
+steps ahead end, it holds their progress (end - start), so the model's own tensors are free
+for round r + 1's global model to land in (clients/worker.py sends and lands in place).
 """
 
 from __future__ import annotations
@@ -60,11 +66,11 @@ STEPS_FILE = "steps.json"  # time budget: round -> [first step, steps taken], ev
 @dataclass
 class Ahead:
     """The first steps of `round`, trained on the centre's own model before that round's
-    global model arrived (overlap): they started at `base` and ended at `state`."""
+    global model arrived (overlap): `delta` is their progress, end - start, per state-dict name
+    (the trainer's kept copy, valid until its next round ends)."""
 
     round: int
-    base: dict[str, torch.Tensor]
-    state: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
     losses: list[torch.Tensor]
     step_seconds: list[float]
     compute: float
@@ -175,6 +181,11 @@ class CentreTrainer:
         # (`background_save`), and waits for it before its reply vouches for the round (`flush`).
         self.background_save = False
         self._saving = BackgroundWrite(f"[{centre}] the inner-optimiser state")
+        # overlap-steps: the kept copy (module docstring, "Overlap memory") and its write to disk
+        self._kept: dict[str, torch.Tensor] | None = None
+        if cfg.overlap_steps:  # allocated (and its pages touched) now, before round 1 rather than in it
+            self._kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self._saving_local = BackgroundWrite(f"[{centre}] the local model")
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
         # Bumped wherever the weights may change (loads, steps): a digest of them taken at one version
         # still holds while it lasts (clients/worker.py: round 1's seed model, hashed at `prepare`).
@@ -254,7 +265,7 @@ class CentreTrainer:
         train_loss = float(torch.stack(losses).float().mean())  # one sync, after the loop
         self._save_optim(server_round)
         if self.cfg.overlap_steps and server_round < self.cfg.rounds:
-            self._save_local(server_round)  # where the next round's early steps start, also after a restart
+            self._keep_local(server_round)  # where the next round's early steps start, also after a restart
         tokens = H * self.cfg.batch_size * self.seq_len  # the weight of this centre's update in the mean
         return RoundResult(self._full_state(), {
             "train-loss": train_loss,
@@ -280,6 +291,7 @@ class CentreTrainer:
         if not k or prev < 1:
             return None
         if self._local_round != prev:
+            self.flush()  # the round's files may still be being written (in the background)
             path = self._local_path(prev)
             if not path.exists() or not self._optim_path(prev).exists():
                 log.warning("[%s] no local model after round %d (%s): round %d starts whole from the global model",
@@ -287,13 +299,18 @@ class CentreTrainer:
                 return None
             self.load_global(load_file(path))
             self._local_round = prev
+            self._hold(prev)  # the kept copy is where the steps start
         self._load_optim(prev)
-        base = self._snapshot()
         self._optim_round = self._local_round = -1  # from here memory holds neither a round's end nor its moments
         t0 = time.perf_counter()
         losses, step_seconds = self._steps((next_round - 1) * self.cfg.inner_steps, 0, k)
         compute = time.perf_counter() - t0
-        return Ahead(next_round, base, self._snapshot(), losses, step_seconds, compute)
+        kept = self._kept
+        assert kept is not None  # held by `_keep_local` or `_hold`: `_local_round` was prev
+        with torch.no_grad():  # kept = end - start (as -start + end: the same float), in place
+            for name, v in self.model.state_dict().items():
+                kept[name].neg_().add_(v.detach())
+        return Ahead(next_round, kept, losses, step_seconds, compute)
 
     def lr_at(self, step: int) -> float:
         return lr_schedule(step, self.cfg)
@@ -378,9 +395,6 @@ class CentreTrainer:
     def _optim_from_disk(self, state: dict) -> dict:
         return state
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
     @torch.no_grad()
     def _rebase(self, ahead: Ahead) -> None:
         """Add the steps trained ahead onto the global model just loaded: w = global + (end - start)."""
@@ -389,16 +403,33 @@ class CentreTrainer:
         for k, v in self.model.state_dict().items():
             if v.data_ptr() not in seen:  # tied weights (wte = lm_head) appear twice: add once
                 seen.add(v.data_ptr())
-                v.add_(ahead.state[k] - ahead.base[k])
+                v.add_(ahead.delta[k])
 
     def _local_path(self, server_round: int) -> Path:
         return inside(self.state_dir, self.state_dir /
                       f"{self.file_prefix}local-model-round-{server_round:04d}.safetensors")
 
-    def _save_local(self, server_round: int) -> None:
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}  # untie
-        self._keep(self._local_path(server_round), lambda tmp: save_file(state, tmp))
+    @torch.no_grad()
+    def _hold(self, server_round: int) -> None:
+        """The model (where round `server_round` ended) into the kept copy: allocated once per run, a
+        tensor per name (a tied weight twice: the file on disk has both names, safetensors shares none)."""
+        self._saving_local.wait()  # the copy's last write has read it
+        state = self.model.state_dict()
+        if self._kept is None:
+            self._kept = {k: v.detach().clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self._kept[k].copy_(v.detach())
         self._local_round = server_round
+
+    def _keep_local(self, server_round: int) -> None:
+        """Hold where the round ended, and write it to disk for a restarted worker, in the background
+        (from the kept copy, which nothing changes before `flush`: the reply waits for it)."""
+        self._hold(server_round)
+        kept, path = self._kept, self._local_path(server_round)
+        assert kept is not None
+        self._saving_local.start(lambda: self._keep(path, lambda tmp: save_file(
+            {k: v.cpu() for k, v in kept.items()}, tmp)))
 
     def _keep(self, path: Path, write: Callable[[Path], None], recycle: bool = False,
               keep: int = KEEP_OPTIM_ROUNDS) -> None:
@@ -437,8 +468,9 @@ class CentreTrainer:
     def flush(self) -> None:
         """Wait until the inner-optimiser state of the last round is on disk; its error, if any.
         A reply must not leave before: a centre restarted after the server took its update resumes
-        from that file, so resume stays bit-identical."""
+        from that file, so resume stays bit-identical (with overlap-steps, also the round's local end)."""
         self._saving.wait()
+        self._saving_local.wait()
 
     def _load_optim(self, after_round: int) -> None:
         """Restore the inner AdamW state saved after `after_round` (DiLoCo keeps it).

@@ -45,6 +45,7 @@ from clients.egress import (
 )
 from clients.metrics import CentreMetrics, Peak, device_peak
 from clients.policy import Gate, Policy
+from clients.priority import lower_priority
 from clients.runs import BOOK_NAME, RunBook, RunRefused
 from clients.training import Ahead, CentreTrainer, autocast_dtype
 from clients.weights import Phases, broadcast_manifest, landed, own_weights, weights_digest, wire_manifest
@@ -106,8 +107,8 @@ class CentreWorker:
         self.gate = Gate(self.policy, self.egress.refused)
         if nice:
             # When centres share a machine with the federation's own processes (the demo),
-            # training yields the CPU to message handling, which otherwise waits behind it.
-            os.nice(nice)
+            # training yields the CPU to message handling and aggregation, which otherwise wait behind it.
+            lower_priority(nice)
         self._trainer: CentreTrainer | None = None
         self._config: dict[str, Any] | None = None
         self.held = HeldBase()  # the broadcast model the server last delivered (clients/broadcast.py)
@@ -159,6 +160,14 @@ class CentreWorker:
         ahead_of = self._join_ahead()  # the model is the background steps' until they end
         trainer = self._trainer_for(header["run-config"])
         ahead = ahead_of[1] if ahead_of is not None and ahead_of[0] is trainer else None
+        if op != "train":
+            ahead = None
+        elif ahead is None or ahead.round != int(header["round"]):
+            # Not trained ahead in the background (or for another round): now, before the round's model
+            # lands (in the model's own tensors, on the data plane); kept for a stale-base retry.
+            ahead = trainer.train_ahead(int(header["round"]))
+            ahead_of = (trainer, ahead) if ahead is not None else None
+        self.phases.mark("ahead-wait")
         plane = header.get("data-plane") or {}
         seeded = self._holds_seed(trainer, header)
         in_place = self._in_place(trainer, header, plane, seeded=seeded)
@@ -201,10 +210,6 @@ class CentreWorker:
         out: wire.Arrays = {}
         if op == "train":
             rnd = int(header["round"])
-            if ahead is None or ahead.round != rnd:  # not trained ahead (or for another round): do it now
-                ahead = trainer.train_ahead(rnd)
-                if ahead is not None:  # the global model it was sent: train_ahead loaded the round's start
-                    trainer.load_global(unpack(sent, trainer.model.state_dict(), copy=False))
             if trainer.cfg.compression != "int8" and self.policy.update_clip <= 0:
                 sent = None  # not needed past here (int8 and the policy's clip take the update against it)
             result = trainer.train_round(rnd, ahead)
@@ -226,10 +231,12 @@ class CentreWorker:
                     out = {PARAMS_KEY: new}
             self.phases.mark("pack")
         reply, out = self._reply(trainer, header, metrics, out)
-        if op == "train" and in_place is not None and plane.get("next") and "upload" in reply:
+        if (op == "train" and in_place is not None and plane.get("next") and "upload" in reply
+                and not trainer.cfg.overlap_steps):  # with overlap the model trains ahead meanwhile
             # The update has left and the state is written: nothing needs this model any more, so the next
             # round's can land in it while the server aggregates and Flower brings the round's message.
-            landing = self._in_place(trainer, header, plane, landing=True)
+            # (After round 1 too: the seed model was trained in place, and the next model is the full weights.)
+            landing = self._in_place(trainer, header, plane, landing=True, seeded=seeded)
             if landing is not None:
                 self._prefetch_plan = (trainer, landing, str(plane["url"]), str(plane["next"]))
         return reply, out
@@ -248,13 +255,13 @@ class CentreWorker:
         """The model's own tensors, for the data plane to land the round's model in and send the update
         from, where nothing else needs the model it was sent: a 0.5 GB model is then neither buffered
         (4 bytes per parameter, and ~0.5 s of page faults per fresh buffer on a 2-core machine) nor
-        copied in and packed out. Not with int8 (the update is taken against the model sent), the
-        policy's clip, overlap-steps (steps trained ahead are added to the model sent), a broadcast
-        other than the full weights (or, `seeded`, the seed model the trainer holds), or a trainer
-        whose tensors are not one whole CPU fp32 model."""
+        copied in and packed out (with overlap-steps too: the steps ahead keep their progress in the
+        trainer's own copy, clients/training.py). Not with int8 (the update is taken against the model
+        sent), the policy's clip, a broadcast other than the full weights (or, `seeded`, the seed model
+        the trainer holds), or a trainer whose tensors are not one whole CPU fp32 model."""
         cfg = trainer.cfg
         forms = (FULL, SEED) if seeded else (FULL,)
-        if (not plane.get("token") or cfg.compression == "int8" or self.policy.update_clip > 0 or cfg.overlap_steps
+        if (not plane.get("token") or cfg.compression == "int8" or self.policy.update_clip > 0
                 or (header.get("broadcast") or {}).get(FORM_KEY, FULL) not in forms):
             return None
         tensors = trainer.wire_tensors(landing)  # landing: a tied weight's values land once (wire_tensors)

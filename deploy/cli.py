@@ -330,7 +330,9 @@ def cmd_centre_serve(args: argparse.Namespace) -> int:
         ranks = Ranks.join(args.centre, args.device, shard=args.shard)
         if ranks.rank:  # no socket, no metrics endpoint: rank 0 is the centre's only door
             if args.nice:
-                os.nice(args.nice)
+                from clients.priority import lower_priority
+
+                lower_priority(args.nice)
             follow(ranks, args.data_dir, args.state_dir, args.device)
             return 0
         worker: CentreWorker = RankZeroWorker(ranks, args.centre, args.data_dir, args.state_dir, **kwargs)

@@ -175,19 +175,18 @@ def test_round_one_trains_the_seed_model_prepare_hashed_without_packing_it(worke
         p.server.stop()
 
 
-@pytest.mark.parametrize("case", ["int8", "clip", "overlap", "delta", "gpu", "no-token"])
+@pytest.mark.parametrize("case", ["int8", "clip", "delta", "gpu", "no-token"])
 def test_the_model_does_not_land_in_place_where_the_model_sent_is_still_needed(worker, tmp_path, case):
-    """In place only where nothing needs the model that was sent after training: the int8 update, the
-    policy's clip and overlap's steps are taken against it; a delta applies to a held copy; a GPU
-    model's tensors are not host memory. Each of these keeps the buffered path."""
+    """In place only where nothing needs the model that was sent after training: the int8 update and
+    the policy's clip are taken against it; a delta applies to a held copy; a GPU model's tensors are
+    not host memory. Each of these keeps the buffered path. (overlap-steps lands in place: the test
+    below.)"""
     import dataclasses
 
     config, header, plane = _run_config(tmp_path), {"op": "train", "broadcast": {"form": "full"}}, {"token": "t"}
     assert worker._in_place(worker._trainer_for(config), header, plane) is not None  # the plain case: in place
     if case == "int8":
         config["compression"] = "int8"
-    elif case == "overlap":
-        config["overlap-steps"] = 1
     elif case == "clip":
         worker.policy = dataclasses.replace(worker.policy, update_clip=1.0)
     elif case == "delta":
@@ -253,5 +252,43 @@ def test_the_next_rounds_model_is_pulled_ahead_and_used_only_if_the_message_anno
         last = later + np.float32(0.02)
         assert np.array_equal(_update_from(worker, p, last, header, 5), _update_from(other, p, last, header, 5))
         assert len(fetches) == 2
+    finally:
+        p.server.stop()
+
+
+def test_steps_ahead_leave_the_model_in_place_and_send_what_a_copying_worker_sends(worker, tmp_path, monkeypatch):
+    """overlap-steps on the data plane: the steps ahead run in the background on the model's own tensors
+    and keep their progress in the trainer's copy (clients/training.py), so the next round's model still
+    lands in those tensors and the update leaves from them. Round after round, the same bytes as a worker
+    that copies through buffers and trains its steps ahead only when the round comes."""
+    from clients import dataplane
+    from clients.worker import CentreWorker
+    from models.gpt import build_model
+    from models.packing import pack
+
+    rc = {**_run_config(tmp_path), "overlap-steps": 1, "rounds": 3}
+    header = {"op": "train", "run-config": rc, "broadcast": {"form": "full"}}
+    buffered = CentreWorker("fr-genci", worker.data_dir, tmp_path / "buffered-state")
+    buffered._trainer_for(rc).wire_tensors = lambda landing=False: None  # the copying path
+    landed, real_fetch = [], dataplane.fetch
+
+    def fetch_spy(*args, **kw):
+        landed.append(kw.get("into") is not None)
+        return real_fetch(*args, **kw)
+
+    monkeypatch.setattr(dataplane, "fetch", fetch_spy)
+    g = pack(build_model("tiny", seed=0).state_dict())
+    p = open_plane("127.0.0.1", 0, "", "", "", upload_shapes(g.size, "none", "fp32"))
+    try:
+        for rnd in (1, 2, 3):
+            tensors = [t.data_ptr() for t in worker._trainer.wire_tensors()] if worker._trainer else None
+            mine = _update_from(worker, p, g, header, rnd)
+            worker.after_reply()  # the serving loop's: the next round's first step, in a thread
+            assert (worker._ahead_thread is not None) == (rnd < 3)
+            assert tensors is None or tensors == [t.data_ptr() for t in worker._trainer.wire_tensors()]
+            assert np.array_equal(mine, _update_from(buffered, p, g, header, rnd)), rnd
+            g = ((mine + g) / 2).astype(np.float32)  # whatever the server made of the round
+        assert landed == [True, False] * 3
+        assert worker._trainer._kept is not None  # the copy the steps ahead start from, kept for the run
     finally:
         p.server.stop()
