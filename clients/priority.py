@@ -4,9 +4,10 @@ With autogroup scheduling (Linux's default where /proc/sys/kernel/sched_autogrou
 process's nice value weighs only against the processes of its own session, and every session gets
 an equal share of the CPU. The centre workers run in sessions of their own (deploy/processes.py), so
 `os.nice` alone changed nothing between a worker and the coordinator beside it: measured on 2 cores
-with the `base` model, a round's aggregation took 5.3 s while both centres trained their next round's
-first steps (overlap-steps), against 0.8 s alone. What the scheduler weighs is the session's own nice
-value, /proc/self/autogroup; a process may raise it (lower its priority) without privileges.
+with the `base` model, round 1's aggregation took 5.3 s while both centres trained their next round's
+first steps (overlap-steps), and 2.7 s with the workers' sessions lowered (later rounds ~0.8 s). What
+the scheduler weighs is the session's own nice value, /proc/self/autogroup; a process may raise it
+(lower its priority) without privileges.
 """
 
 from __future__ import annotations
