@@ -183,7 +183,8 @@ class CentreTrainer:
         self._saving = BackgroundWrite(f"[{centre}] the inner-optimiser state")
         # overlap-steps: the kept copy (module docstring, "Overlap memory") and its write to disk
         self._kept: dict[str, torch.Tensor] | None = None
-        if cfg.overlap_steps:  # allocated (and its pages touched) now, before round 1 rather than in it
+        if cfg.overlap_steps:  # allocated (and its pages touched) now, before round 1 rather than in it;
+            # a tensor per name (a tied weight twice: the file on disk has both names, safetensors shares none)
             self._kept = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self._saving_local = BackgroundWrite(f"[{centre}] the local model")
         self._local_round = 0  # round whose local end the model holds (-1: none, e.g. after train_ahead)
@@ -411,15 +412,11 @@ class CentreTrainer:
 
     @torch.no_grad()
     def _hold(self, server_round: int) -> None:
-        """The model (where round `server_round` ended) into the kept copy: allocated once per run, a
-        tensor per name (a tied weight twice: the file on disk has both names, safetensors shares none)."""
+        """The model (where round `server_round` ended) into the kept copy (allocated in __init__)."""
+        assert self._kept is not None  # overlap-steps is set: the only caller's condition
         self._saving_local.wait()  # the copy's last write has read it
-        state = self.model.state_dict()
-        if self._kept is None:
-            self._kept = {k: v.detach().clone() for k, v in state.items()}
-        else:
-            for k, v in state.items():
-                self._kept[k].copy_(v.detach())
+        for k, v in self.model.state_dict().items():
+            self._kept[k].copy_(v.detach())
         self._local_round = server_round
 
     def _keep_local(self, server_round: int) -> None:
