@@ -45,7 +45,6 @@ import logging
 import math
 import time
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,12 +53,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clients.data import TokenSampler, load_split
+from clients.statefiles import inside, keep_file, run_state_dir, save_in_place
 from models.background import BackgroundWrite
-from models.config import RunConfig, check_run_name
+from models.config import RunConfig
 from models.gpt import GPT, build_model
 
 log = logging.getLogger("bridgepool.centre")
-KEEP_OPTIM_ROUNDS = 3  # files of one kind kept on disk (the inner state's: checkpoint-keep)
 STEPS_FILE = "steps.json"  # time budget: round -> [first step, steps taken], every round of the run
 
 
@@ -123,27 +122,6 @@ def lr_schedule(step: int, cfg: RunConfig) -> float:
         return cfg.inner_lr * (step + 1) / cfg.inner_warmup_steps
     progress = min(1.0, (step - cfg.inner_warmup_steps) / max(1, total - cfg.inner_warmup_steps))
     return cfg.inner_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-class StatePathError(ValueError):
-    """A state file would resolve outside the centre's state directory."""
-
-
-def run_state_dir(state_root: Path, run_name: str) -> Path:
-    """STATE_ROOT/RUN_NAME, refused unless the name is one safe path component and the
-    directory (symlinks followed) lies inside STATE_ROOT. The worker's operator chose
-    STATE_ROOT; the run-name comes from whoever submitted the run (issue 19, threat 4)."""
-    check_run_name(run_name)
-    return inside(state_root, Path(state_root) / run_name)
-
-
-def inside(root: Path, path: Path) -> Path:
-    """`path` if, resolved, it is `root` or below it; else StatePathError naming both."""
-    real_root, real = Path(root).resolve(), Path(path).resolve()
-    if real != real_root and real_root not in real.parents:
-        raise StatePathError(f"state path {path} resolves to {real}, outside the state directory {real_root}; "
-                             "refused (a run-name or a symlink pointing elsewhere)")
-    return Path(path)
 
 
 class CentreTrainer:
@@ -350,7 +328,7 @@ class CentreTrainer:
         record = self._steps_record()
         record[str(server_round)] = [first, steps]
         text = json.dumps(dict(sorted(record.items(), key=lambda kv: int(kv[0]))))
-        self._keep(self._steps_path(), lambda tmp: tmp.write_text(text))
+        keep_file(self.state_dir, self._steps_path(), lambda tmp: tmp.write_text(text))
 
     def _steps(self, first_step: int, first: int, last: int,
                budget: float = 0.0) -> tuple[list[torch.Tensor], list[float]]:
@@ -425,29 +403,8 @@ class CentreTrainer:
         self._hold(server_round)
         kept, path = self._kept, self._local_path(server_round)
         assert kept is not None
-        self._saving_local.start(lambda: self._keep(path, lambda tmp: save_file(
+        self._saving_local.start(lambda: keep_file(self.state_dir, path, lambda tmp: save_file(
             {k: v.cpu() for k, v in kept.items()}, tmp)))
-
-    def _keep(self, path: Path, write: Callable[[Path], None], recycle: bool = False,
-              keep: int = KEEP_OPTIM_ROUNDS) -> None:
-        """Write `path` whole or not at all (a crash leaves the newer rounds' files), then drop
-        all but the newest `keep` files of its kind (same name but the round number; 0: none go).
-        `recycle`: the oldest of them, due to go, is first renamed to the temporary name, for `write`
-        to write over in place (`save_in_place`). A crash's leftover temporary file of another round
-        goes."""
-        tmp = inside(self.state_dir, path.with_suffix(".tmp"))
-        kind = path.name.rsplit("-", 1)[0] + "-*" + path.suffix
-        for stale in self.state_dir.glob(kind[:-len(path.suffix)] + ".tmp"):
-            if stale != tmp:
-                inside(self.state_dir, stale).unlink()
-        if recycle:
-            olds = [p for p in sorted(self.state_dir.glob(kind)) if p != path]
-            if keep and len(olds) >= keep:
-                inside(self.state_dir, olds[0]).replace(tmp)
-        write(tmp)
-        tmp.replace(path)
-        for old in sorted(self.state_dir.glob(kind))[:-keep] if keep else []:
-            inside(self.state_dir, old).unlink()
 
     def _forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return forward(self.model, x, y, self.device, self.amp_dtype)
@@ -504,26 +461,11 @@ class CentreTrainer:
         self._optim_round = server_round
 
         def write() -> None:
-            self._keep(path, lambda tmp: save_in_place(state, tmp), recycle=True, keep=self.cfg.checkpoint_keep)
+            keep_file(self.state_dir, path, lambda tmp: save_in_place(state, tmp), recycle=True,
+                      keep=self.cfg.checkpoint_keep)
             if position is not None:
                 inside(self.state_dir, self.state_dir / "position.json").write_text(json.dumps(position))
 
         self._saving.start(write)
         if not self.background_save:
             self.flush()
-
-
-def save_in_place(state: dict, path: Path) -> None:
-    """torch.save `state` to `path`, over the bytes of the file already there, if any (then cut to
-    size). The inner AdamW state is 8 bytes per parameter, written every round: into a new file the
-    kernel must find and zero fresh pages (~1-2 s per GB on a 2-core machine, taking the cores the
-    round's upload needs), over a file still in the page cache it only copies (~0.5 s)."""
-    try:
-        f = open(path, "r+b" if path.exists() else "wb")
-    except PermissionError:  # a file this user may not write (left by another): a new one, as torch.save makes
-        path.unlink()
-        f = open(path, "wb")
-    with f:
-        torch.save(state, f)
-        f.truncate()
-

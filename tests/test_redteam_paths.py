@@ -10,7 +10,8 @@ import pytest
 
 from clients.egress import read_ledger
 from clients.policy import PolicyRefused
-from clients.training import CentreTrainer, StatePathError, inside, run_state_dir
+from clients.statefiles import StatePathError, inside, run_state_dir
+from clients.training import CentreTrainer
 from models.config import ConfigError, RunConfig, load_defaults
 
 ATTACKS = ("../../de-lrz/state/victim", "/srv/elsewhere", "..", ".", "a/b", "run\x00x", "", "x" * 65,
