@@ -44,6 +44,17 @@ def test_verdicts_on_both_sides_of_each_target(bps, seconds, ratio, models, want
     assert [v for v, _ in wire.targets(res)] == want
 
 
+def test_the_ratio_verdict_is_the_specified_plans_and_the_longer_plan_is_reported_beside_it():
+    res = {"plan": {"model": "base"}, "scenarios": {},
+           "ratio": {"ratio": 0.80, "plan": {"inner-steps": 20}, "federated-tokens-per-second": 120.0,
+                     "bare-loop-tokens-per-second": 150.0, "round-seconds": [20.0, 17.0]},
+           "ratio-long": {"ratio": 0.95, "plan": {"inner-steps": 40}, "federated-tokens-per-second": 142.5,
+                          "bare-loop-tokens-per-second": 150.0, "round-seconds": [36.0, 33.0]}}
+    assert wire.targets(res) == [("missed", "real-size ratio >= 0.90 of the bare loop: 0.800 (ratio)")]
+    text = wire.report(res)
+    assert "ratio **0.800**" in text and "ratio **0.950**" in text and "H=40" in text
+
+
 def test_quick_wire_bench_runs_both_data_planes(tmp_path):
     assert wire.main(["--quick", "--out", str(tmp_path), "--tag", "w"]) == 0
     res = json.loads((tmp_path / "w.json").read_text())
