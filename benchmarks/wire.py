@@ -1,6 +1,6 @@
 """Model updates at link speed: the data plane against Flower's own messages, side by side.
 
-    bridgepool bench --wire                 # base model (127M), 2 centres (~10 min on 2 cores)
+    bridgepool bench --wire                 # base model (127M), 2 centres (~20 min on 2 cores)
     bridgepool bench --wire --quick         # tiny model, the smoke test
     bridgepool bench --wire --ratio         # also the real-size ratio: base at H=20 (and H=40) against its bare loop
 
