@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from deploy.processes import descendants
+from deploy.processes import descendants, proc_stats
 
-TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TICK = os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks
 # Roles by a fragment of the command line, first match wins (the centres' workers are `bridgepool centre serve`).
 ROLES = (("centre serve", "centre workers"), ("centre supernode", "SuperNodes"),
          ("clients.runtime", "ClientApp runtimes"), ("flwr-serverapp", "ServerApp"), ("superlink", "SuperLink"),
@@ -29,15 +29,16 @@ def role(cmdline: str) -> str:
     return next((name for fragment, name in ROLES if fragment in cmdline), OTHER)
 
 
-def _sample(pids: set[int]) -> dict[int, tuple[str, float]]:
+def _sample(root: int) -> dict[int, tuple[str, float]]:
+    """Each descendant of `root`: its role and CPU seconds so far (one read of /proc for both)."""
+    stats = proc_stats()
     out = {}
-    for pid in pids:
+    for pid in descendants([root], stats):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone since it was listed
             continue
-        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        fields = stats[pid]
         out[pid] = (role(cmdline), (int(fields[11]) + int(fields[12])) / TICK)  # utime + stime
     return out
 
@@ -62,7 +63,7 @@ class CpuSampler:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            self.samples.append((time.time(), _sample(descendants([me]))))
+            self.samples.append((time.time(), _sample(me)))
             self._stop.wait(self.interval)
 
     def used(self, t0: float, t1: float) -> dict[str, float]:

@@ -85,6 +85,11 @@ class _CappedFederation(LocalFederation):
         return super()._wrap(where, argv if group is None else cpushare.in_group(group, argv))
 
 
+def span(rounds: list[dict[str, Any]]) -> tuple[float, float]:
+    """From round 1's push to the last round's end (as time.time()): the training span, start-up excluded."""
+    return rounds[0]["time"] - rounds[0]["wall-seconds"], rounds[-1]["time"]
+
+
 def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bool = True,
            shares: cpushare.CpuShares | None = None, **over: Any) -> dict[str, Any]:
     """One scenario over the Deployment Engine; `warm=False`: stock `flower-supernode` (a new
@@ -117,8 +122,8 @@ def flower(plan: Plan, corpora: dict[str, Path], work: Path, name: str, warm: bo
         for centre, m in r["centres"].items():
             per_centre[centre] = per_centre.get(centre, 0.0) + m.get("compute-seconds", 0.0)
     compute = max(per_centre.values())
-    # From round 1's push to the last round's checkpoint: the training span, start-up excluded.
-    round_wall = rounds[-1]["time"] - (rounds[0]["time"] - rounds[0]["wall-seconds"])
+    start, end = span(rounds)
+    round_wall = end - start
     return {"wall": wall, "round-wall": round_wall,
             "bytes-source": "SuperLink Fleet API (flwr ls)" + (" + data plane sockets" if plane else ""),
             "bytes-up": traffic["inbound"], "bytes-down": traffic["outbound"], "compute": compute,

@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmarks import baselines
 from benchmarks.cpuuse import CpuSampler
-from benchmarks.federation import centre_copies
+from benchmarks.federation import centre_copies, span
 from clients.data import DEFAULT_CENTRES, prepare_centre
 from deploy.local import LocalFederation
 from deploy.processes import free_base_port
@@ -77,8 +77,7 @@ def federate(corpora: dict[str, Path], work: Path, name: str, **over: Any) -> di
         run = fed.wait(fed.submit(cfg.to_mapping()), timeout=3 * 3600)
     if run.get("status") != "finished":
         raise RuntimeError(f"{name}: {run.get('message')}")
-    rounds = run["rounds"]  # the rounds' span, as ratio_figures times it
-    run["cpu-seconds"] = cpu.used(rounds[0]["time"] - rounds[0]["wall-seconds"], rounds[-1]["time"])
+    run["cpu-seconds"] = cpu.used(*span(run["rounds"]))
     return run
 
 
@@ -117,8 +116,8 @@ def ratio_figures(run: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
     same for the middle rounds alone (neither the first, which starts cold and cannot train ahead,
     nor the last, which writes the checkpoint): what a longer run approaches, shown beside it."""
     rounds = run["rounds"]
-    span = rounds[-1]["time"] - (rounds[0]["time"] - rounds[0]["wall-seconds"])
-    fed_rate = sum(r["tokens"] for r in rounds) / span
+    start, end = span(rounds)
+    fed_rate = sum(r["tokens"] for r in rounds) / (end - start)
     bare_rate = bare["tokens"] / bare["compute"]
     middle = rounds[1:-1]
     steady = (sum(r["tokens"] for r in middle) / sum(r["wall-seconds"] for r in middle) / bare_rate
@@ -127,7 +126,7 @@ def ratio_figures(run: dict[str, Any], bare: dict[str, Any]) -> dict[str, Any]:
     # CPU seconds at the bare loop's speed; what the federation's own processes took came out of the same cores.
     return {"federated-tokens-per-second": fed_rate, "bare-loop-tokens-per-second": bare_rate,
             "ratio": fed_rate / bare_rate, "middle-rounds-ratio": steady,
-            "round-seconds": [r["wall-seconds"] for r in rounds], "span-seconds": span,
+            "round-seconds": [r["wall-seconds"] for r in rounds], "span-seconds": end - start,
             "cpu-seconds": run.get("cpu-seconds", {}), "cores": os.cpu_count(),
             "bare-seconds": bare["compute"], "bare-cpu-seconds": bare["compute"] * len(rounds[-1]["centres"])}
 

@@ -141,15 +141,23 @@ class ProcessGroup:
         self.procs.clear()
 
 
-def descendants(roots: list[int]) -> set[int]:
-    """All live descendants of `roots` (from /proc), roots excluded."""
-    children: dict[int, list[int]] = {}
+def proc_stats() -> dict[int, list[str]]:
+    """Each live process's /proc/PID/stat fields after its command name (which may hold spaces):
+    [0] state, [1] parent pid, ... [11] utime, [12] stime (proc(5) fields 3 on)."""
+    out: dict[int, list[str]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            out[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone since it was listed
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return out
+
+
+def descendants(roots: list[int], stats: dict[int, list[str]] | None = None) -> set[int]:
+    """All live descendants of `roots` (from /proc, or `stats` already read), roots excluded."""
+    children: dict[int, list[int]] = {}
+    for pid, fields in (proc_stats() if stats is None else stats).items():
+        children.setdefault(int(fields[1]), []).append(pid)
     out: set[int] = set()
     todo = list(roots)
     while todo:
