@@ -261,6 +261,18 @@ class LocalFederation:
                               "forgets its SuperNodes when it stops")
         superlink = next(p for p in self._stopped.pop("server") if p.name == "SuperLink")
         wait_for(self._superlink_up, timeout, "the restarted SuperLink", _watching(self.group.restart(superlink)))
+        self._stop_orphaned_runs()
+
+    def _stop_orphaned_runs(self) -> None:
+        """Stop the runs whose ServerApp died with the coordinator: the SuperLink's database still lists
+        them as running. A SuperNode that was pulling one of their messages when the SuperLink died
+        retries the lost objects until Flower times the run out (~55 s measured) and only then takes the
+        resumed run's messages; a stopped run frees it at its next try."""
+        for run in self.runs():
+            if run.get("status", "").startswith(("running", "starting", "pending")):
+                out = self._flwr("stop", run["run-id"], "bridgepool")
+                log.info("stopped run %s, left %s by the coordinator that died: %s",
+                         run["run-id"], run["status"], out.stdout.strip()[-200:] or out.stderr.strip()[-200:])
 
     def _centre(self, name: str) -> Centre:
         return next(c for c in self.centres if c.name == name)
@@ -269,15 +281,21 @@ class LocalFederation:
     def fleet_traffic(self) -> dict[str, int]:
         """Bytes between the centres and the SuperLink, as the SuperLink itself counted them
         on its Fleet API (`flwr ls`): measured traffic, summed over the runs it holds."""
-        out = subprocess.run([venv_bin("flwr"), "ls", "bridgepool", "--format", "json"], capture_output=True,
-                             text=True, env=self._env(self.server_home), cwd=self.run_dir, timeout=120)
-        try:
-            runs = json.loads(out.stdout)["runs"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise LaunchError(f"`flwr ls` gave no run list: {out.stdout[-300:]} {out.stderr[-300:]}") from err
-        traffic = [r["network-traffic"] for r in runs]
+        traffic = [r["network-traffic"] for r in self.runs()]
         return {"inbound": sum(t["inbound-bytes"] for t in traffic),
                 "outbound": sum(t["outbound-bytes"] for t in traffic)}
+
+    def runs(self) -> list[dict[str, Any]]:
+        """The SuperLink's runs, as `flwr ls --format json` lists them."""
+        out = self._flwr("ls", "bridgepool", "--format", "json")
+        try:
+            return json.loads(out.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise LaunchError(f"`flwr ls` gave no run list: {out.stdout[-300:]} {out.stderr[-300:]}") from err
+
+    def _flwr(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([venv_bin("flwr"), *args], capture_output=True, text=True,
+                              env=self._env(self.server_home), cwd=self.run_dir, timeout=120)
 
     def _why_no_result(self) -> str:
         log = self.logs / "flwr-run.log"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def make_centres(run_dir: Path, corpora: dict[str, Path], n: int) -> list[Centre
         shutil.copytree(corpora[name], c.data_dir)
         centres.append(c)
     return centres
+
+
+def wait_for_checkpoint(run_dir: Path, rnd: int, timeout: float = 60.0) -> None:
+    """Until round `rnd`'s checkpoint (or a newer one) is on disk. run.json lists a round as soon as
+    its step is taken; its checkpoint is written in the background after that (server/app.py), so a
+    test that kills the coordinator on seeing the round must wait for it to resume from that round."""
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + timeout
+    while not any(int(p.name.split("-")[1]) >= rnd for p in ckpts.glob("round-*")):  # renamed into place whole
+        assert time.monotonic() < deadline, f"no checkpoint of round {rnd} in {ckpts} after {timeout:.0f}s"
+        time.sleep(0.05)
 
 
 @pytest.fixture()

@@ -23,7 +23,7 @@ from deploy.local import Centre, LocalFederation
 from models.config import RunConfig
 from models.gpt import build_model
 from server.aggregation import OuterOptimizer, aggregate
-from tests.conftest import free_base_port, make_centres
+from tests.conftest import free_base_port, make_centres, wait_for_checkpoint
 from tests.hostile_worker import POISONS
 from tests.test_federation import tiny_config
 
@@ -148,10 +148,14 @@ def test_hostile_centre_rejected_and_coordinator_restart_keeps_weights(tmp_path,
             fed.wait(fed.submit(cfg.to_mapping()), on_tick=tick, timeout=600)
         except _Stop:
             pass
+        wait_for_checkpoint(run_dir, kill_after)
         workers = {p.name: p.popen.pid for p in fed.group.procs if p.name.startswith("worker")}
         t0 = time.monotonic()
-        fed.kill_server()  # round kill_after + 1 is under way on the centres
+        fed.kill_server()  # a later round is under way on the centres
         fed.restart_server()
+        # The killed ServerApp's run is stopped, not left running: SuperNodes that were pulling its
+        # round's message take the resumed run's at once, not when Flower times the old run out.
+        assert not [r for r in fed.runs() if r["status"].startswith("running")], fed.runs()
         run = fed.wait(fed.submit(cfg.replace(resume=True).to_mapping()), timeout=600)
         print(f"\ncoordinator restart to finished run: {time.monotonic() - t0:.0f}s")
         assert {p.name: p.popen.pid for p in fed.group.procs if p.name.startswith("worker")} == workers

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from deploy.local import LocalFederation
 from models.config import RunConfig, load_defaults
-from tests.conftest import free_base_port, make_centres
+from tests.conftest import free_base_port, make_centres, wait_for_checkpoint
 
 
 def tiny_config(run_dir: Path, **over) -> RunConfig:
@@ -36,6 +36,7 @@ def run_federation(run_dir: Path, centres, cfg: RunConfig, stop_after_round: int
         try:
             run = fed.wait(proc, on_tick=tick, timeout=600)
         except _Stop:
+            wait_for_checkpoint(run_dir, stop_after_round)
             run = json.loads((run_dir / "run.json").read_text())
         pids = [p.popen.pid for p in fed.group.procs]
     for pid in pids:  # everything the launcher started is gone

@@ -37,7 +37,8 @@ def test_prometheus_scrapes_what_the_run_reports(tmp_path, corpora):
     centres = make_centres(run_dir, corpora, 2)
     # SuperLink, 2 SuperNodes, the data plane, server + 2 centre metrics endpoints, Prometheus.
     base = free_base_port(8)
-    cfg = tiny_config(run_dir)
+    # Rounds of the default 15 steps last ~0.5 s here: 60 make the training span several 1 s scrapes.
+    cfg = tiny_config(run_dir, **{"inner-steps": 60})
     with LocalFederation(run_dir, centres, base_port=base, metrics_port=base + 4) as fed, \
             Prometheus(run_dir / "prometheus.yml", tmp_path / "tsdb", base + 7, fed.logs / "prometheus.log",
                        binary=PROMETHEUS) as prom:
@@ -52,7 +53,7 @@ def test_prometheus_scrapes_what_the_run_reports(tmp_path, corpora):
         wait_until(lambda: scalar(prom, "sum(bridgepool_tokens_total)") == expected, 60)
         scraped = scalar(prom, "sum(bridgepool_tokens_total)")
         print(f"\nscraped sum(bridgepool_tokens_total) = {scraped}; run.json tokens = {expected}")
-        assert scraped == expected == 3 * 2 * 15 * 8 * 32
+        assert scraped == expected == 3 * 2 * 60 * 8 * 32
 
         report = {row["centre"]: row["tokens"] for row in summary_rows(run)}
         for name, tokens in report.items():
@@ -61,11 +62,21 @@ def test_prometheus_scrapes_what_the_run_reports(tmp_path, corpora):
             assert scalar(prom, f'bridgepool_bytes_received_total{{centre="{name}"}}') > 0
         assert {r["metric"]["peak_source"] for r in prom.query("bridgepool_mfu > 0")} == {"estimate:cpu"}
 
-        # While training (between the run's start and its last round), the token rate was positive.
+        # The token rate over the training was positive: the rates whose 15 s window overlaps it, i.e. those
+        # evaluated from the run's start to 15 s after its last round. (Ending at the last round itself left
+        # a short run only one or two scrapes, and one missed scrape on a busy host emptied the series.)
         started, last_round = run["started"], run["rounds"][-1]["time"]
-        series = prom.query_range("sum(rate(bridgepool_tokens_total[15s]))", started, last_round + 1)
-        rates = [float(v) for _, v in series[0]["values"]] if series else []
-        assert rates and max(rates) > 0 and min(rates) >= 0, rates
+        rates: list[float] = []
+
+        def rate_seen() -> bool:
+            series = prom.query_range("sum(rate(bridgepool_tokens_total[15s]))", started, last_round + 15)
+            rates[:] = [float(v) for _, v in series[0]["values"]] if series else []
+            return bool(rates) and max(rates) > 0
+
+        ups = 'up{job="bridgepool-centres"}'
+        assert wait_until(rate_seen, 20) and min(rates) >= 0, (
+            rates, [(r["round"], round(r["time"] - started, 2)) for r in run["rounds"]],
+            [[v for _, v in s["values"]] for s in prom.query_range(ups, started, last_round + 15)])
 
         # The ServerApp's endpoint lived as long as the run; what it last served is in Prometheus' history.
         server = scalar(prom, "max_over_time(bridgepool_federation_tokens_total[10m])")
