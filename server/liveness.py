@@ -6,7 +6,8 @@ A restarted centre registers as a new node while its dead predecessor is still
 listed. Without care, every round in that window would wait for the dead node
 until the user's round deadline.
 
-Policy: a node that gave no reply by a round's deadline becomes a *suspect*. It is
+Policy: a node that gave no reply by a round's deadline, or whose reply never arrived
+whole (it died while uploading it), becomes a *suspect*. It is
 still sent every round (a slow centre must be able to come back), but once all
 non-suspects have replied and the quorum is met, the round closes without waiting
 for suspects. A suspect is trusted again as soon as any reply from it arrives,
@@ -67,6 +68,12 @@ class Liveness:
     def missed(self, node_id: int, message_id: str) -> None:
         self.suspects.add(node_id)
         self.stale[message_id] = node_id
+
+    def lost(self, node_id: int) -> None:
+        """The node's reply was announced but never arrived whole (Flower: its objects are unavailable):
+        it died while uploading, as a rule. A suspect like a node that gave no reply, but with no message
+        left to pull: only a reply to a later round trusts it again."""
+        self.suspects.add(node_id)
 
     def listed(self, node_ids: Iterable[int]) -> None:
         """Forget nodes Flower no longer lists (dead, or left the federation)."""

@@ -340,6 +340,8 @@ def _collect(msg: Message, nid: int, result: Exchange, live: Liveness, broadcast
     if msg.has_error():
         broadcast.forget(nid)
         code = "node-unavailable" if msg.error.code == ErrorCode.NODE_UNAVAILABLE else "centre-error"
+        if msg.error.code == ErrorCode.MESSAGE_UNAVAILABLE:  # announced, never uploaded whole: not waited for again
+            live.lost(nid)
         result.fail(_key(live, nid), live.name(nid), code, f"centre error: {msg.error.reason}")
         return
     content = msg.content

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 from server import messaging
@@ -16,6 +17,7 @@ from server.broadcast import Broadcast
 from server.liveness import Liveness
 from server.messaging import exchange
 
+LOST = "Reply message objects are unavailable."  # as flwr/superlink/grid/http_grid.py begins its reason
 STATE = Broadcast(np.zeros(3, np.float32), "none")
 STATE.advance(np.ones(3, np.float32))
 
@@ -29,10 +31,11 @@ def serverapp_identity(monkeypatch):
 
 
 class ScriptedGrid:
-    """Answers a message once `ready(node, round, pulls)` is true (pulls counted from 1 per round)."""
+    """Answers a message once `ready(node, round, pulls)` is true (pulls counted from 1 per round);
+    a node in `broken` answers with the error Flower's Grid makes of a reply whose objects never came."""
 
-    def __init__(self, ready: Callable[[int, int, int], bool]):
-        self.ready, self.sent, self.pulls, self.pushed = ready, {}, 0, 0
+    def __init__(self, ready: Callable[[int, int, int], bool], broken: frozenset[int] = frozenset()):
+        self.ready, self.sent, self.pulls, self.pushed, self.broken = ready, {}, 0, 0, broken
 
     def push_messages(self, messages: list[Message]) -> list[str]:
         self.pulls, ids = 0, []
@@ -50,6 +53,9 @@ class ScriptedGrid:
             msg = self.sent[mid]
             if self.ready(msg.metadata.dst_node_id, int(msg.metadata.group_id), self.pulls):
                 del self.sent[mid]
+                if msg.metadata.dst_node_id in self.broken:
+                    out.append(Message(error=Error(ErrorCode.MESSAGE_UNAVAILABLE, LOST), reply_to=msg))
+                    continue
                 content = RecordDict({"metrics": MetricRecord({"tokens": 1.0}),
                                       "centre": ConfigRecord({"name": f"c{msg.metadata.dst_node_id}"})})
                 out.append(Message(content=content, reply_to=msg))
@@ -69,6 +75,24 @@ def test_a_node_that_missed_a_round_is_not_waited_for_again():
 
     live.listed([1, 2, 3])  # Flower stopped listing it: forgotten
     assert live.suspects == set() and live.stale == {}
+
+
+def test_a_node_whose_reply_never_arrived_whole_is_not_waited_for_again():
+    """A centre killed while uploading its reply: Flower's Grid gives up pulling the reply's objects and
+    hands the server an error. That node is as dead as one that gave no reply: the next round closes on
+    the quorum without waiting for it, and a reply from it trusts it again."""
+    live, grid = Liveness(), ScriptedGrid(lambda node, rnd, pulls: True, broken=frozenset({4}))
+    first = exchange(grid, [1, 2, 3, 4], "train", STATE, 1, timeout=60.0, liveness=live, quorum=3)
+    assert first.codes["node-4"] == ("node-4", "centre-error") and LOST in first.failures["node-4"]
+    assert live.suspects == {4}
+
+    grid.ready = lambda node, rnd, pulls: node != 4
+    second = exchange(grid, [1, 2, 3, 4], "train", STATE, 2, timeout=60.0, liveness=live, quorum=3)
+    assert grid.pulls == 1 and "not waited for" in second.failures["node-4"]
+
+    grid.ready, grid.broken = (lambda node, rnd, pulls: True), frozenset()
+    exchange(grid, [1, 2, 3, 4], "train", STATE, 3, timeout=60.0, liveness=live, quorum=3)
+    assert live.suspects == set()
 
 
 def test_a_suspect_that_answers_late_is_trusted_again():
