@@ -14,6 +14,7 @@ from clients.data import DEFAULT_CENTRES, prepare_centre
 from clients.worker import CentreWorker
 from deploy.local import Centre, centre_dirs
 from deploy.processes import free_base_port  # noqa: F401  (re-exported for tests)
+from server.checkpoint import checkpoint_dir, latest_checkpoint
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -43,10 +44,10 @@ def wait_for_checkpoint(run_dir: Path, rnd: int, timeout: float = 60.0) -> None:
     """Until round `rnd`'s checkpoint (or a newer one) is on disk. run.json lists a round as soon as
     its step is taken; its checkpoint is written in the background after that (server/app.py), so a
     test that kills the coordinator on seeing the round must wait for it to resume from that round."""
-    ckpts = run_dir / "checkpoints"
     deadline = time.monotonic() + timeout
-    while not any(int(p.name.split("-")[1]) >= rnd for p in ckpts.glob("round-*")):  # renamed into place whole
-        assert time.monotonic() < deadline, f"no checkpoint of round {rnd} in {ckpts} after {timeout:.0f}s"
+    while (ckpt := latest_checkpoint(run_dir)) is None or ckpt.round < rnd:  # what a resumed run would start from
+        assert time.monotonic() < deadline, f"no checkpoint of round {rnd} in {checkpoint_dir(run_dir)} " \
+                                            f"after {timeout:.0f}s"
         time.sleep(0.05)
 
 
